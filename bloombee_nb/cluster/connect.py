@@ -1,0 +1,104 @@
+"""``bb.connect()``: an embedded LocalCluster by default, or an existing Dask scheduler."""
+
+from __future__ import annotations
+
+import html
+import importlib.util
+import logging
+import weakref
+
+from distributed import Client, LocalCluster
+
+from ..errors import NotEnoughWorkersError
+
+DEFAULT_WORKERS = 3
+
+
+class BloombeeCluster:
+    """A Dask client plus, when we started it, the embedded ``LocalCluster`` behind it.
+
+    Use it as a context manager or call :meth:`close`. Models placed on it are remembered
+    (weakly) so the status panel can show which worker hosts which layers.
+    """
+
+    def __init__(self, client: Client, local: LocalCluster | None = None):
+        self.client, self.local = client, local
+        self._models: weakref.WeakSet = weakref.WeakSet()
+
+    @property
+    def address(self) -> str:
+        return self.client.scheduler.address
+
+    @property
+    def dashboard_link(self) -> str | None:
+        return self.client.dashboard_link if importlib.util.find_spec("bokeh") else None
+
+    def workers(self) -> dict[str, dict]:
+        """address -> Dask's worker info (name, nthreads, memory_limit, …), in a stable order."""
+        info = self.client.scheduler_info(n_workers=-1)["workers"]
+        return dict(sorted(info.items(), key=lambda kv: (str(kv[1].get("name")), kv[0])))
+
+    def worker_addresses(self) -> list[str]:
+        return list(self.workers())
+
+    def wait_for_workers(self, n: int, timeout_s: float = 60) -> None:
+        try:
+            self.client.wait_for_workers(n, timeout=timeout_s)
+        except TimeoutError:
+            raise NotEnoughWorkersError(
+                f"waited {timeout_s:.0f}s for {n} workers at {self.address}, have {len(self.workers())}; "
+                "start more with `bloombee-nb worker " + self.address + "`") from None
+
+    def hosted_spans(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for model in list(self._models):
+            for st in model.placement.stages:
+                out.setdefault(st.worker, []).append(f"{model.name_or_path}: layers {st.start}–{st.end - 1}")
+        return out
+
+    def close(self) -> None:
+        self.client.close()
+        if self.local is not None:
+            self.local.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        kind = "embedded LocalCluster" if self.local is not None else "remote scheduler"
+        return f"<BloombeeCluster {self.address} ({kind}), {len(self.workers())} workers>"
+
+    def _repr_html_(self):
+        spans = self.hosted_spans()
+        rows = "".join(
+            f"<tr><td>{html.escape(str(w.get('name')))}</td><td><code>{html.escape(a)}</code></td>"
+            f"<td>{w.get('nthreads')}</td><td>{(w.get('memory_limit') or 0) / 2**30:.1f} GiB</td>"
+            f"<td>{'<br>'.join(map(html.escape, spans.get(a, []))) or '—'}</td></tr>"
+            for a, w in self.workers().items())
+        dash = self.dashboard_link
+        link = f' · <a href="{html.escape(dash)}" target="_blank">Dask dashboard</a>' if dash else ""
+        kind = "embedded LocalCluster" if self.local is not None else "remote scheduler"
+        return (f"<div><b>bloombee_nb cluster</b> <code>{html.escape(self.address)}</code> ({kind}){link}"
+                "<table><tr><th>worker</th><th>address</th><th>threads</th><th>memory</th><th>hosts</th></tr>"
+                f"{rows}</table></div>")
+
+
+def connect(address: str | None = None, *, n_workers: int = DEFAULT_WORKERS, threads_per_worker: int = 1,
+            direct_to_workers: bool = True, security=None, **local_kwargs) -> BloombeeCluster:
+    """Start an embedded ``LocalCluster`` (``address=None``) or join a running Dask scheduler.
+
+    ``direct_to_workers=True`` sends actor calls straight to workers (~0.5 ms per call instead of
+    ~0.75 ms through the scheduler); pass ``False`` when the client is behind NAT (e.g. Colab).
+    """
+    if address is None:
+        local_kwargs.setdefault("dashboard_address", ":0" if importlib.util.find_spec("bokeh") else None)
+        local_kwargs.setdefault("silence_logs", logging.WARNING)
+        local = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
+                             security=security, **local_kwargs)
+        client = Client(local, direct_to_workers=direct_to_workers, security=security)
+        return BloombeeCluster(client, local)
+    client = Client(address, direct_to_workers=direct_to_workers, security=security)
+    return BloombeeCluster(client)

@@ -1,0 +1,153 @@
+"""``DistributedModelForCausalLM``: a transformers model whose decoder layers live on Dask workers.
+
+The client holds the token embeddings, the final norm and the LM head; the layers run on the
+chain of stages. ``forward`` returns logits and takes an :class:`InferenceSession` as its
+``cache``, so transformers' own ``generate`` (greedy, sampling, top-k/p, streamers, stopping
+criteria, left-padded batches) drives it unchanged.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..cluster import BloombeeCluster, Placement, connect, place
+from ..cluster.chain import DEFAULT_CALL_TIMEOUT_S, RemoteChain
+from ..model.checkpoint import resolve_checkpoint
+from ..model.family import load_client_parts, load_config
+from .session import InferenceSession
+
+
+class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = PreTrainedConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _supports_sdpa = True  # the stages run sdpa; the client itself has no attention
+
+    def __init__(self, config, embed_tokens, norm, lm_head, chain: RemoteChain, cluster: BloombeeCluster):
+        super().__init__(config)
+        self.embed_tokens, self.norm, self.lm_head = embed_tokens, norm, lm_head
+        self.chain, self.cluster = chain, cluster
+        self._owns_cluster = False
+
+    # ---- construction -----------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, *, cluster: BloombeeCluster | None = None,
+                        spans: list[tuple[int, int]] | None = None, workers: list[str] | None = None,
+                        dtype: torch.dtype | str | None = None, num_threads: int = 1,
+                        allow_unverified_architecture: bool = False,
+                        call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S, **stage_kwargs) -> "DistributedModelForCausalLM":
+        """Load the client parts here and place the decoder layers on the cluster's workers.
+
+        ``spans`` gives the layer ranges per stage (default: an even split over ``workers``, which
+        default to every worker of the cluster). ``cluster=None`` starts an embedded LocalCluster
+        that this model owns and closes in :meth:`close`. Each worker reads only its own span
+        from its own copy of the checkpoint (a local path that exists there, or a Hub id).
+        """
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        path = resolve_checkpoint(name_or_path)
+        config = load_config(path, allow_unverified_architecture)
+        config, embed, norm, head, dtype = load_client_parts(path, config, dtype)
+        owns = cluster is None
+        cluster = cluster or connect()
+        try:
+            placement = place(workers or cluster.worker_addresses(), config.num_hidden_layers, spans)
+            worker_path = str(name_or_path if not Path(name_or_path).expanduser().exists() else path.resolve())
+            chain = RemoteChain.create(cluster.client, placement, worker_path, str(dtype).removeprefix("torch."),
+                                       num_threads, call_timeout_s,
+                                       allow_unverified_architecture=allow_unverified_architecture, **stage_kwargs)
+        except BaseException:
+            if owns:
+                cluster.close()
+            raise
+        config._name_or_path = str(name_or_path)
+        model = cls(config, embed, norm, head, chain, cluster)
+        model._owns_cluster = owns
+        model.generation_config = _generation_config(path, config)
+        cluster._models.add(model)
+        return model.eval()
+
+    @property
+    def placement(self) -> Placement:
+        return self.chain.placement
+
+    # ---- sessions and forward ---------------------------------------------------------------
+    def inference_session(self, max_length: int) -> InferenceSession:
+        """A session that keeps its KV cache on the stages between calls (multi-turn, streaming)."""
+        return InferenceSession(self, max_length)
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, cache: InferenceSession | None = None,
+                inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
+                logits_to_keep: int = 0, past_key_values: InferenceSession | None = None, **kwargs) -> CausalLMOutputWithPast:
+        """Logits for the new positions. Without a ``cache`` a one-off session is opened and closed."""
+        cache = cache if cache is not None else past_key_values
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, D]
+        B, T = hidden.shape[:2]
+        if cache is None:
+            with self.inference_session(max_length=T) as once:
+                return self.forward(inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids,
+                                    cache=once, logits_to_keep=logits_to_keep)
+        past = cache.get_seq_length()
+        new_mask = (torch.ones(B, T, dtype=torch.long) if attention_mask is None
+                    else attention_mask[:, -T:].to(torch.long))
+        if position_ids is None:  # what transformers does when generate() did not give positions
+            position_ids = torch.arange(past, past + T).expand(B, T)
+        hidden = cache.step(hidden.to(self.dtype), position_ids.to(torch.long), new_mask)
+        hidden = self.norm(hidden)
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
+        return CausalLMOutputWithPast(logits=logits, cache=cache)
+
+    def generate(self, inputs: torch.Tensor | None = None, *, session: InferenceSession | None = None, **kwargs):
+        """transformers' ``generate``; opens a session sized for prompt + new tokens unless one is given."""
+        if session is not None or kwargs.get("cache") is not None:
+            kwargs.setdefault("cache", session)
+            return super().generate(inputs, **kwargs)
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        prompt_len = ids.shape[-1] if ids is not None else kwargs["inputs_embeds"].shape[1]
+        cfg = kwargs.get("generation_config") or self.generation_config
+        new = kwargs.get("max_new_tokens", cfg.max_new_tokens)
+        max_length = prompt_len + new if new is not None else kwargs.get("max_length", cfg.max_length)
+        with self.inference_session(max_length=max_length) as s:
+            return super().generate(inputs, cache=s, **kwargs)
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Free the spans on the workers (and stop the embedded cluster if this model started it)."""
+        self.chain.release()
+        self.cluster._models.discard(self)
+        if self._owns_cluster:
+            self.cluster.close()
+
+    def __repr__(self):
+        spans = ", ".join(f"{s.start}–{s.end - 1}@{s.worker}" for s in self.placement.stages)
+        return f"<DistributedModelForCausalLM {self.name_or_path} [{spans}]>"
+
+    def _repr_html_(self):
+        rows = "".join(f"<tr><td>{i}</td><td><code>{html.escape(s.worker)}</code></td><td>{s.start}–{s.end - 1}</td>"
+                       f"<td>{s.n_layers}</td></tr>" for i, s in enumerate(self.placement.stages))
+        return (f"<div><b>DistributedModelForCausalLM</b> {html.escape(str(self.name_or_path))} "
+                f"({self.config.model_type}, {self.config.num_hidden_layers} layers, {self.dtype})"
+                f"<table><tr><th>stage</th><th>worker</th><th>layers</th><th>#</th></tr>{rows}</table></div>")
+
+
+def _generation_config(path: Path, config) -> GenerationConfig:
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except OSError:
+        return GenerationConfig.from_model_config(config)

@@ -1,0 +1,114 @@
+"""An inference session: KV caches that live on the stages, seen by transformers as a ``Cache``.
+
+``generate()`` only ever asks a cache for its length and, for assisted generation, to ``crop``
+itself; both map onto the stages (``crop`` is a rollback on every stage). Beam search would
+need a KV reorder on the stages and is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import html
+import uuid
+from collections import deque
+
+import torch
+from transformers.cache_utils import Cache
+
+from ..cluster.chain import StepTrace
+from ..errors import BloombeeError, SessionLengthError, ShapeMismatchError, UnknownSessionError
+
+
+class InferenceSession(Cache):
+    """Holds a session id open on every stage of a model's chain; use it as a context manager."""
+
+    def __init__(self, model, max_length: int):
+        super().__init__(layers=[])
+        self.model, self.max_length = model, int(max_length)
+        self.session_id = uuid.uuid4().hex
+        self.batch: int | None = None   # fixed by the first step
+        self.length = 0                 # positions held by the stages' KV caches
+        self.closed = False
+        self.traces: deque[StepTrace] = deque(maxlen=4096)
+
+    # ---- the stages' side -------------------------------------------------------------------
+    def step(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Send ``hidden [B, T, D]`` through the chain; the stages append T positions to their KV."""
+        B, T = hidden.shape[:2]
+        self._ensure_open(B)
+        if self.length + T > self.max_length:
+            raise SessionLengthError(
+                f"this step would hold {self.length + T} positions but the session was opened with "
+                f"max_length={self.max_length}; open it with a larger max_length (prompt + new tokens)")
+        out, trace = self.model.chain.forward(self.session_id, hidden, position_ids, attention_mask)
+        self.length += T
+        self.traces.append(trace)
+        return out
+
+    def _ensure_open(self, batch: int) -> None:
+        if self.closed:
+            raise UnknownSessionError(f"session {self.session_id} is closed; open a new one with model.inference_session()")
+        if self.batch is None:
+            self.model.chain.broadcast("open_session", self.session_id, batch, self.max_length)
+            self.batch = batch
+        elif batch != self.batch:
+            raise ShapeMismatchError(f"session was opened for batch {self.batch}, got a step of batch {batch}")
+
+    def rollback(self, length: int) -> None:
+        """Keep the first ``length`` positions on every stage."""
+        if length != self.length:
+            self.model.chain.broadcast("rollback", self.session_id, length)
+            self.length = length
+
+    def close(self) -> None:
+        if not self.closed and self.batch is not None:
+            try:
+                self.model.chain.broadcast("close_session", self.session_id)
+            except BloombeeError:
+                pass  # a stage that is gone has nothing left to free
+        self.closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- the transformers Cache interface ----------------------------------------------------
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1  # grows like a DynamicCache (the reservation is enforced by step())
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:  # same contract as transformers' DynamicCache
+            raise ValueError("crop takes a negative number of tokens to remove")
+        self.rollback(self.length + tokens_to_remove)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.batch is not None:
+            raise ShapeMismatchError("cannot repeat the batch of a session that already holds tokens")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        raise NotImplementedError("beam search is not supported on a distributed model; use greedy or sampling")
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        raise NotImplementedError("selecting batch rows of a distributed session is not supported")
+
+    def reset(self):
+        self.rollback(0)
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    def __repr__(self):
+        state = "closed" if self.closed else f"{self.length}/{self.max_length} positions"
+        return f"<InferenceSession {self.session_id[:8]} {state}, batch {self.batch}>"
+
+    def _repr_html_(self):
+        last = self.traces[-1] if self.traces else None
+        step = f"{last.wall_s * 1e3:.1f} ms last step" if last else "no steps yet"
+        return (f"<div><b>InferenceSession</b> <code>{self.session_id[:8]}</code> — "
+                f"{html.escape(repr(self).split(' ', 2)[2][:-1])}; {step}; "
+                f"{len(self.model.placement.stages)} stages</div>")
