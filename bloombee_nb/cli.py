@@ -1,0 +1,90 @@
+"""``bloombee-nb``: join a cluster as a worker, or run one generation.
+
+    bloombee-nb worker tcp://host:8786          # serve whatever span the scheduler's clients place here
+    bloombee-nb generate "def fibonacci(n):"    # embedded local cluster + the shipped model
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import time
+
+
+def _worker(args) -> int:
+    from distributed import Worker
+
+    async def serve():
+        async with Worker(args.scheduler, nthreads=args.nthreads, name=args.name, host=args.host,
+                          memory_limit=args.memory_limit) as worker:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, lambda: asyncio.ensure_future(worker.close()))
+            print(f"bloombee-nb worker {worker.address} joined {args.scheduler}", flush=True)
+            await worker.finished()
+
+    asyncio.run(serve())
+    return 0
+
+
+def _generate(args) -> int:
+    import torch
+    from transformers import AutoTokenizer, TextStreamer
+
+    import bloombee_nb as bb
+    from bloombee_nb.shipped import default_model_path
+
+    model_path = args.model or default_model_path()
+    tok = AutoTokenizer.from_pretrained(model_path)
+    cluster = bb.connect(args.scheduler) if args.scheduler else bb.connect(n_workers=args.workers)
+    with cluster:
+        model = bb.DistributedModelForCausalLM.from_pretrained(model_path, cluster=cluster)
+        print(f"# {model_path} on {len(model.placement.stages)} stages: "
+              + ", ".join(f"layers {s.start}–{s.end - 1}" for s in model.placement.stages), file=sys.stderr)
+        ids = tok(args.prompt, return_tensors="pt")
+        sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) \
+            if args.temperature > 0 else dict(do_sample=False)
+        if args.seed is not None:
+            torch.manual_seed(args.seed)
+        t0 = time.perf_counter()
+        out = model.generate(**ids, max_new_tokens=args.max_new_tokens, streamer=TextStreamer(tok),
+                             pad_token_id=tok.pad_token_id, **sampling)
+        dt = time.perf_counter() - t0
+        n = out.shape[1] - ids["input_ids"].shape[1]
+        print(f"\n# {n} tokens in {dt:.2f} s: {n / dt:.1f} tokens/s", file=sys.stderr)
+        model.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bloombee-nb", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    w = sub.add_parser("worker", help="join a Dask scheduler and host spans of models")
+    w.add_argument("scheduler", help="scheduler address, e.g. tcp://10.0.0.5:8786")
+    w.add_argument("--nthreads", type=int, default=1)
+    w.add_argument("--name", default=None)
+    w.add_argument("--host", default=None, help="address to listen on (default: the one facing the scheduler)")
+    w.add_argument("--memory-limit", default="auto")
+    w.set_defaults(run=_worker)
+
+    g = sub.add_parser("generate", help="generate text on the embedded local cluster (or --scheduler)")
+    g.add_argument("prompt")
+    g.add_argument("--model", default=None, help="checkpoint folder or Hub id (default: the shipped tiny model)")
+    g.add_argument("--scheduler", default=None, help="use this Dask scheduler instead of an embedded cluster")
+    g.add_argument("--workers", type=int, default=3, help="workers of the embedded cluster")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.set_defaults(run=_generate)
+
+    args = p.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

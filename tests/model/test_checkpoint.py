@@ -1,0 +1,100 @@
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from bloombee_nb.errors import CheckpointNotFoundError, SpanError, UnsupportedArchitectureError
+from bloombee_nb.model.checkpoint import resolve_checkpoint, weight_map
+from bloombee_nb.model.family import load_client_parts, load_config, load_span
+from tests.conftest import make_checkpoint
+
+
+def test_span_loads_only_its_tensors_and_matches_full_model(checkpoints, reference):
+    path = resolve_checkpoint(checkpoints["llama"])
+    _, layers, _, dtype = load_span(path, load_config(path), 1, 4)
+    ref_layers = reference["llama"].model.layers
+    assert dtype == torch.float32 and len(layers) == 3
+    for got, want in zip(layers, ref_layers[1:4]):
+        for (n, a), (_, b) in zip(got.state_dict().items(), want.state_dict().items()):
+            assert torch.equal(a, b), n
+
+
+def test_sharded_checkpoint_with_index(tmp_path, checkpoints):
+    path = make_checkpoint(tmp_path / "sharded", "llama", seed=0, max_shard_size="60KB")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2  # really sharded
+    single = resolve_checkpoint(checkpoints["llama"])
+    _, a, _, _ = load_span(path, load_config(path), 2, 5)
+    _, b, _, _ = load_span(single, load_config(single), 2, 5)
+    for x, y in zip(a.parameters(), b.parameters()):
+        assert torch.equal(x, y)
+
+
+def test_client_parts_tied_and_untied(checkpoints, reference):
+    for family in ("llama", "qwen2"):  # untied, tied
+        path = resolve_checkpoint(checkpoints[family])
+        _, embed, norm, head, _ = load_client_parts(path, load_config(path))
+        ref = reference[family]
+        assert torch.equal(embed.weight, ref.model.embed_tokens.weight)
+        assert torch.equal(head.weight, ref.lm_head.weight)
+        assert (head.weight is embed.weight) == (family == "qwen2")
+        assert "lm_head.weight" not in weight_map(path) or family == "llama"
+
+
+PEAK_SCRIPT = textwrap.dedent("""
+    import resource, sys, torch
+    from bloombee_nb.model.checkpoint import resolve_checkpoint
+    from bloombee_nb.model.family import load_config, load_span
+    path = resolve_checkpoint(sys.argv[1]); cfg = load_config(path)
+    load_span(path, cfg, 0, 1)  # warm up imports and lazy init with a one-layer load
+    def rss(): return int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]) * 1024
+    def hwm(): return int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) * 1024
+    open('/proc/self/clear_refs', 'w').write('5')  # reset the high-water mark to the current RSS
+    before = rss()
+    _, layers, _, _ = load_span(path, cfg, int(sys.argv[2]), int(sys.argv[3]))
+    for p in layers.parameters():  # fault every page in: safetensors may hand out mmap-backed tensors
+        p.sum()
+    span = sum(p.numel() * p.element_size() for p in layers.parameters())
+    print(hwm() - before, span)
+""")
+
+
+def test_peak_memory_of_a_span_load_is_about_the_span(tmp_path):
+    # 16 layers x ~6.3 MB = ~100 MB model; a 2-layer span is ~12.6 MB
+    path = make_checkpoint(tmp_path / "big", "llama", n_layers=16, hidden=512)
+    model_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(path), "4", "6"], capture_output=True,
+                         text=True, check=True).stdout.split()
+    peak, span = int(out[0]), int(out[1])
+    assert span < model_bytes / 7
+    assert peak > 0.8 * span, (peak, span)  # the measurement sees the span's pages
+    # at most the mmap'd pages plus one copy of the span and allocator slack; far from the model's size
+    assert peak < 2.2 * span + (8 << 20), (peak, span, model_bytes)
+    assert peak < model_bytes / 3
+
+
+def test_missing_checkpoint_says_what_to_do(tmp_path):
+    with pytest.raises(CheckpointNotFoundError, match="save_pretrained"):
+        resolve_checkpoint(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointNotFoundError, match="config.json"):
+        resolve_checkpoint(tmp_path / "empty")
+
+
+def test_span_outside_the_model(checkpoints):
+    path = resolve_checkpoint(checkpoints["llama"])
+    with pytest.raises(SpanError, match="not inside the model's 5 layers"):
+        load_span(path, load_config(path), 3, 9)
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(UnsupportedArchitectureError, match="'gpt2'.*supported: llama"):
+        load_config(tmp_path / "gpt2")
+    cfg = load_config(tmp_path / "gpt2", allow_unverified=True)
+    with pytest.raises(UnsupportedArchitectureError, match="layers"):
+        load_span(tmp_path / "gpt2", cfg, 0, 1)
