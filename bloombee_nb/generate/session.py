@@ -102,6 +102,16 @@ class InferenceSession(Cache):
     def is_compileable(self) -> bool:
         return False
 
+    @property
+    def is_linear(self) -> list[bool]:
+        # transformers slices already-cached inputs only when some layer is not linear attention;
+        # with no local layers, all([]) would say "all linear" and re-send the whole history
+        return [False]
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False]
+
     def __repr__(self):
         state = "closed" if self.closed else f"{self.length}/{self.max_length} positions"
         return f"<InferenceSession {self.session_id[:8]} {state}, batch {self.batch}>"
