@@ -49,7 +49,7 @@ def _generate(args) -> int:
         if args.seed is not None:
             torch.manual_seed(args.seed)
         t0 = time.perf_counter()
-        out = model.generate(**ids, max_new_tokens=args.max_new_tokens, streamer=TextStreamer(tok),
+        out = model.generate(**ids, max_new_tokens=args.max_new_tokens, streamer=TextStreamer(tok, skip_special_tokens=True),
                              pad_token_id=tok.pad_token_id, **sampling)
         dt = time.perf_counter() - t0
         n = out.shape[1] - ids["input_ids"].shape[1]

@@ -6,6 +6,7 @@ network-path issue adds chain forwarding (stage -> stage) behind the same ``step
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
@@ -82,19 +83,35 @@ class RemoteChain:
 
     def forward(self, session_id: str, hidden: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask: torch.Tensor) -> tuple[torch.Tensor, StepTrace]:
-        """Run ``hidden`` through every stage in order (client relays: the star)."""
+        """Run ``hidden`` through every stage in order (client relays: the star).
+
+        The whole relay runs as one coroutine on the client's event loop: one thread hand-off per
+        step instead of two per stage (each hand-off costs ~0.5 ms on a busy 2-core machine).
+        """
         pos, mask = transport.encode(position_ids), transport.encode(attention_mask)
-        frame = transport.encode(hidden)
+        frame, walls, computes, sent, received = self.client.sync(
+            self._relay, session_id, transport.encode(hidden), pos, mask)
+        trace = StepTrace(hidden.shape[1], tuple(walls), tuple(computes), sent, received)
+        return transport.decode(frame), trace
+
+    async def _relay(self, session_id: str, frame: bytes, pos: bytes, mask: bytes):
         walls, computes, sent, received = [], [], 0, 0
-        for i in range(len(self.actors)):
+        for i, actor in enumerate(self.actors):
             t0 = time.perf_counter()
             sent += len(frame) + len(pos) + len(mask)
-            frame, compute_s = self._call(i, "forward", session_id, frame, pos, mask)
+            frame, compute_s = await self._await(i, actor.forward(session_id, frame, pos, mask))
             walls.append(time.perf_counter() - t0)
             computes.append(compute_s)
             received += len(frame)
-        trace = StepTrace(hidden.shape[1], tuple(walls), tuple(computes), sent, received)
-        return transport.decode(frame), trace
+        return frame, walls, computes, sent, received
+
+    async def _await(self, i: int, future):
+        try:
+            return await asyncio.wait_for(_awaitable(future), self.timeout_s)
+        except BloombeeError:
+            raise
+        except (OSError, asyncio.TimeoutError, TimeoutError, KeyError, RuntimeError) as exc:
+            raise _unavailable(self.placement.stages[i], exc) from exc
 
     def info(self) -> list[dict]:
         return self.broadcast("info")
@@ -102,6 +119,10 @@ class RemoteChain:
     def release(self) -> None:
         """Drop the actors: their workers free the spans' memory."""
         self.actors, self._futures = [], []
+
+
+async def _awaitable(future):
+    return await future
 
 
 def _unavailable(stage: StageSpec, exc: BaseException) -> StageUnavailableError:

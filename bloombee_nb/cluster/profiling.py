@@ -1,0 +1,172 @@
+"""Measuring the cluster for the planner: per-layer compute, memory per tier, every link.
+
+Everything is measured on the real path: compute by running layer 0 of the actual checkpoint
+inside a :class:`SpanRunner` on each worker (decode against a KV cache, prefill at several
+lengths); links by sending real frames between the client and a :class:`ProbeActor` on each
+worker, and between probe actors (worker -> worker), through the same Dask actor calls the
+hidden states take. The result is a :class:`~bloombee_nb.plan.ClusterProfile` value: save it,
+edit it by hand to plan for machines that are not here, and show it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+
+from .. import transport
+from ..plan.profile import ClusterProfile, LinkProfile, ModelProfile, WorkerProfile
+
+DECODE_BATCHES = (1, 4, 16)
+PREFILL_LENGTHS = (16, 64, 256)
+CONTEXT = 128          # KV positions held while timing decode
+PROBE_SMALL = 64       # payload bytes of an RTT probe
+PROBE_TARGET_S = 0.05  # grow bandwidth probes until one transfer takes this long …
+PROBE_MAX_BYTES = 16 << 20  # … or reaches this size
+
+
+def _timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_worker(path: str, num_threads: int = 1, repeats: int = 3) -> dict:
+    """Runs *on a worker* (a plain Dask task): layer-0 times, memory budgets, slow-tier read speed."""
+    from ..model.span import SpanRunner
+
+    torch.set_num_threads(num_threads)
+    runner = SpanRunner(path, 0, 1)
+    d, dtype = runner.hidden_size, runner.dtype
+    decode, prefill = {}, {}
+    for b in DECODE_BATCHES:
+        runner.open("p", b, CONTEXT + 1)
+        pos = torch.arange(CONTEXT).expand(b, CONTEXT)
+        runner.forward("p", torch.randn(b, CONTEXT, d, dtype=dtype), pos, torch.ones(b, CONTEXT, dtype=torch.long))
+
+        def step(b=b):
+            runner.forward("p", torch.randn(b, 1, d, dtype=dtype), torch.full((b, 1), CONTEXT), torch.ones(b, 1, dtype=torch.long))
+            runner.rollback("p", CONTEXT)
+
+        decode[b] = _timed(step, repeats)
+        runner.close("p")
+    for n in PREFILL_LENGTHS:
+        def run(n=n):
+            runner.open("p", 1, n)
+            runner.forward("p", torch.randn(1, n, d, dtype=dtype), torch.arange(n)[None], torch.ones(1, n, dtype=torch.long))
+            runner.close("p")
+
+        prefill[n] = _timed(run, repeats)
+    return {"decode_layer_s": decode, "prefill_layer_s": prefill, "layer_weight_bytes": runner.weight_bytes,
+            "kv_bytes_per_token_per_layer": runner.kv_bytes_per_token, "hidden_bytes_per_token": d * dtype.itemsize,
+            **_memory(), "disk_read_bytes_per_s": _disk_read_speed()}
+
+
+def _memory() -> dict:
+    import psutil
+
+    accel = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else 0
+    try:
+        from distributed import get_worker
+
+        ram = get_worker().memory_manager.memory_limit or psutil.virtual_memory().available
+    except ValueError:  # not inside a worker
+        ram = psutil.virtual_memory().available
+    disk = shutil.disk_usage(tempfile.gettempdir()).free // 2  # leave half the free disk alone
+    return {"accel_bytes": int(accel), "ram_bytes": int(min(ram, psutil.virtual_memory().available)), "disk_bytes": int(disk)}
+
+
+def _disk_read_speed(nbytes: int = 64 << 20) -> float:
+    """Read a fresh file after asking the kernel to drop it from the page cache."""
+    with tempfile.NamedTemporaryFile(dir=tempfile.gettempdir()) as f:
+        f.write(os.urandom(1 << 20) * (nbytes >> 20))
+        f.flush()
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        t0 = time.perf_counter()
+        with open(f.name, "rb", buffering=0) as r:
+            while r.read(8 << 20):
+                pass
+        return nbytes / (time.perf_counter() - t0)
+
+
+class ProbeActor:
+    """One per worker while profiling: receives and sends frames, and probes its peers."""
+
+    def sink(self, frame: bytes) -> int:
+        return transport.frame.read_header(frame).raw_nbytes  # validated like a hidden state
+
+    def source(self, nbytes: int) -> bytes:
+        return transport.encode(torch.zeros(nbytes, dtype=torch.uint8))
+
+    def probe(self, peer, repeats: int = 5) -> tuple[float, float]:
+        return measure_link(lambda frame: peer.sink(frame).result(timeout=60), repeats)
+
+
+def measure_link(send: Callable[[bytes], object], repeats: int = 5) -> tuple[float, float]:
+    """(rtt_s, bandwidth_bytes_per_s) of ``send``: small frames for RTT, growing frames for bandwidth."""
+    small = transport.encode(torch.zeros(PROBE_SMALL, dtype=torch.uint8))
+    rtt = _timed(lambda: send(small), repeats)
+    n = 256 << 10
+    while True:
+        frame = transport.encode(torch.zeros(n, dtype=torch.uint8))
+        t = _timed(lambda: send(frame), max(1, repeats // 2))
+        if t >= PROBE_TARGET_S or n >= PROBE_MAX_BYTES:
+            return rtt, n / max(t - rtt, 1e-9)
+        n *= 4
+
+
+def profile_cluster(cluster, path: str, workers: list[str] | None = None, client_name: str = "client",
+                    num_threads: int = 1, progress: bool = True) -> ClusterProfile:
+    """Measure every worker and every ordered link (client included) with the model at ``path``."""
+    from tqdm.auto import tqdm
+
+    client = cluster.client
+    info = cluster.workers()
+    addrs = workers or list(info)
+    names = {a: str(info[a].get("name", a)) for a in addrs}
+    steps = len(addrs) + len(addrs) * (len(addrs) + 1)
+    bar = tqdm(total=steps, desc="profiling", disable=not progress)
+    futures = {a: client.submit(measure_worker, path, num_threads, workers=[a], pure=False, allow_other_workers=False)
+               for a in addrs}
+    measured = {}
+    for a, fut in futures.items():
+        measured[a] = fut.result()
+        bar.update()
+    probe_futures = [client.submit(ProbeActor, actor=True, workers=[a], pure=False) for a in addrs]
+    probes = dict(zip(addrs, client.gather(probe_futures)))
+    links = []
+    for a in addrs:
+        rtt, bw = measure_link(lambda f, a=a: probes[a].sink(f).result(timeout=60))
+        links.append(LinkProfile(client_name, names[a], bw, rtt))
+        rtt, bw = measure_link(lambda f, a=a: probes[a].source(len(f)).result(timeout=60))
+        links.append(LinkProfile(names[a], client_name, bw, rtt))
+        bar.update(2)
+        for b in addrs:
+            if a != b:
+                rtt, bw = probes[a].probe(probes[b]).result(timeout=300)
+                links.append(LinkProfile(names[a], names[b], bw, rtt))
+                bar.update()
+    bar.close()
+    first = measured[addrs[0]]
+    from ..model.family import load_config
+    from ..model.checkpoint import resolve_checkpoint
+
+    model = ModelProfile(name=str(path), n_layers=load_config(resolve_checkpoint(path), True).num_hidden_layers,
+                         layer_weight_bytes=first["layer_weight_bytes"],
+                         kv_bytes_per_token_per_layer=first["kv_bytes_per_token_per_layer"],
+                         hidden_bytes_per_token=first["hidden_bytes_per_token"])
+    worker_profiles = tuple(
+        WorkerProfile(name=names[a], address=a, decode_layer_s=m["decode_layer_s"], prefill_layer_s=m["prefill_layer_s"],
+                      accel_bytes=m["accel_bytes"], ram_bytes=m["ram_bytes"], disk_bytes=m["disk_bytes"],
+                      disk_read_bytes_per_s=m["disk_read_bytes_per_s"])
+        for a, m in measured.items())
+    return ClusterProfile(model=model, workers=worker_profiles, links=tuple(links), client=client_name)

@@ -1,0 +1,67 @@
+"""The multi-machine path as users run it: a scheduler and `bloombee-nb worker` processes from the shell."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import bloombee_nb as bb
+from tests.conftest import padded_batch
+
+BIN = os.path.join(os.path.dirname(sys.executable), "bloombee-nb")
+
+
+def wait_for(predicate, timeout_s=60, what="condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def scheduler(tmp_path):
+    sched_file = tmp_path / "scheduler.json"
+    proc = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                             "--port", "0", "--no-dashboard", "--scheduler-file", str(sched_file)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(sched_file.exists, what="the scheduler file")
+        yield json.loads(sched_file.read_text())["address"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_workers_started_from_the_command_line_generate_exactly(scheduler, checkpoints, reference, tmp_path):
+    workers = [subprocess.Popen([BIN, "worker", scheduler, "--name", f"cli-{i}", "--host", "127.0.0.1"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        with bb.connect(scheduler) as cluster:
+            cluster.wait_for_workers(2, timeout_s=60)
+            assert sorted(w["name"] for w in cluster.workers().values()) == ["cli-0", "cli-1"]
+            model = bb.DistributedModelForCausalLM.from_pretrained(checkpoints["qwen2"], cluster=cluster)
+            assert len({s.worker for s in model.placement.stages}) == 2
+            ids, mask = padded_batch([3, 8, 5], seed=11)
+            want = reference["qwen2"].generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+            got = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+            assert torch.equal(got, want)
+            model.close()
+    finally:
+        for w in workers:
+            w.terminate()  # SIGTERM: the worker closes itself cleanly
+        codes = [w.wait(30) for w in workers]
+    assert codes == [0, 0]
+    assert "joined " + scheduler in workers[0].stdout.read()
+
+
+def test_generate_command_prints_text_and_speed(checkpoints):
+    out = subprocess.run([BIN, "generate", "--model", checkpoints["llama"], "--workers", "2", "--max-new-tokens", "5",
+                          "hello"], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "tokens/s" in out.stderr and "layers 0–2, layers 3–4" in out.stderr
