@@ -47,11 +47,11 @@ class RemoteChain:
         self.actors = client.gather(futures)
 
     @classmethod
-    def create(cls, client: Client, placement: Placement, path: str, dtype: str | None, num_threads: int = 1,
-               timeout_s: float = DEFAULT_CALL_TIMEOUT_S, **stage_kwargs) -> "RemoteChain":
+    def create(cls, client: Client, placement: Placement, path: str, timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
+               **stage_kwargs) -> "RemoteChain":
         """Start one StageActor per stage, all loading in parallel, each pinned to its worker."""
         futures = [
-            client.submit(StageActor, path, st.start, st.end, dtype, num_threads, actor=True, pure=False,
+            client.submit(StageActor, path, st.start, st.end, actor=True, pure=False,
                           workers=[st.worker], allow_other_workers=False, **stage_kwargs)
             for st in placement.stages
         ]

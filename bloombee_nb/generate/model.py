@@ -17,8 +17,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..cluster import BloombeeCluster, Placement, connect, place
 from ..cluster.chain import DEFAULT_CALL_TIMEOUT_S, RemoteChain
+from ..cluster.profiling import profile_cluster
 from ..model.checkpoint import resolve_checkpoint
 from ..model.family import load_client_parts, load_config
+from ..plan import ClusterProfile, Plan, Workload, solve
 from .session import InferenceSession
 
 
@@ -38,13 +40,17 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, cluster: BloombeeCluster | None = None,
                         spans: list[tuple[int, int]] | None = None, workers: list[str] | None = None,
+                        plan: "str | Plan | None" = None, workload: Workload | None = None,
                         dtype: torch.dtype | str | None = None, num_threads: int = 1,
                         allow_unverified_architecture: bool = False,
                         call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S, **stage_kwargs) -> "DistributedModelForCausalLM":
         """Load the client parts here and place the decoder layers on the cluster's workers.
 
         ``spans`` gives the layer ranges per stage (default: an even split over ``workers``, which
-        default to every worker of the cluster). ``cluster=None`` starts an embedded LocalCluster
+        default to every worker of the cluster). ``plan="auto"`` instead measures the cluster
+        (:func:`~bloombee_nb.cluster.profiling.profile_cluster`) and places the spans the planner
+        chooses for ``workload`` (default: one sequence, latency); a :class:`~bloombee_nb.plan.Plan`
+        value is applied as given. ``cluster=None`` starts an embedded LocalCluster
         that this model owns and closes in :meth:`close`. Each worker reads only its own span
         from its own copy of the checkpoint (a local path that exists there, or a Hub id).
         """
@@ -55,19 +61,26 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         config, embed, norm, head, dtype = load_client_parts(path, config, dtype)
         owns = cluster is None
         cluster = cluster or connect()
+        worker_path = str(name_or_path if not Path(name_or_path).expanduser().exists() else path.resolve())
+        stage_kwargs.update(num_threads=num_threads, allow_unverified_architecture=allow_unverified_architecture,
+                            dtype=str(dtype).removeprefix("torch."))
         try:
+            profile = None
+            if plan == "auto":
+                profile = profile_cluster(cluster, worker_path, workers, num_threads=num_threads)
+                plan = solve(profile, workload or Workload())
+            if plan is not None:
+                workers, spans = plan.workers, plan.layer_spans
             placement = place(workers or cluster.worker_addresses(), config.num_hidden_layers, spans)
-            worker_path = str(name_or_path if not Path(name_or_path).expanduser().exists() else path.resolve())
-            chain = RemoteChain.create(cluster.client, placement, worker_path, str(dtype).removeprefix("torch."),
-                                       num_threads, call_timeout_s,
-                                       allow_unverified_architecture=allow_unverified_architecture, **stage_kwargs)
+            chain = RemoteChain.create(cluster.client, placement, worker_path, timeout_s=call_timeout_s, **stage_kwargs)
         except BaseException:
             if owns:
                 cluster.close()
             raise
         config._name_or_path = str(name_or_path)
         model = cls(config, embed, norm, head, chain, cluster)
-        model._owns_cluster = owns
+        model._owns_cluster, model.plan, model.profile = owns, plan, profile
+        model._worker_path, model._stage_kwargs = worker_path, stage_kwargs
         model.generation_config = _generation_config(path, config)
         cluster._models.add(model)
         return model.eval()
@@ -75,6 +88,24 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     @property
     def placement(self) -> Placement:
         return self.chain.placement
+
+    def replan(self, workload: Workload | None = None, *, profile: ClusterProfile | None = None,
+               plan: Plan | None = None) -> Plan:
+        """Measure the cluster again (or take ``profile``), re-solve, and move the spans.
+
+        Open sessions are not disturbed: each finishes on the chain it was opened on, whose
+        actors are freed when its last session closes. New sessions use the new placement.
+        """
+        workload = workload or (self.plan.workload if self.plan is not None else Workload())
+        profile = profile or profile_cluster(self.cluster, self._worker_path,
+                                             num_threads=self._stage_kwargs["num_threads"])
+        plan = plan or solve(profile, workload)
+        placement = place(plan.workers, self.config.num_hidden_layers, plan.layer_spans)
+        if placement != self.placement:
+            self.chain = RemoteChain.create(self.cluster.client, placement, self._worker_path,
+                                            timeout_s=self.chain.timeout_s, **self._stage_kwargs)
+        self.plan, self.profile = plan, profile
+        return plan
 
     # ---- sessions and forward ---------------------------------------------------------------
     def inference_session(self, max_length: int) -> InferenceSession:

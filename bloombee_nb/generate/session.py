@@ -24,6 +24,7 @@ class InferenceSession(Cache):
     def __init__(self, model, max_length: int):
         super().__init__(layers=[])
         self.model, self.max_length = model, int(max_length)
+        self.chain = model.chain  # a session finishes on the placement it was opened on (replan)
         self.session_id = uuid.uuid4().hex
         self.batch: int | None = None   # fixed by the first step
         self.length = 0                 # positions held by the stages' KV caches
@@ -39,7 +40,7 @@ class InferenceSession(Cache):
             raise SessionLengthError(
                 f"this step would hold {self.length + T} positions but the session was opened with "
                 f"max_length={self.max_length}; open it with a larger max_length (prompt + new tokens)")
-        out, trace = self.model.chain.forward(self.session_id, hidden, position_ids, attention_mask)
+        out, trace = self.chain.forward(self.session_id, hidden, position_ids, attention_mask)
         self.length += T
         self.traces.append(trace)
         return out
@@ -48,7 +49,7 @@ class InferenceSession(Cache):
         if self.closed:
             raise UnknownSessionError(f"session {self.session_id} is closed; open a new one with model.inference_session()")
         if self.batch is None:
-            self.model.chain.broadcast("open_session", self.session_id, batch, self.max_length)
+            self.chain.broadcast("open_session", self.session_id, batch, self.max_length)
             self.batch = batch
         elif batch != self.batch:
             raise ShapeMismatchError(f"session was opened for batch {self.batch}, got a step of batch {batch}")
@@ -56,13 +57,13 @@ class InferenceSession(Cache):
     def rollback(self, length: int) -> None:
         """Keep the first ``length`` positions on every stage."""
         if length != self.length:
-            self.model.chain.broadcast("rollback", self.session_id, length)
+            self.chain.broadcast("rollback", self.session_id, length)
             self.length = length
 
     def close(self) -> None:
         if not self.closed and self.batch is not None:
             try:
-                self.model.chain.broadcast("close_session", self.session_id)
+                self.chain.broadcast("close_session", self.session_id)
             except BloombeeError:
                 pass  # a stage that is gone has nothing left to free
         self.closed = True
@@ -121,4 +122,4 @@ class InferenceSession(Cache):
         step = f"{last.wall_s * 1e3:.1f} ms last step" if last else "no steps yet"
         return (f"<div><b>InferenceSession</b> <code>{self.session_id[:8]}</code> — "
                 f"{html.escape(repr(self).split(' ', 2)[2][:-1])}; {step}; "
-                f"{len(self.model.placement.stages)} stages</div>")
+                f"{len(self.chain.placement.stages)} stages</div>")

@@ -95,7 +95,7 @@ class SpanRunner:
         if not 0 <= length <= s.length:
             raise SessionLengthError(f"cannot roll session {session_id!r} back to {length}: it holds {s.length} positions")
         if length < s.length:
-            s.cache.crop(length - s.length)  # negative = number of positions to drop
+            self._crop(s, length)
             s.mask = s.mask[:, :length]
 
     def _get(self, session_id: str) -> _Session:
@@ -141,7 +141,7 @@ class SpanRunner:
         try:
             out = self._run(s, hidden, position_ids, mask)
         except Exception:
-            self._restore(s)  # a failed step must leave the KV cache as it was
+            self._crop(s, s.length)  # a failed step must leave the KV cache as it was
             raise
         s.mask = mask
         return out
@@ -155,11 +155,11 @@ class SpanRunner:
                            cache=s.cache, use_cache=True, position_embeddings=pos_emb)
         return hidden
 
-    def _restore(self, s: _Session) -> None:
-        for i in range(self.start, self.end):
-            layer = s.cache.layers[i] if i < len(s.cache.layers) else None
-            if layer is not None and layer.is_initialized and layer.get_seq_length() > s.length:
-                layer.crop(s.length - layer.get_seq_length())
+    def _crop(self, s: _Session, length: int) -> None:
+        """Keep ``length`` positions in this span's cache layers (the others belong to other stages)."""
+        for layer in s.cache.layers[self.start:self.end]:
+            if layer.is_initialized and layer.get_seq_length() > length:
+                layer.crop(length - layer.get_seq_length())  # negative = positions to drop
 
     def info(self) -> dict:
         return {"start": self.start, "end": self.end, "dtype": str(self.dtype).removeprefix("torch."),

@@ -1,0 +1,43 @@
+"""plan="auto" profiles, plans and places; replan() moves spans without losing open sessions."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import bloombee_nb as bb
+from bloombee_nb.plan import Plan, Workload
+from tests.conftest import padded_batch
+
+
+@pytest.fixture(scope="module")
+def model(cluster, checkpoints):
+    m = bb.DistributedModelForCausalLM.from_pretrained(checkpoints["mistral"], cluster=cluster, plan="auto")
+    yield m
+    m.close()
+
+
+def test_auto_plan_is_applied_and_exact(model, reference):
+    assert isinstance(model.plan, Plan) and model.profile is not None
+    assert model.placement.spans == model.plan.layer_spans
+    assert [s.worker for s in model.placement.stages] == model.plan.workers
+    ids, mask = padded_batch([3, 9, 6], seed=5)
+    want = reference["mistral"].generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0), want)
+
+
+def test_replan_moves_spans_and_open_sessions_finish_on_the_old_chain(model, reference):
+    ids, _ = padded_batch([7], seed=8)
+    want = reference["mistral"].generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    first_worker = model.placement.stages[0].worker
+    with model.inference_session(max_length=32) as s:
+        half = model.generate(ids, session=s, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        # what-if: the first worker of the current chain is gone from the plan
+        name = next(w.name for w in model.profile.workers if w.address == first_worker)
+        edited = model.profile.with_worker(name, include=False)
+        plan = model.replan(Workload(), profile=edited)
+        assert first_worker not in plan.workers and first_worker not in [st.worker for st in model.placement.stages]
+        assert dict(plan.reasons)[name].startswith("excluded")
+        rest = model.generate(half, session=s, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(rest, want)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0), want)  # new chain
