@@ -20,7 +20,8 @@ from ..cluster.chain import DEFAULT_CALL_TIMEOUT_S, RemoteChain
 from ..cluster.profiling import profile_cluster
 from ..model.checkpoint import resolve_checkpoint
 from ..model.family import load_client_parts, load_config
-from ..plan import ClusterProfile, Plan, Workload, solve
+from ..cluster.planning import runtime_plan
+from ..plan import ClusterProfile, Plan, Workload
 from .session import InferenceSession
 
 
@@ -68,7 +69,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             profile = None
             if plan == "auto":
                 profile = profile_cluster(cluster, worker_path, workers, num_threads=num_threads)
-                plan = solve(profile, workload or Workload())
+                plan = runtime_plan(profile, workload or Workload())
             if plan is not None:
                 workers, spans = plan.workers, plan.layer_spans
             placement = place(workers or cluster.worker_addresses(), config.num_hidden_layers, spans)
@@ -99,7 +100,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         workload = workload or (self.plan.workload if self.plan is not None else Workload())
         profile = profile or profile_cluster(self.cluster, self._worker_path,
                                              num_threads=self._stage_kwargs["num_threads"])
-        plan = plan or solve(profile, workload)
+        plan = plan or runtime_plan(profile, workload)
         placement = place(plan.workers, self.config.num_hidden_layers, plan.layer_spans)
         if placement != self.placement:
             self.chain = RemoteChain.create(self.cluster.client, placement, self._worker_path,

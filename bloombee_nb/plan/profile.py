@@ -312,6 +312,23 @@ class ClusterProfile(_JsonValue):
         return dataclasses.replace(self, links=tuple(dataclasses.replace(ln, **changes) if ln is old else ln
                                                      for ln in self.links))
 
+    def relayed_through_client(self) -> "ClusterProfile":
+        """A copy where every worker→worker hop goes through the client (the Petals-style star).
+
+        Hop u→v becomes u→client then client→v: RTTs add, and 1/bandwidth adds, so the one-way
+        time bytes/bw + rtt/2 is exactly the sum of the two legs. The runtime relays this way
+        until stages forward to each other directly.
+        """
+        c = self.client
+        links = [ln for ln in self.links if c in (ln.src, ln.dst)]
+        for u in self.workers:
+            for v in self.workers:
+                up, down = self.link(u.name, c), self.link(c, v.name)
+                if u is not v and up is not None and down is not None:
+                    links.append(LinkProfile(u.name, v.name, 1 / (1 / up.bandwidth_bytes_per_s + 1 / down.bandwidth_bytes_per_s),
+                                             up.rtt_s + down.rtt_s))
+        return dataclasses.replace(self, links=tuple(links))
+
     def added(self, *workers: WorkerProfile, links: tuple[LinkProfile, ...] = ()) -> "ClusterProfile":
         """A copy with more workers (and their links)."""
         return dataclasses.replace(self, workers=(*self.workers, *workers), links=(*self.links, *links))
