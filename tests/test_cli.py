@@ -60,8 +60,12 @@ def test_workers_started_from_the_command_line_generate_exactly(scheduler, check
     assert "joined " + scheduler in workers[0].stdout.read()
 
 
-def test_generate_command_prints_text_and_speed(checkpoints):
-    out = subprocess.run([BIN, "generate", "--model", checkpoints["llama"], "--workers", "2", "--max-new-tokens", "5",
-                          "hello"], capture_output=True, text=True, timeout=240)
+def test_generate_command_uses_the_shipped_model_by_default():
+    """The README's run command: no --model means the shipped tiny model on an embedded cluster."""
+    out = subprocess.run([BIN, "generate", "--workers", "2", "--max-new-tokens", "12", "def fibonacci(n):"],
+                         capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "tokens/s" in out.stderr and "layers 0–2, layers 3–4" in out.stderr
+    assert "tiny-llama on 2 stages: layers 0–2, layers 3–5" in out.stderr
+    assert "tokens/s" in out.stderr
+    text = out.stdout.strip()
+    assert text.startswith("def fibonacci(n):") and len(text) > len("def fibonacci(n):") + 5

@@ -5,7 +5,9 @@ from __future__ import annotations
 import html
 import importlib.util
 import logging
+import socket
 import weakref
+from urllib.parse import urlsplit
 
 from distributed import Client, LocalCluster
 
@@ -48,6 +50,17 @@ class BloombeeCluster:
             raise NotEnoughWorkersError(
                 f"waited {timeout_s:.0f}s for {n} workers at {self.address}, have {len(self.workers())}; "
                 "start more with `bloombee-nb worker " + self.address + "`") from None
+
+    def shares_host(self) -> bool:
+        """Whether some worker runs on this machine (then the client competes with it for cores)."""
+        if self.local is not None:
+            return True
+        local = {"127.0.0.1", "localhost", socket.gethostname()}
+        try:
+            local.add(socket.gethostbyname(socket.gethostname()))
+        except OSError:
+            pass
+        return any(urlsplit(a).hostname in local for a in self.workers())
 
     def hosted_spans(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}

@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 
 from .. import transport
+from ..transport.emulation import delay_reply
 from ..plan.profile import ClusterProfile, LinkProfile, ModelProfile, WorkerProfile
 
 DECODE_BATCHES = (1, 4, 16)
@@ -102,10 +103,14 @@ class ProbeActor:
     """One per worker while profiling: receives and sends frames, and probes its peers."""
 
     def sink(self, frame: bytes) -> int:
-        return transport.frame.read_header(frame).raw_nbytes  # validated like a hidden state
+        n = transport.frame.read_header(frame).raw_nbytes  # validated like a hidden state
+        delay_reply()
+        return n
 
     def source(self, nbytes: int) -> bytes:
-        return transport.encode(torch.zeros(nbytes, dtype=torch.uint8))
+        frame = transport.encode(torch.zeros(nbytes, dtype=torch.uint8))
+        delay_reply()
+        return frame
 
     def probe(self, peer, repeats: int = 5) -> tuple[float, float]:
         return measure_link(lambda frame: peer.sink(frame).result(timeout=60), repeats)

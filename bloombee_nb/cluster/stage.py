@@ -14,6 +14,7 @@ import torch
 
 from .. import transport
 from ..model.span import SpanRunner
+from ..transport.emulation import delay_reply
 
 
 class StageActor:
@@ -42,7 +43,9 @@ class StageActor:
         mask = transport.decode(attention_mask, self.max_frame_bytes)
         t0 = time.perf_counter()
         out = self.runner.forward(session_id, h, pos, mask)
-        return transport.encode(out), time.perf_counter() - t0
+        compute_s = time.perf_counter() - t0
+        delay_reply()
+        return transport.encode(out), compute_s
 
     def info(self) -> dict:
         return self.runner.info()

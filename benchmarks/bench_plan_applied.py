@@ -1,0 +1,175 @@
+"""The planner checked on a real cluster: predicted vs measured, and against the baselines.
+
+    python benchmarks/bench_plan_applied.py
+
+For each instance a Dask scheduler and three `bloombee-nb worker` processes (w0, w1, w2) are
+started on this machine; the workers are made unequal by
+- an added round-trip time on some workers' links (``BLOOMBEE_EMULATED_RTT_MS``: a sleep in the
+  send path, since netem is unavailable — see bloombee_nb/transport/emulation.py), and
+- a memory budget per worker (how many layers each lender grants), edited into the measured
+  profile as a user would, so that no single worker can host the whole model.
+The cluster is profiled for real (layer times, every link with real frames); then the DP plan,
+an even split and the Petals-style greedy plan are each placed on the cluster and measured:
+per-token decode latency (the chain part the planner models, and end to end) and tokens/s for a
+batch. Plans are solved for what the runtime executes today (client relay, whole batch at once,
+no offloading: ``runtime_plan``), and the baselines are priced the same way.
+
+Writes benchmarks/results/plan_applied.json and plan_applied.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import bloombee_nb as bb
+from bloombee_nb.cluster.planning import runtime_plan
+from bloombee_nb.cluster.profiling import profile_cluster
+from bloombee_nb.plan import InfeasiblePlanError, Workload, cost, even_split, petals_greedy
+from bloombee_nb.shipped import default_model_path
+
+RESULTS = Path(__file__).parent / "results"
+BIN = str(Path(sys.executable).with_name("bloombee-nb"))
+
+INSTANCES = [
+    {"name": "w2 behind a slow link (+10 ms RTT)", "rtt_ms": {"w2": 10}, "layers": {"w0": 3, "w1": 3, "w2": 6}},
+    {"name": "w0 slow link (+6 ms), w1 small", "rtt_ms": {"w0": 6}, "layers": {"w0": 6, "w1": 2, "w2": 4}},
+    {"name": "equal links, 2 layers each", "rtt_ms": {}, "layers": {"w0": 2, "w1": 2, "w2": 2}},
+    {"name": "two slow links (+4, +8 ms), room on w1", "rtt_ms": {"w0": 4, "w2": 8}, "layers": {"w0": 4, "w1": 4, "w2": 4}},
+]
+WORKLOADS = {"latency": Workload(batch=1, prompt_len=32, new_tokens=32, objective="latency"),
+             "throughput": Workload(batch=8, prompt_len=32, new_tokens=16, objective="throughput")}
+
+
+def start_cluster(tmp: Path, rtt_ms: dict[str, float]):
+    sched_file = tmp / "sched.json"
+    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                               "--port", "0", "--no-dashboard", "--scheduler-file", str(sched_file)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    while not sched_file.exists():
+        time.sleep(0.1)
+    addr = json.loads(sched_file.read_text())["address"]
+    for name in ("w0", "w1", "w2"):
+        env = dict(os.environ, BLOOMBEE_EMULATED_RTT_MS=str(rtt_ms.get(name, 0)))
+        procs.append(subprocess.Popen([BIN, "worker", addr, "--name", name, "--host", "127.0.0.1"], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return addr, procs
+
+
+def budgeted(profile, layers: dict[str, int], wl: Workload):
+    """Each worker grants memory for exactly its number of layers (weights + the batch's KV); no disk."""
+    for name, n in layers.items():
+        need = max(cost.min_bytes_for(profile.model, w, n) for w in WORKLOADS.values())
+        profile = profile.with_worker(name, ram_bytes=int(need * 1.01), disk_bytes=0)
+    return profile
+
+
+def measure(cluster, path, plan, wl: Workload, repeats: int = 3) -> dict:
+    model = bb.DistributedModelForCausalLM.from_pretrained(path, cluster=cluster, workers=plan.workers,
+                                                           spans=plan.layer_spans)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 4000, (wl.batch, wl.prompt_len), generator=g)
+    chain_s, step_s, rates = [], [], []
+    for r in range(repeats + 1):
+        with model.inference_session(max_length=wl.prompt_len + wl.new_tokens) as s:
+            t_start = time.perf_counter()
+            nxt = model(ids, cache=s, logits_to_keep=1).logits.argmax(-1)
+            for _ in range(wl.new_tokens - 1):
+                t0 = time.perf_counter()
+                nxt = model(nxt, cache=s, logits_to_keep=1).logits.argmax(-1)
+                if r:
+                    step_s.append(time.perf_counter() - t0)
+            if r:
+                rates.append(wl.batch * wl.new_tokens / (time.perf_counter() - t_start))
+                chain_s += [t.wall_s for t in list(s.traces)[1:]]
+    model.close()
+    return {"chain_ms": 1e3 * statistics.median(chain_s), "step_ms": 1e3 * statistics.median(step_s),
+            "tokens_per_s": statistics.median(rates)}
+
+
+def plans_for(profile, wl):
+    relayed = profile.relayed_through_client()
+    out = {"dp": runtime_plan(profile, wl)}
+    for name, fn in (("even", even_split), ("petals", petals_greedy)):
+        kw = dict(micro_batches=(wl.batch,)) | (dict(offloads=(0.0,)) if fn is even_split else {})
+        try:
+            out[name] = fn(relayed, wl, **kw)
+        except InfeasiblePlanError as exc:
+            out[name] = str(exc)
+    return out
+
+
+def main():
+    path = default_model_path()
+    results = {"model": Path(path).name, "machine": "2-core CPU, loopback; added RTT by send-path delay",
+               "command": "python benchmarks/bench_plan_applied.py", "instances": []}
+    for inst in INSTANCES:
+        with tempfile.TemporaryDirectory() as tmp:
+            addr, procs = start_cluster(Path(tmp), inst["rtt_ms"])
+            try:
+                with bb.connect(addr) as cluster:
+                    cluster.wait_for_workers(3)
+                    profile = profile_cluster(cluster, path, progress=False)
+                    row = {**inst, "workloads": {}}
+                    for key, wl in WORKLOADS.items():
+                        budget = budgeted(profile, inst["layers"], wl)
+                        entry = {}
+                        for name, plan in plans_for(budget, wl).items():
+                            if isinstance(plan, str):
+                                entry[name] = {"infeasible": plan}
+                                continue
+                            m = measure(cluster, path, plan, wl)
+                            entry[name] = {"chain": [(s.worker, s.start, s.end) for s in plan.stages],
+                                           "predicted_chain_ms": 1e3 * plan.latency_s,
+                                           "predicted_tokens_per_s": plan.tokens_per_s, **m}
+                            entry[name]["latency_gap"] = m["chain_ms"] / entry[name]["predicted_chain_ms"] - 1
+                            entry[name]["throughput_gap"] = m["tokens_per_s"] / plan.tokens_per_s - 1
+                            print(inst["name"], key, name, json.dumps(entry[name]), flush=True)
+                        row["workloads"][key] = entry
+                    results["instances"].append(row)
+            finally:
+                for p in procs[::-1]:
+                    p.terminate()
+                for p in procs:
+                    p.wait(30)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "plan_applied.json").write_text(json.dumps(results, indent=2))
+    plot(results, RESULTS / "plan_applied.png")
+
+
+def plot(results, out: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+    for ax, key, metric, pred, title in [
+        (axes[0], "latency", "chain_ms", "predicted_chain_ms", "per-token chain time, batch 1 (ms; lower is better)"),
+        (axes[1], "throughput", "tokens_per_s", "predicted_tokens_per_s", "tokens/s, batch 8 (higher is better)")]:
+        names = ["dp", "even", "petals"]
+        for i, inst in enumerate(results["instances"]):
+            for j, n in enumerate(names):
+                e = inst["workloads"][key].get(n, {})
+                if metric in e:
+                    x = i * 4 + j
+                    ax.bar(x, e[metric], color=["#3b7dd8", "#999", "#d8893b"][j], label=n if i == 0 else None)
+                    ax.plot([x - 0.4, x + 0.4], [e[pred]] * 2, "k--", lw=1, label="predicted" if i == 0 and j == 0 else None)
+        ax.set_xticks([i * 4 + 1 for i in range(len(results["instances"]))])
+        ax.set_xticklabels([inst["name"] for inst in results["instances"]], fontsize=7, rotation=12)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

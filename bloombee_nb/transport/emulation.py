@@ -1,0 +1,24 @@
+"""Added link latency for benchmarks, injected in the send path.
+
+The kernels here have no ``netem`` qdisc, so round-trip time cannot be added to a link the
+usual way. A worker started with ``BLOOMBEE_EMULATED_RTT_MS=<ms>`` sleeps that long before it
+answers any stage or probe call, which adds that RTT to every link that touches it — the same
+for the hidden states as for the profiler's probes. Unset (the default) it costs nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+ENV = "BLOOMBEE_EMULATED_RTT_MS"
+
+
+def emulated_rtt_s() -> float:
+    return float(os.environ.get(ENV, 0) or 0) / 1e3
+
+
+def delay_reply() -> None:
+    """Call just before an actor method returns to a peer."""
+    if (s := emulated_rtt_s()) > 0:
+        time.sleep(s)
