@@ -1,12 +1,18 @@
 """The chain of stage actors a model runs through, seen from the client.
 
-For now the client relays each stage's output to the next (the Petals-style star). The
-network-path issue adds chain forwarding (stage -> stage) behind the same ``step`` call.
+Two relays, same results:
+
+- ``"chain"`` (default): the client sends the hidden states to the first stage, each stage
+  forwards its output straight to the next, and the last stage answers the client's pending
+  ``collect`` call. Per token: one traversal of the chain (N+1 one-way hops).
+- ``"star"`` (Petals-style, kept for comparison): the client calls each stage in turn and relays
+  every intermediate result itself. Per token: N round trips through the client.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -23,15 +29,19 @@ from .stage import StageActor
 DEFAULT_CALL_TIMEOUT_S = 120.0
 
 
+RELAYS = ("chain", "star")
+
+
 @dataclass(frozen=True)
 class StepTrace:
-    """What one step cost: per stage, wall time seen by the client and compute time on the worker."""
+    """What one step cost: wall time seen by the client, compute time of each stage on its worker."""
 
-    tokens: int                       # positions processed in this step (per sequence)
-    stage_wall_s: tuple[float, ...]   # call round trip per stage, client clock
+    tokens: int                         # positions processed in this step (per sequence)
+    stage_wall_s: tuple[float, ...]     # star: round trip per stage; chain: one entry, the whole traversal
     stage_compute_s: tuple[float, ...]  # span forward per stage, worker clock
-    bytes_sent: int                   # frame bytes the client sent
-    bytes_received: int
+    bytes_sent: int                     # frame bytes the client sent
+    bytes_received: int                 # frame bytes the client received
+    relay: str = "star"
 
     @property
     def wall_s(self) -> float:
@@ -41,30 +51,28 @@ class StepTrace:
 class RemoteChain:
     """Actor handles for a :class:`Placement`, with calls that time out and name the lost worker."""
 
-    def __init__(self, client: Client, placement: Placement, futures: list, timeout_s: float = DEFAULT_CALL_TIMEOUT_S):
-        self.client, self.placement, self.timeout_s = client, placement, timeout_s
+    def __init__(self, client: Client, placement: Placement, futures: list, timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
+                 relay: str = "chain"):
+        if relay not in RELAYS:
+            raise ValueError(f"relay must be one of {RELAYS}, got {relay!r}")
+        self.client, self.placement, self.timeout_s, self.relay = client, placement, timeout_s, relay
         self._futures = futures  # an actor lives as long as its future is held
         self.actors = client.gather(futures)
+        for a, b, spec in zip(self.actors, self.actors[1:], placement.stages[1:]):
+            a.set_next(b, _unavailable(spec, "no answer").args[0]).result(timeout=timeout_s)
+        self._steps = itertools.count()
+        self._acks: list[asyncio.Future] = []  # chain mode: downstream acceptances not yet checked
 
     @classmethod
     def create(cls, client: Client, placement: Placement, path: str, timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
-               **stage_kwargs) -> "RemoteChain":
+               relay: str = "chain", **stage_kwargs) -> "RemoteChain":
         """Start one StageActor per stage, all loading in parallel, each pinned to its worker."""
         futures = [
             client.submit(StageActor, path, st.start, st.end, actor=True, pure=False,
                           workers=[st.worker], allow_other_workers=False, **stage_kwargs)
             for st in placement.stages
         ]
-        return cls(client, placement, futures, timeout_s)
-
-    def _call(self, i: int, method: str, *args):
-        stage = self.placement.stages[i]
-        try:
-            return getattr(self.actors[i], method)(*args).result(timeout=self.timeout_s)
-        except BloombeeError:
-            raise
-        except (OSError, TimeoutError, KeyError, RuntimeError) as exc:
-            raise _unavailable(stage, exc) from exc
+        return cls(client, placement, futures, timeout_s, relay)
 
     def broadcast(self, method: str, *args) -> list:
         """Call ``method`` on every stage concurrently; the first failure is raised after all answered."""
@@ -83,27 +91,47 @@ class RemoteChain:
 
     def forward(self, session_id: str, hidden: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask: torch.Tensor) -> tuple[torch.Tensor, StepTrace]:
-        """Run ``hidden`` through every stage in order (client relays: the star).
+        """Run ``hidden`` through every stage in order; returns the last stage's output.
 
-        The whole relay runs as one coroutine on the client's event loop: one thread hand-off per
-        step instead of two per stage (each hand-off costs ~0.5 ms on a busy 2-core machine).
+        The relay runs as one coroutine on the client's event loop: one thread hand-off per step
+        (each hand-off costs ~0.5 ms on a busy 2-core machine).
         """
         pos, mask = transport.encode(position_ids), transport.encode(attention_mask)
-        frame, walls, computes, sent, received = self.client.sync(
-            self._relay, session_id, transport.encode(hidden), pos, mask)
-        trace = StepTrace(hidden.shape[1], tuple(walls), tuple(computes), sent, received)
+        relay = self._relay_chain if self.relay == "chain" and len(self.actors) > 1 else self._relay_star
+        frame, walls, computes, sent = self.client.sync(relay, session_id, transport.encode(hidden), pos, mask)
+        trace = StepTrace(hidden.shape[1], tuple(walls), tuple(computes), sent, len(frame), self.relay)
         return transport.decode(frame), trace
 
-    async def _relay(self, session_id: str, frame: bytes, pos: bytes, mask: bytes):
-        walls, computes, sent, received = [], [], 0, 0
+    async def _relay_star(self, session_id: str, frame: bytes, pos: bytes, mask: bytes):
+        walls, computes, sent = [], [], 0
         for i, actor in enumerate(self.actors):
             t0 = time.perf_counter()
             sent += len(frame) + len(pos) + len(mask)
-            frame, compute_s = await self._await(i, actor.forward(session_id, frame, pos, mask))
+            frame, (compute_s,) = await self._await(i, actor.forward(session_id, frame, pos, mask))
             walls.append(time.perf_counter() - t0)
             computes.append(compute_s)
-            received += len(frame)
-        return frame, walls, computes, sent, received
+        return frame, walls, computes, sent
+
+    async def _relay_chain(self, session_id: str, frame: bytes, pos: bytes, mask: bytes):
+        await self._check_acks()
+        step, t0 = next(self._steps), time.perf_counter()
+        collect = asyncio.ensure_future(self._await(len(self.actors) - 1, self.actors[-1].collect(
+            session_id, step, self.timeout_s)))
+        ack = asyncio.ensure_future(self._await(0, self.actors[0].forward(session_id, frame, pos, mask, step)))
+        await asyncio.wait({collect, ack}, return_when=asyncio.FIRST_COMPLETED)
+        if ack.done() and ack.exception() is not None:  # a stage refused the step: say which error
+            collect.cancel()
+            raise ack.exception()
+        out, computes = await collect
+        self._acks.append(ack)  # the acceptance travels back along the chain; checked next step
+        return out, [time.perf_counter() - t0], list(computes), len(frame) + len(pos) + len(mask)
+
+    async def _check_acks(self):
+        done = [a for a in self._acks if a.done()]
+        self._acks = [a for a in self._acks if not a.done()]
+        for a in done:
+            if a.exception() is not None:
+                raise a.exception()
 
     async def _await(self, i: int, future):
         try:

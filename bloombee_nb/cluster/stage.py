@@ -1,20 +1,33 @@
 """The Dask actor that hosts one stage: a :class:`SpanRunner` behind frame-in / frame-out methods.
 
-Ordinary actor methods run one at a time on the worker's actor thread, so a stage serves its
-sessions' steps in arrival order. Every tensor argument is a frame (``bytes``) decoded here;
-every error raised is a typed :mod:`bloombee_nb.errors` exception that reaches the caller with
-its type, and leaves every other session on this stage untouched.
+Methods are ``async``: they run on the worker's event loop, and every touch of the span's state
+(compute, open/close/rollback) is pushed to one private thread, so steps are serialised without
+ever blocking the loop — a stage waiting on the next stage never holds up other sessions, and
+two chains that cross the same workers in opposite orders cannot deadlock.
+
+Two ways to run a step:
+
+- star (``step=None``): the caller gets this span's output back and relays it itself;
+- chain (``step=<n>``): the output goes straight on to the next stage; the last stage hands it
+  to the client's pending :meth:`collect` call. Hidden states cross each link once.
+
+Every tensor is a frame (``bytes``) decoded here; every error raised is a typed
+:mod:`bloombee_nb.errors` exception that reaches the caller with its type, and leaves every
+other session on this stage untouched.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from .. import transport
+from ..errors import BloombeeError, StageUnavailableError
 from ..model.span import SpanRunner
-from ..transport.emulation import delay_reply
+from ..transport.emulation import emulated_rtt_s
 
 
 class StageActor:
@@ -26,26 +39,87 @@ class StageActor:
         self.runner = SpanRunner(path, start, end, getattr(torch, dtype) if dtype else None,
                                  allow_unverified_architecture=allow_unverified_architecture, **kw)
         self.max_frame_bytes = transport.frame.DEFAULT_MAX_BYTES
+        self.next = None  # the next stage's actor handle in chain mode
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="bloombee-stage")
+        self._outputs: dict[tuple[str, int], asyncio.Future] = {}  # last stage: outputs awaiting collect()
 
-    def open_session(self, session_id: str, batch: int, max_length: int) -> None:
-        self.runner.open(session_id, batch, max_length)
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    def close_session(self, session_id: str) -> None:
-        self.runner.close(session_id)
+    def set_next(self, actor, unavailable_message: str) -> None:
+        """Chain mode: where this stage's output goes, and what to say if it cannot get there."""
+        self.next, self._next_unavailable = actor, unavailable_message
 
-    def rollback(self, session_id: str, length: int) -> None:
-        self.runner.rollback(session_id, length)
+    async def open_session(self, session_id: str, batch: int, max_length: int) -> None:
+        await self._run(self.runner.open, session_id, batch, max_length)
 
-    def forward(self, session_id: str, hidden: bytes, position_ids: bytes, attention_mask: bytes) -> tuple[bytes, float]:
-        """One step of one session: frames in, (frame of the span's output, compute seconds) out."""
+    async def close_session(self, session_id: str) -> None:
+        for key in [k for k in self._outputs if k[0] == session_id]:
+            self._outputs.pop(key).cancel()
+        await self._run(self.runner.close, session_id)
+
+    async def rollback(self, session_id: str, length: int) -> None:
+        await self._run(self.runner.rollback, session_id, length)
+
+    def _compute(self, session_id: str, hidden: bytes, position_ids: bytes, attention_mask: bytes):
         h = transport.decode(hidden, self.max_frame_bytes)
         pos = transport.decode(position_ids, self.max_frame_bytes)
         mask = transport.decode(attention_mask, self.max_frame_bytes)
         t0 = time.perf_counter()
         out = self.runner.forward(session_id, h, pos, mask)
-        compute_s = time.perf_counter() - t0
-        delay_reply()
-        return transport.encode(out), compute_s
+        return transport.encode(out), time.perf_counter() - t0
 
-    def info(self) -> dict:
-        return self.runner.info()
+    async def forward(self, session_id: str, hidden: bytes, position_ids: bytes, attention_mask: bytes,
+                      step: int | None = None, computes: tuple[float, ...] = ()) -> tuple[bytes | None, tuple[float, ...]]:
+        """One step of one session. Star: returns (output frame, compute seconds of each stage so far).
+
+        Chain: sends the output on and returns (None, …) once every later stage has accepted it;
+        an error anywhere downstream comes back here with its type.
+        """
+        await _one_way_delay()  # emulated latency of the link into this worker (benchmarks only)
+        try:
+            out, compute_s = await self._run(self._compute, session_id, hidden, position_ids, attention_mask)
+        except BaseException as exc:
+            if step is not None and self.next is None:
+                self._output(session_id, step).set_exception(exc)
+            raise
+        computes = (*computes, compute_s)
+        await _one_way_delay()  # … and of the link out of it
+        if step is None:
+            return out, computes
+        if self.next is None:
+            self._output(session_id, step).set_result((out, computes))
+            return None, computes
+        try:
+            return await self.next.forward(session_id, out, position_ids, attention_mask, step, computes)
+        except BloombeeError:
+            raise
+        except (OSError, RuntimeError, TimeoutError) as exc:  # the next worker is gone
+            raise StageUnavailableError(f"{self._next_unavailable} [{type(exc).__name__}: {exc}]") from None
+
+    def _output(self, session_id: str, step: int) -> asyncio.Future:
+        key = (session_id, step)
+        if key not in self._outputs:
+            self._outputs[key] = asyncio.get_running_loop().create_future()
+        return self._outputs[key]
+
+    async def collect(self, session_id: str, step: int, timeout_s: float) -> tuple[bytes, tuple[float, ...]]:
+        """Last stage: wait for the chain's output of ``step`` (called by the client with forward)."""
+        fut = self._output(session_id, step)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+        except asyncio.TimeoutError:
+            raise StageUnavailableError(
+                f"step {step} of session {session_id!r} did not reach the last stage within {timeout_s:.0f}s; "
+                "an earlier stage is overloaded or gone") from None
+        finally:
+            if fut.done():
+                self._outputs.pop((session_id, step), None)
+
+    async def info(self) -> dict:
+        return await self._run(self.runner.info)
+
+
+async def _one_way_delay() -> None:
+    if (rtt := emulated_rtt_s()) > 0:
+        await asyncio.sleep(rtt / 2)

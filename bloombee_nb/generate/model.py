@@ -46,6 +46,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                         dtype: torch.dtype | str | None = None, num_threads: int = 1,
                         allow_unverified_architecture: bool = False,
                         call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S, client_threads: int | str | None = "auto",
+                        relay: str = "chain",
                         **stage_kwargs) -> "DistributedModelForCausalLM":
         """Load the client parts here and place the decoder layers on the cluster's workers.
 
@@ -53,7 +54,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         default to every worker of the cluster). ``plan="auto"`` instead measures the cluster
         (:func:`~bloombee_nb.cluster.profiling.profile_cluster`) and places the spans the planner
         chooses for ``workload`` (default: one sequence, latency); a :class:`~bloombee_nb.plan.Plan`
-        value is applied as given. ``client_threads`` caps torch's threads for the client's own
+        value is applied as given. ``relay="chain"`` forwards hidden states stage to stage;
+        ``"star"`` makes the client relay every hop (the Petals-style baseline). ``client_threads`` caps torch's threads for the client's own
         work (embeddings, norm, LM head): "auto" uses 1 thread when workers share this machine,
         where OpenMP threads competing with the workers' made a batch-8 LM head 50x slower. ``cluster=None`` starts an embedded LocalCluster
         that this model owns and closes in :meth:`close`. Each worker reads only its own span
@@ -73,11 +75,12 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             profile = None
             if plan == "auto":
                 profile = profile_cluster(cluster, worker_path, workers, num_threads=num_threads)
-                plan = runtime_plan(profile, workload or Workload())
+                plan = runtime_plan(profile, workload or Workload(), relay=relay)
             if plan is not None:
                 workers, spans = plan.workers, plan.layer_spans
             placement = place(workers or cluster.worker_addresses(), config.num_hidden_layers, spans)
-            chain = RemoteChain.create(cluster.client, placement, worker_path, timeout_s=call_timeout_s, **stage_kwargs)
+            chain = RemoteChain.create(cluster.client, placement, worker_path, timeout_s=call_timeout_s, relay=relay,
+                                       **stage_kwargs)
         except BaseException:
             if owns:
                 cluster.close()
@@ -105,11 +108,11 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         workload = workload or (self.plan.workload if self.plan is not None else Workload())
         profile = profile or profile_cluster(self.cluster, self._worker_path,
                                              num_threads=self._stage_kwargs["num_threads"])
-        plan = plan or runtime_plan(profile, workload)
+        plan = plan or runtime_plan(profile, workload, relay=self.chain.relay)
         placement = place(plan.workers, self.config.num_hidden_layers, plan.layer_spans)
         if placement != self.placement:
             self.chain = RemoteChain.create(self.cluster.client, placement, self._worker_path,
-                                            timeout_s=self.chain.timeout_s, **self._stage_kwargs)
+                                            timeout_s=self.chain.timeout_s, relay=self.chain.relay, **self._stage_kwargs)
         self.plan, self.profile = plan, profile
         return plan
 

@@ -1,0 +1,45 @@
+"""Chain forwarding (stage -> stage) and the Petals-style star give the same tokens; errors keep their type."""
+
+import pytest
+import torch
+
+import bloombee_nb as bb
+from bloombee_nb.errors import UnknownSessionError
+from tests.conftest import padded_batch
+
+SPANS = [(0, 1), (1, 4), (4, 5)]
+
+
+@pytest.fixture(scope="module")
+def models(cluster, checkpoints):
+    ms = {r: bb.DistributedModelForCausalLM.from_pretrained(checkpoints["qwen3"], cluster=cluster, spans=SPANS, relay=r)
+          for r in ("chain", "star")}
+    yield ms
+    for m in ms.values():
+        m.close()
+
+
+def test_chain_and_star_are_exact_and_chain_skips_the_client(models, reference):
+    ids, mask = padded_batch([5, 2, 8], seed=21)
+    want = reference["qwen3"].generate(ids, attention_mask=mask, max_new_tokens=7, do_sample=False, pad_token_id=0)
+    traces = {}
+    for relay, model in models.items():
+        with model.inference_session(max_length=32) as s:
+            got = model.generate(ids, attention_mask=mask, session=s, max_new_tokens=7, do_sample=False, pad_token_id=0)
+            traces[relay] = list(s.traces)
+        assert torch.equal(got, want), relay
+    chain, star = traces["chain"][-1], traces["star"][-1]
+    assert chain.relay == "chain" and len(chain.stage_wall_s) == 1 and len(chain.stage_compute_s) == 3
+    assert len(star.stage_wall_s) == 3
+    # the client sends the hidden states once (not once per stage) and receives only the final output
+    assert 3 * chain.bytes_sent == star.bytes_sent and chain.bytes_received == star.bytes_received
+
+
+def test_an_error_in_the_middle_of_the_chain_reaches_the_client_typed(models):
+    model = models["chain"]
+    ids, _ = padded_batch([4])
+    with model.inference_session(max_length=16) as s:
+        model(ids, cache=s)
+        model.chain.actors[1].close_session(s.session_id).result(timeout=30)  # the middle stage forgets it
+        with pytest.raises(UnknownSessionError, match=r"layers \[1, 4\)"):
+            model(ids[:, :1], cache=s)
