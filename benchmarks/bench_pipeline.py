@@ -60,15 +60,15 @@ def bench_local(path, ids, n_new, repeats):
     return summarize(runs[1:], n_new)
 
 
-def bench_distributed(cluster, path, n_stages, ids, n_new, repeats):
+def bench_distributed(cluster, path, n_stages, ids, n_new, repeats, relay):
     workers = cluster.worker_addresses()[:n_stages]
-    model = bb.DistributedModelForCausalLM.from_pretrained(path, cluster=cluster, workers=workers)
+    model = bb.DistributedModelForCausalLM.from_pretrained(path, cluster=cluster, workers=workers, relay=relay)
     runs, hop_overhead = [], []
     for r in range(repeats + 1):
         with model.inference_session(max_length=ids.shape[1] + n_new) as s:
             runs.append(greedy_steps(lambda x: model(x, cache=s, logits_to_keep=1).logits, ids, n_new))
-            if r:  # per stage: client-observed call time minus the worker's compute time
-                hop_overhead += [w - c for t in list(s.traces)[1:] for w, c in zip(t.stage_wall_s, t.stage_compute_s)]
+            if r:  # per stage: client-observed chain time minus the workers' compute time
+                hop_overhead += [(t.wall_s - sum(t.stage_compute_s)) / n_stages for t in list(s.traces)[1:]]
     out = summarize(runs[1:], n_new)
     out["hop_overhead_ms_median"] = 1e3 * statistics.median(hop_overhead)
     out["spans"] = model.placement.spans
@@ -110,12 +110,15 @@ def main():
               + (f" --synthetic {args.synthetic}" if args.synthetic else ""),
               "transformers_single_process": bench_local(path, ids, args.new_tokens, args.repeats), "distributed": {}}
     with bb.connect(n_workers=3) as cluster:
-        for n in (1, 2, 3):
-            result["distributed"][str(n)] = bench_distributed(cluster, path, n, ids, args.new_tokens, args.repeats)
+        for relay in ("chain", "star"):
+            for n in (1, 2, 3):
+                result["distributed"][f"{n}-{relay}"] = bench_distributed(cluster, path, n, ids, args.new_tokens,
+                                                                         args.repeats, relay)
     base = result["transformers_single_process"]["decode_ms_median"]
-    for n, r in result["distributed"].items():
+    for key, r in result["distributed"].items():
+        n = int(key.split("-")[0])
         r["added_ms_per_token"] = r["decode_ms_median"] - base
-        r["added_ms_per_hop"] = r["added_ms_per_token"] / int(n)
+        r["added_ms_per_hop"] = r["added_ms_per_token"] / n
     stem = "pipeline_loopback" + ("" if name.startswith("tiny") else f"_{name}")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
@@ -129,12 +132,13 @@ def plot(result, out: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = ["transformers\n(1 process)"] + [f"{n} stage{'s' * (n != '1')}" for n in result["distributed"]]
+    labels = ["transformers\n(1 process)"] + [k.replace("-", "\n") for k in result["distributed"]]
     rows = [result["transformers_single_process"], *result["distributed"].values()]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
     for ax, key, title in zip(axes, ["decode_ms_median", "ttft_ms_median", "tokens_per_s"],
                               ["per-token decode latency (ms)", "time to first token (ms)", "tokens/s"]):
-        ax.bar(labels, [r[key] for r in rows], color=["#888"] + ["#3b7dd8"] * (len(rows) - 1))
+        ax.bar(labels, [r[key] for r in rows], color=["#888"] + ["#3b7dd8" if "chain" in k else "#d8893b"
+                                                                for k in result["distributed"]])
         ax.set_title(title, fontsize=10)
         ax.tick_params(labelsize=8)
     fig.suptitle(f"{result['model']} ({result['params'] / 1e6:.1f}M params) on loopback, "

@@ -10,9 +10,10 @@ started on this machine; the workers are made unequal by
   profile as a user would, so that no single worker can host the whole model.
 The cluster is profiled for real (layer times, every link with real frames); then the DP plan,
 an even split and the Petals-style greedy plan are each placed on the cluster and measured:
-per-token decode latency (the chain part the planner models, and end to end) and tokens/s for a
-batch. Plans are solved for what the runtime executes today (client relay, whole batch at once,
-no offloading: ``runtime_plan``), and the baselines are priced the same way.
+per-token decode latency and decode tokens/s for a batch — both for the chain (what the planner
+models: links + stages) and end to end (adding the client's embeddings/LM head). Plans are solved
+for what the runtime executes today (chain forwarding, whole batch at once, no offloading:
+``runtime_plan``), and the baselines are priced the same way.
 
 Writes benchmarks/results/plan_applied.json and plan_applied.png.
 """
@@ -72,36 +73,49 @@ def budgeted(profile, layers: dict[str, int], wl: Workload):
     return profile
 
 
-def measure(cluster, path, plan, wl: Workload, repeats: int = 3) -> dict:
-    model = bb.DistributedModelForCausalLM.from_pretrained(path, cluster=cluster, workers=plan.workers,
-                                                           spans=plan.layer_spans)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(10, 4000, (wl.batch, wl.prompt_len), generator=g)
-    chain_s, step_s, rates = [], [], []
+def one_run(model, wl: Workload, ids) -> tuple[list[float], list[float], float]:
+    """One greedy generation through a session: (chain times, step times, tokens/s incl. prefill)."""
+    with model.inference_session(max_length=wl.prompt_len + wl.new_tokens) as s:
+        t_start, steps = time.perf_counter(), []
+        nxt = model(ids, cache=s, logits_to_keep=1).logits.argmax(-1)
+        for _ in range(wl.new_tokens - 1):
+            t0 = time.perf_counter()
+            nxt = model(nxt, cache=s, logits_to_keep=1).logits.argmax(-1)
+            steps.append(time.perf_counter() - t0)
+        rate = wl.batch * wl.new_tokens / (time.perf_counter() - t_start)
+        return [t.wall_s for t in list(s.traces)[1:]], steps, rate
+
+
+def measure_all(cluster, path, plans: dict, wl: Workload, repeats: int = 6) -> dict:
+    """Place every plan at once and measure them interleaved (round robin, rotating the order), so
+    load from other processes on this shared machine falls on all plans alike."""
+    models = {n: bb.DistributedModelForCausalLM.from_pretrained(path, cluster=cluster, workers=p.workers,
+                                                                spans=p.layer_spans) for n, p in plans.items()}
+    ids = torch.randint(10, 4000, (wl.batch, wl.prompt_len), generator=torch.Generator().manual_seed(0))
+    samples = {n: ([], [], []) for n in models}
+    names = list(models)
     for r in range(repeats + 1):
-        with model.inference_session(max_length=wl.prompt_len + wl.new_tokens) as s:
-            t_start = time.perf_counter()
-            nxt = model(ids, cache=s, logits_to_keep=1).logits.argmax(-1)
-            for _ in range(wl.new_tokens - 1):
-                t0 = time.perf_counter()
-                nxt = model(nxt, cache=s, logits_to_keep=1).logits.argmax(-1)
-                if r:
-                    step_s.append(time.perf_counter() - t0)
-            if r:
-                rates.append(wl.batch * wl.new_tokens / (time.perf_counter() - t_start))
-                chain_s += [t.wall_s for t in list(s.traces)[1:]]
-    model.close()
-    return {"chain_ms": 1e3 * statistics.median(chain_s), "step_ms": 1e3 * statistics.median(step_s),
-            "tokens_per_s": statistics.median(rates)}
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            chain, steps, rate = one_run(models[n], wl, ids)
+            if r:  # round 0 warms up
+                samples[n][0].extend(chain), samples[n][1].extend(steps), samples[n][2].append(rate)
+    out = {}
+    for n, (chain, steps, rates) in samples.items():
+        models[n].close()
+        chain_ms, step_ms = 1e3 * statistics.median(chain), 1e3 * statistics.median(steps)
+        # what the planner models (the chain) and what a user sees (adds the client's embed/head)
+        out[n] = {"chain_ms": chain_ms, "step_ms": step_ms, "tokens_per_s": 1e3 * wl.batch / chain_ms,
+                  "decode_tokens_per_s_end_to_end": 1e3 * wl.batch / step_ms,
+                  "generate_tokens_per_s": statistics.median(rates)}
+    return out
 
 
 def plans_for(profile, wl):
-    relayed = profile.relayed_through_client()
-    out = {"dp": runtime_plan(profile, wl)}
+    out = {"dp": runtime_plan(profile, wl)}  # the runtime forwards stage to stage
     for name, fn in (("even", even_split), ("petals", petals_greedy)):
         kw = dict(micro_batches=(wl.batch,)) | (dict(offloads=(0.0,)) if fn is even_split else {})
         try:
-            out[name] = fn(relayed, wl, **kw)
+            out[name] = fn(profile, wl, **kw)
         except InfeasiblePlanError as exc:
             out[name] = str(exc)
     return out
@@ -121,12 +135,11 @@ def main():
                     row = {**inst, "workloads": {}}
                     for key, wl in WORKLOADS.items():
                         budget = budgeted(profile, inst["layers"], wl)
-                        entry = {}
-                        for name, plan in plans_for(budget, wl).items():
-                            if isinstance(plan, str):
-                                entry[name] = {"infeasible": plan}
-                                continue
-                            m = measure(cluster, path, plan, wl)
+                        plans = plans_for(budget, wl)
+                        entry = {n: {"infeasible": p} for n, p in plans.items() if isinstance(p, str)}
+                        plans = {n: p for n, p in plans.items() if not isinstance(p, str)}
+                        for name, m in measure_all(cluster, path, plans, wl).items():
+                            plan = plans[name]
                             entry[name] = {"chain": [(s.worker, s.start, s.end) for s in plan.stages],
                                            "predicted_chain_ms": 1e3 * plan.latency_s,
                                            "predicted_tokens_per_s": plan.tokens_per_s, **m}
@@ -154,7 +167,7 @@ def plot(results, out: Path):
     fig, axes = plt.subplots(1, 2, figsize=(13, 4))
     for ax, key, metric, pred, title in [
         (axes[0], "latency", "chain_ms", "predicted_chain_ms", "per-token chain time, batch 1 (ms; lower is better)"),
-        (axes[1], "throughput", "tokens_per_s", "predicted_tokens_per_s", "tokens/s, batch 8 (higher is better)")]:
+        (axes[1], "throughput", "tokens_per_s", "predicted_tokens_per_s", "decode tokens/s of the chain, batch 8 (higher is better)")]:
         names = ["dp", "even", "petals"]
         for i, inst in enumerate(results["instances"]):
             for j, n in enumerate(names):
