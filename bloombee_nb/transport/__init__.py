@@ -1,5 +1,8 @@
-"""The wire format: tensors as frames (header + raw bytes), never pickled."""
+"""The wire format: tensors as frames (header + raw or blosc2-compressed bytes), never pickled."""
 
+from .choice import DEFAULT_CANDIDATES, CodecStats, break_even_bandwidth_Bps, calibrate, choose_codec
+from .codec import RAW, Codec
 from .frame import CODECS, DTYPES, Frame, decode, encode
 
-__all__ = ["CODECS", "DTYPES", "Frame", "decode", "encode"]
+__all__ = ["CODECS", "DEFAULT_CANDIDATES", "DTYPES", "RAW", "Codec", "CodecStats", "Frame",
+           "break_even_bandwidth_Bps", "calibrate", "choose_codec", "decode", "encode"]
