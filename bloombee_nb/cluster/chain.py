@@ -42,7 +42,7 @@ class StepTrace:
     bytes_sent: int                     # frame bytes the client sent
     bytes_received: int                 # frame bytes the client received
     relay: str = "star"
-
+    hidden_bytes: int = 0               # uncompressed bytes of the hidden states of one hop
     @property
     def wall_s(self) -> float:
         return sum(self.stage_wall_s)
@@ -52,7 +52,7 @@ class RemoteChain:
     """Actor handles for a :class:`Placement`, with calls that time out and name the lost worker."""
 
     def __init__(self, client: Client, placement: Placement, futures: list, timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
-                 relay: str = "chain"):
+                 relay: str = "chain", compression: str | None = None, min_compress_bytes: int = 64 << 10):
         if relay not in RELAYS:
             raise ValueError(f"relay must be one of {RELAYS}, got {relay!r}")
         self.client, self.placement, self.timeout_s, self.relay = client, placement, timeout_s, relay
@@ -60,19 +60,26 @@ class RemoteChain:
         self.actors = client.gather(futures)
         for a, b, spec in zip(self.actors, self.actors[1:], placement.stages[1:]):
             a.set_next(b, _unavailable(spec, "no answer").args[0]).result(timeout=timeout_s)
+        # one codec for every link for now; frames under min_compress_bytes stay raw (headers
+        # outweigh the gain on decode-sized frames: see benchmarks/results/compression.md)
+        self.codec = transport.Codec.parse(compression) if compression else transport.RAW
+        self.min_compress_bytes = min_compress_bytes
+        if compression:
+            for a in self.actors:
+                a.set_compression(str(self.codec), min_compress_bytes).result(timeout=timeout_s)
         self._steps = itertools.count()
         self._acks: list[asyncio.Future] = []  # chain mode: downstream acceptances not yet checked
 
     @classmethod
     def create(cls, client: Client, placement: Placement, path: str, timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
-               relay: str = "chain", **stage_kwargs) -> "RemoteChain":
+               relay: str = "chain", compression: str | None = None, **stage_kwargs) -> "RemoteChain":
         """Start one StageActor per stage, all loading in parallel, each pinned to its worker."""
         futures = [
             client.submit(StageActor, path, st.start, st.end, actor=True, pure=False,
                           workers=[st.worker], allow_other_workers=False, **stage_kwargs)
             for st in placement.stages
         ]
-        return cls(client, placement, futures, timeout_s, relay)
+        return cls(client, placement, futures, timeout_s, relay, compression)
 
     def broadcast(self, method: str, *args) -> list:
         """Call ``method`` on every stage concurrently; the first failure is raised after all answered."""
@@ -98,8 +105,11 @@ class RemoteChain:
         """
         pos, mask = transport.encode(position_ids), transport.encode(attention_mask)
         relay = self._relay_chain if self.relay == "chain" and len(self.actors) > 1 else self._relay_star
-        frame, walls, computes, sent = self.client.sync(relay, session_id, transport.encode(hidden), pos, mask)
-        trace = StepTrace(hidden.shape[1], tuple(walls), tuple(computes), sent, len(frame), self.relay)
+        big = hidden.numel() * hidden.element_size() >= self.min_compress_bytes
+        frame = transport.encode(hidden, self.codec if big else 0)
+        frame, walls, computes, sent = self.client.sync(relay, session_id, frame, pos, mask)
+        trace = StepTrace(hidden.shape[1], tuple(walls), tuple(computes), sent, len(frame), self.relay,
+                          hidden.numel() * hidden.element_size())
         return transport.decode(frame), trace
 
     async def _relay_star(self, session_id: str, frame: bytes, pos: bytes, mask: bytes):

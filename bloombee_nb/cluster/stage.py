@@ -40,6 +40,7 @@ class StageActor:
                                  allow_unverified_architecture=allow_unverified_architecture, **kw)
         self.max_frame_bytes = transport.frame.DEFAULT_MAX_BYTES
         self.next = None  # the next stage's actor handle in chain mode
+        self.out_codec, self.min_compress_bytes = transport.RAW, 0  # what this stage sends, and from what size
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="bloombee-stage")
         self._outputs: dict[tuple[str, int], asyncio.Future] = {}  # last stage: outputs awaiting collect()
 
@@ -49,6 +50,10 @@ class StageActor:
     def set_next(self, actor, unavailable_message: str) -> None:
         """Chain mode: where this stage's output goes, and what to say if it cannot get there."""
         self.next, self._next_unavailable = actor, unavailable_message
+
+    def set_compression(self, codec: str, min_bytes: int) -> None:
+        """Compress outgoing frames of at least ``min_bytes`` with ``codec`` (a label such as "zstd-1+shuffle")."""
+        self.out_codec, self.min_compress_bytes = transport.Codec.parse(codec), min_bytes
 
     async def open_session(self, session_id: str, batch: int, max_length: int) -> None:
         await self._run(self.runner.open, session_id, batch, max_length)
@@ -67,7 +72,9 @@ class StageActor:
         mask = transport.decode(attention_mask, self.max_frame_bytes)
         t0 = time.perf_counter()
         out = self.runner.forward(session_id, h, pos, mask)
-        return transport.encode(out), time.perf_counter() - t0
+        compute_s = time.perf_counter() - t0
+        big = out.numel() * out.element_size() >= self.min_compress_bytes
+        return transport.encode(out, self.out_codec if big else 0), compute_s
 
     async def forward(self, session_id: str, hidden: bytes, position_ids: bytes, attention_mask: bytes,
                       step: int | None = None, computes: tuple[float, ...] = ()) -> tuple[bytes | None, tuple[float, ...]]:

@@ -46,7 +46,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                         dtype: torch.dtype | str | None = None, num_threads: int = 1,
                         allow_unverified_architecture: bool = False,
                         call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S, client_threads: int | str | None = "auto",
-                        relay: str = "chain",
+                        relay: str = "chain", compression: str | None = None,
                         **stage_kwargs) -> "DistributedModelForCausalLM":
         """Load the client parts here and place the decoder layers on the cluster's workers.
 
@@ -55,7 +55,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         (:func:`~bloombee_nb.cluster.profiling.profile_cluster`) and places the spans the planner
         chooses for ``workload`` (default: one sequence, latency); a :class:`~bloombee_nb.plan.Plan`
         value is applied as given. ``relay="chain"`` forwards hidden states stage to stage;
-        ``"star"`` makes the client relay every hop (the Petals-style baseline). ``client_threads`` caps torch's threads for the client's own
+        ``"star"`` makes the client relay every hop (the Petals-style baseline). ``compression``
+        names a blosc2 codec (e.g. ``"zstd-1+shuffle"``) for hidden-state frames of 64 KiB or
+        more on every link; ``None`` sends raw bytes (right on fast links). ``client_threads`` caps torch's threads for the client's own
         work (embeddings, norm, LM head): "auto" uses 1 thread when workers share this machine,
         where OpenMP threads competing with the workers' made a batch-8 LM head 50x slower. ``cluster=None`` starts an embedded LocalCluster
         that this model owns and closes in :meth:`close`. Each worker reads only its own span
@@ -80,7 +82,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 workers, spans = plan.workers, plan.layer_spans
             placement = place(workers or cluster.worker_addresses(), config.num_hidden_layers, spans)
             chain = RemoteChain.create(cluster.client, placement, worker_path, timeout_s=call_timeout_s, relay=relay,
-                                       **stage_kwargs)
+                                       compression=compression, **stage_kwargs)
         except BaseException:
             if owns:
                 cluster.close()
@@ -112,7 +114,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         placement = place(plan.workers, self.config.num_hidden_layers, plan.layer_spans)
         if placement != self.placement:
             self.chain = RemoteChain.create(self.cluster.client, placement, self._worker_path,
-                                            timeout_s=self.chain.timeout_s, relay=self.chain.relay, **self._stage_kwargs)
+                                            timeout_s=self.chain.timeout_s, relay=self.chain.relay,
+                                            compression=None if self.chain.codec.is_raw else str(self.chain.codec),
+                                            **self._stage_kwargs)
         self.plan, self.profile = plan, profile
         return plan
 

@@ -43,3 +43,20 @@ def test_an_error_in_the_middle_of_the_chain_reaches_the_client_typed(models):
         model.chain.actors[1].close_session(s.session_id).result(timeout=30)  # the middle stage forgets it
         with pytest.raises(UnknownSessionError, match=r"layers \[1, 4\)"):
             model(ids[:, :1], cache=s)
+
+
+@pytest.mark.parametrize("relay", ["chain", "star"])
+def test_compressed_links_are_lossless(cluster, checkpoints, reference, relay):
+    model = bb.DistributedModelForCausalLM.from_pretrained(checkpoints["llama"], cluster=cluster, spans=[(0, 2), (2, 5)],
+                                                           relay=relay, compression="zstd-1+shuffle")
+    model.chain.min_compress_bytes = 0  # compress even decode-sized frames, to exercise every link
+    for a in model.chain.actors:
+        a.set_compression("zstd-1+shuffle", 0).result(timeout=30)
+    ids, mask = padded_batch([30, 12], seed=4)
+    want = reference["llama"].generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with model.inference_session(max_length=64) as s:
+        got = model.generate(ids, attention_mask=mask, session=s, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        prefill = s.traces[0]
+    model.close()
+    assert torch.equal(got, want)
+    assert prefill.bytes_received < prefill.hidden_bytes  # the last stage's output arrived compressed
