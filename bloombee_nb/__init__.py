@@ -21,7 +21,20 @@ _LAZY = {
     "errors": "bloombee_nb.errors",
 }
 
-__all__ = [*_LAZY, "__version__"]
+__all__ = [*_LAZY, "__version__", "load_ipython_extension", "unload_ipython_extension"]
+
+
+def load_ipython_extension(ipython):
+    """``%load_ext bloombee_nb``: the ``%bloombee`` magics (see :mod:`bloombee_nb.notebook`)."""
+    from .notebook import load_ipython_extension as load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython):
+    from .notebook import unload_ipython_extension as unload
+
+    unload(ipython)
 
 
 def __getattr__(name):

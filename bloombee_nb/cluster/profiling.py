@@ -32,6 +32,8 @@ PROBE_MAX_BYTES = 16 << 20  # … or reaches this size
 
 
 def _timed(fn, repeats: int) -> float:
+    """Median of ``repeats`` timed calls after one untimed warm-up call (lazy init, caches)."""
+    fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -40,7 +42,7 @@ def _timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure_worker(path: str, num_threads: int = 1, repeats: int = 3) -> dict:
+def measure_worker(path: str, num_threads: int = 1, repeats: int = 7) -> dict:
     """Runs *on a worker* (a plain Dask task): layer-0 times, memory budgets, slow-tier read speed."""
     from ..model.span import SpanRunner
 
@@ -112,11 +114,11 @@ class ProbeActor:
         delay_reply()
         return frame
 
-    def probe(self, peer, repeats: int = 5) -> tuple[float, float]:
+    def probe(self, peer, repeats: int = 7) -> tuple[float, float]:
         return measure_link(lambda frame: peer.sink(frame).result(timeout=60), repeats)
 
 
-def measure_link(send: Callable[[bytes], object], repeats: int = 5) -> tuple[float, float]:
+def measure_link(send: Callable[[bytes], object], repeats: int = 7) -> tuple[float, float]:
     """(rtt_s, bandwidth_bytes_per_s) of ``send``: small frames for RTT, growing frames for bandwidth."""
     small = transport.encode(torch.zeros(PROBE_SMALL, dtype=torch.uint8))
     rtt = _timed(lambda: send(small), repeats)

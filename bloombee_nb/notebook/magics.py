@@ -1,0 +1,266 @@
+"""``%bloombee`` and ``%%bloombee generate``: parse the arguments, call the library, show the result.
+
+Defaults come from ``%config`` traits (``%config BloombeeMagics`` lists them), e.g.::
+
+    %config BloombeeMagics.workers = 2
+    %config BloombeeMagics.display = 'static'     # force the Colab-style fallback
+
+Library errors arrive typed (:class:`~bloombee_nb.errors.BloombeeError`) and become a short
+``UsageError`` here — the only place that happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from traitlets import CaselessStrEnum, Float, Integer, Unicode
+
+from ..errors import BloombeeError
+from .frontend import MODES, display_mode, show, why_static
+from .state import session
+
+
+class _Exit(Exception):
+    """argparse finished on purpose (``-h``): stop without running anything."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{message}\n{self.format_usage().strip()}  (%bloombee help)")
+
+    def exit(self, status=0, message=None):
+        if message:
+            print(message)
+        raise _Exit
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _fraction(lo: float, hi: float | None):
+    """A float ≥ lo (and ≤ hi)."""
+    def parse(text: str) -> float:
+        value = float(text)
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi if hi is not None else '∞'}], got {value}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def _identifier(name: str) -> str:
+    if not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"needs a Python variable name, got {name!r}")
+    return name
+
+
+def _codec(label: str) -> str:
+    from ..transport import Codec
+
+    try:
+        return str(Codec.parse(label))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> _Parser:
+    p = _Parser(prog="%bloombee", add_help=False,
+                description="Decentralized LLM inference over Dask, from the notebook.")
+    sub = p.add_subparsers(dest="command", metavar="SUBCOMMAND")
+
+    c = sub.add_parser("connect", help="start an embedded cluster or join a Dask scheduler; place the model")
+    c.add_argument("target", nargs="?", default="local", help="'local' (embedded LocalCluster) or tcp://host:port")
+    c.add_argument("--workers", type=_positive_int,
+                   help="workers of the local cluster (%%config BloombeeMagics.workers)")
+    c.add_argument("--model",
+                   help="checkpoint folder or Hub id (%%config BloombeeMagics.model; default: shipped tiny model)")
+    c.add_argument("--no-model", action="store_true", help="connect only; place no model")
+    c.add_argument("--relay", choices=["chain", "star"], default="chain",
+                   help="'chain': stages forward to each other; 'star': the client relays every hop")
+    c.add_argument("--through-scheduler", action="store_true",
+                   help="reach workers through the scheduler (client behind NAT; automatic in Colab)")
+    c.add_argument("--compression", type=_codec, metavar="CODEC",
+                   help="blosc2 codec for hidden-state frames, e.g. zstd-1+shuffle (default: raw)")
+
+    sub.add_parser("status", help="workers, their memory, the spans they host, the Dask dashboard link")
+    sub.add_parser("disconnect", help="free the spans and close (or stop) the cluster")
+
+    pr = sub.add_parser("profile", help="measure every worker and link (progress bar) for the planner")
+    pr.add_argument("--out", metavar="NAME", type=_identifier, help="also store the ClusterProfile in this variable")
+
+    pl = sub.add_parser("plan", help="the plan widget: edit the profile, re-solve live, apply")
+    pl.add_argument("--objective", choices=["latency", "throughput"], help="(%%config BloombeeMagics.objective)")
+    pl.add_argument("--batch", type=_positive_int, default=1, help="sequences decoded together")
+    pl.add_argument("--prompt-len", type=_positive_int, default=128, help="tokens per prompt")
+    pl.add_argument("--new-tokens", type=_positive_int, default=128, help="tokens generated per sequence")
+    pl.add_argument("--planner", choices=["runtime", "full"], default="runtime",
+                    help="'runtime': what the runtime executes today; 'full': the unrestricted DP (view only)")
+    pl.add_argument("--out", metavar="NAME", type=_identifier,
+                    help="also store the widget (or, static, the Plan) in this variable")
+
+    lk = sub.add_parser("links", help="the link map of the measured profile, chain of the current plan highlighted")
+    lk.add_argument("--view", choices=["graph", "heatmap"], default="graph", help="nodes and edges, or matrices")
+
+    g = sub.add_parser("generate",
+                       help="(cell magic) %%%%bloombee generate: the cell body is the prompt; tokens stream")
+    g.add_argument("--max-new-tokens", type=_positive_int, help="(%%config BloombeeMagics.max_new_tokens)")
+    g.add_argument("--temperature", type=_fraction(0, None), help="0 = greedy (%%config BloombeeMagics.temperature)")
+    g.add_argument("--top-k", type=_positive_int, default=50, help="sample among the k likeliest tokens")
+    g.add_argument("--top-p", type=_fraction(0, 1), default=1.0, help="sample within this probability mass")
+    g.add_argument("--seed", type=int, help="seed torch's generator for reproducible sampling")
+    g.add_argument("--speculative", action="store_true", help="speculative decoding (not enabled yet)")
+    g.add_argument("--out", metavar="NAME", type=_identifier, help="also store the GenerationResult in this variable")
+
+    sub.add_parser("help", help="this help")
+    return p
+
+
+def help_text() -> str:
+    """Every subcommand with its options (what ``%bloombee help`` prints and ``%bloombee?`` shows)."""
+    p = build_parser()
+    subs = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    parts = [f"{p.description}\n\nUsage: %bloombee SUBCOMMAND [options]   |   %%bloombee generate [options] + prompt\n"]
+    for name, sp in subs.choices.items():
+        if name == "help":
+            continue
+        summary = next(a.help for a in subs._choices_actions if a.dest == name)
+        usage = (sp.format_usage().strip().removeprefix("usage: ").replace(" [-h]", "")
+                 .replace("%bloombee generate", "%%bloombee generate"))
+        opts = [f"    {', '.join(a.option_strings) or a.dest:<18} {(a.help or '') % {}}"
+                for a in sp._actions if a.help and not isinstance(a, argparse._HelpAction)]
+        parts.append(f"{name}: {summary % {}}\n  {usage}\n" + "\n".join(opts))
+    parts.append("help: this text (also %bloombee?)\n\n%config BloombeeMagics: workers, model, objective, "
+                 "max_new_tokens, temperature, display (auto | widgets | static).")
+    return "\n\n".join(parts)
+
+
+@magics_class
+class BloombeeMagics(Magics):
+    """The ``%bloombee`` magics; registered by ``%load_ext bloombee_nb``."""
+
+    workers = Integer(3, min=1, help="workers of `%bloombee connect local`").tag(config=True)
+    model = Unicode("", help="checkpoint `%bloombee connect` places (empty: the shipped tiny model)").tag(config=True)
+    objective = CaselessStrEnum(["latency", "throughput"], "latency",
+                                help="objective of `%bloombee plan`").tag(config=True)
+    max_new_tokens = Integer(64, min=1, help="tokens `%%bloombee generate` produces").tag(config=True)
+    temperature = Float(0.0, help="sampling temperature of `%%bloombee generate` (0 = greedy)").tag(config=True)
+    display = CaselessStrEnum(list(MODES), "auto",
+                              help="'widgets', 'static' (Colab-style) or 'auto' (detect)").tag(config=True)
+
+    @line_cell_magic
+    def bloombee(self, line: str, cell: str | None = None):
+        try:
+            args = build_parser().parse_args(shlex.split(line))
+        except ValueError as exc:  # shlex: unbalanced quotes
+            raise UsageError(f"cannot parse {line!r}: {exc}") from None
+        except _Exit:
+            return None
+        command = args.command or "help"
+        if cell is not None and command != "generate":
+            raise UsageError(f"only `%%bloombee generate` takes a cell body, not `{command}`")
+        try:
+            return getattr(self, "_" + command)(args, cell)
+        except BloombeeError as exc:
+            raise UsageError(str(exc)) from None
+
+    bloombee.__doc__ = help_text()
+
+    @property
+    def live(self) -> bool:
+        return display_mode(self.display) == "widgets"
+
+    def _store(self, name: str | None, value) -> None:
+        if name:
+            self.shell.user_ns[name] = value
+
+    # ---- subcommands ------------------------------------------------------------------------
+    def _help(self, args, cell):
+        print(help_text())
+
+    def _connect(self, args, cell):
+        target = args.target
+        if target != "local" and "://" not in target and ":" not in target:
+            raise UsageError(f"connect to 'local' or a scheduler address like tcp://host:8786, got {target!r}")
+        if target != "local" and args.workers is not None:
+            raise UsageError("--workers only applies to `connect local`; a remote cluster has the workers it has")
+        compression = None if args.compression in (None, "raw") else args.compression
+        direct = not (args.through_scheduler or (target != "local" and "google.colab" in sys.modules))
+        session().connect(None if target == "local" else target, n_workers=args.workers or self.workers,
+                          direct_to_workers=direct, model_path=args.model or self.model or None,
+                          load_model=not args.no_model, relay=args.relay, compression=compression)
+        show(session())
+
+    def _status(self, args, cell):
+        show(session())
+
+    def _disconnect(self, args, cell):
+        print("disconnected" if session().disconnect() else "not connected")
+
+    def _profile(self, args, cell):
+        from .figures import link_map
+
+        profile = session().measure(progress=True)
+        show(profile)
+        self._show_figure(link_map(profile, session().plan))
+        self._store(args.out, profile)
+
+    def _plan(self, args, cell):
+        from ..plan import Workload
+
+        s = session()
+        s.require_model()
+        workload = Workload(batch=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                            objective=args.objective or self.objective)
+        profile = s.ensure_profile()
+        if self.live:
+            from .plan_widget import PlanWidget
+
+            s.plan_widget = PlanWidget(profile, workload, model=s.model, planner=args.planner)
+            show(s.plan_widget)
+            self._store(args.out, s.plan_widget)
+        else:
+            from .plan_widget import static_plan
+
+            print(f"(static view: {why_static() or 'display mode is static'})")
+            self._store(args.out, static_plan(profile, workload, args.planner, s.model.chain.relay))
+
+    def _links(self, args, cell):
+        from . import figures
+
+        s = session()
+        s.require_model()
+        build = figures.link_map if args.view == "graph" else figures.link_heatmap
+        self._show_figure(build(s.ensure_profile(), s.plan))
+
+    def _generate(self, args, cell):
+        from .generation import generate_text
+
+        if cell is None:
+            raise UsageError("generate is a cell magic: put `%%bloombee generate` on the first line, the prompt below")
+        if args.speculative:
+            raise UsageError("--speculative is not enabled yet: speculative decoding arrives with its own issue")
+        prompt = cell.strip("\n")
+        if not prompt.strip():
+            raise UsageError("the cell body is the prompt, and it is empty")
+        s = session()
+        result = generate_text(s.require_model(), s.require_tokenizer(), prompt,
+                               max_new_tokens=args.max_new_tokens or self.max_new_tokens,
+                               temperature=self.temperature if args.temperature is None else args.temperature,
+                               top_k=args.top_k, top_p=args.top_p, seed=args.seed, live=self.live)
+        s.last_generation = result
+        self._store(args.out, result)
+
+    def _show_figure(self, fig) -> None:
+        from .figures import live
+        from .frontend import show_figure
+
+        show(live(fig)) if self.live else show_figure(fig)

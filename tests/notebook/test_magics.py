@@ -1,0 +1,155 @@
+"""%bloombee in a real IPython shell: connect, status, profile, plan, generate, disconnect; errors."""
+
+import pytest
+import torch
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bloombee_nb.notebook import session
+from bloombee_nb.notebook.magics import build_parser
+from bloombee_nb.shipped import default_model_path
+
+PROMPT = "def fibonacci(n):"
+
+
+@pytest.fixture(scope="module")
+def ip():
+    """One shell with the extension loaded and one 2-worker embedded cluster for the module."""
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "bloombee_nb")
+    shell.run_line_magic("config", "BloombeeMagics.display = 'static'")
+    shell.run_line_magic("bloombee", "connect local --workers 2")
+    yield shell
+    session().disconnect()
+    shell.run_line_magic("unload_ext", "bloombee_nb")
+
+
+def test_connect_shows_status_with_workers_and_spans(ip, capsys):
+    s = session()
+    assert len(s.cluster.workers()) == 2 and s.model is not None and s.tokenizer is not None
+    ip.run_line_magic("bloombee", "status")
+    out = capsys.readouterr().out
+    assert "2 workers" in out and "tiny-llama" in out and "profile not measured" in out
+    assert "hosts" in s._repr_html_() and "layers 0–" in s._repr_html_()
+
+
+def test_generate_streams_the_same_tokens_as_transformers(ip, capsys):
+    ip.run_cell_magic("bloombee", "generate --max-new-tokens 12 --out result", PROMPT + "\n")
+    printed = capsys.readouterr().out
+    result = ip.user_ns["result"]
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    ref = AutoModelForCausalLM.from_pretrained(default_model_path()).eval()
+    ids = tok(PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        want = ref.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    expected = tok.decode(want[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert result.text == expected and result.new_tokens == 12
+    assert printed.startswith(PROMPT + expected) and "tokens/s" in printed       # streamed, then the summary
+    assert result.trace.steps == 12 and len(result.trace.stage_compute_s) == len(session().model.placement.stages)
+    assert result.trace.relay == "chain" and result.trace.hidden_bytes > 0
+    assert result.trace.bytes_sent > 0 and "bloombee-gen-text" in result._repr_html_()
+    assert session().last_generation is result
+
+
+def test_profile_then_static_plan(ip, capsys):
+    ip.run_line_magic("bloombee", "profile --out prof")
+    assert ip.user_ns["prof"] is session().profile and len(session().profile.workers) == 2
+    ip.run_line_magic("bloombee", "plan --objective throughput --batch 2 --out plan")
+    out = capsys.readouterr().out
+    plan = ip.user_ns["plan"]
+    assert plan.objective == "throughput" and plan.workload.batch == 2
+    assert "static view" in out and "<figure: layers along the chain" in out and "<figure: links" in out
+
+
+def test_plan_widget_when_widgets_are_live(ip):
+    ip.run_line_magic("config", "BloombeeMagics.display = 'widgets'")
+    try:
+        ip.run_line_magic("bloombee", "plan --objective latency")
+        w = session().plan_widget
+        assert w.plan is not None and w.model is session().model
+        assert w.plan.layer_spans[-1][1] == session().model.config.num_hidden_layers
+        ip.run_line_magic("bloombee", "links --view heatmap")   # a FigureWidget, shown
+    finally:
+        ip.run_line_magic("config", "BloombeeMagics.display = 'static'")
+
+
+@pytest.mark.parametrize("line, match", [
+    ("connect local --workers 0", "at least 1"),
+    ("connect local --workers two", "invalid _positive_int value"),
+    ("connect tcp://127.0.0.1:1 --workers 2", "only applies to `connect local`"),
+    ("connect nowhere", "scheduler address"),
+    ("plan --objective fastest", "invalid choice"),
+    ("plan --batch", "expected one argument"),
+    ("frobnicate", "invalid choice"),
+    ("generate", "cell magic"),
+    ("status 'unclosed", "cannot parse"),
+    ("connect local --compression zip-9", "unknown compressor"),
+    ("plan --out 1x", "variable name"),
+    ("generate --temperature -1", "must be in"),
+])
+def test_wrong_arguments_are_usage_errors(ip, line, match):
+    with pytest.raises(UsageError, match=match):
+        ip.run_line_magic("bloombee", line)
+
+
+def test_cell_errors_are_usage_errors(ip):
+    with pytest.raises(UsageError, match="prompt, and it is empty"):
+        ip.run_cell_magic("bloombee", "generate", "\n  \n")
+    with pytest.raises(UsageError, match="not enabled yet"):
+        ip.run_cell_magic("bloombee", "generate --speculative", "hi")
+    with pytest.raises(UsageError, match="only `%%bloombee generate` takes a cell body"):
+        ip.run_cell_magic("bloombee", "status", "x")
+
+
+def test_usage_error_shows_no_traceback(ip, capsys):
+    ip.run_cell("%bloombee plan --batch zero")
+    err = capsys.readouterr().err
+    assert "UsageError" in err and "Traceback" not in err
+
+
+def test_help_lists_every_subcommand(ip, capsys):
+    ip.run_line_magic("bloombee", "help")
+    text = capsys.readouterr().out
+    subs = next(a for a in build_parser()._actions if hasattr(a, "choices") and a.choices).choices
+    for name in subs:
+        assert f"\n{name}: " in "\n" + text
+    assert "--max-new-tokens" in text and "--objective" in text and "%config BloombeeMagics" in text
+    ip.run_cell("%bloombee?")
+    doc = ip.find_line_magic("bloombee").__doc__
+    assert all(f"{name}: " in doc for name in subs)
+    ip.run_line_magic("bloombee", "plan -h")      # argparse's own help: printed, nothing runs
+    assert "--planner" in capsys.readouterr().out
+
+
+def test_config_traits(ip, capsys):
+    ip.run_line_magic("config", "BloombeeMagics.max_new_tokens = 3")
+    try:
+        ip.run_cell_magic("bloombee", "generate --out short", "x = 1")
+        assert ip.user_ns["short"].new_tokens == 3
+    finally:
+        ip.run_line_magic("config", "BloombeeMagics.max_new_tokens = 64")
+    magics = next(c for c in ip.configurables if type(c).__name__ == "BloombeeMagics")
+    ip.run_line_magic("config", "BloombeeMagics.display = 'hologram'")   # IPython logs the error …
+    assert magics.display == "static"                                    # … and keeps the valid value
+    ip.run_line_magic("config", "BloombeeMagics.display = 'static'")
+    ip.run_line_magic("config", "BloombeeMagics")
+    assert "BloombeeMagics.workers" in capsys.readouterr().out
+
+
+def test_reload_extension_keeps_one_set_of_magics(ip, capsys):
+    ip.run_line_magic("reload_ext", "bloombee_nb")
+    assert sum(type(c).__name__ == "BloombeeMagics" for c in ip.configurables) == 1
+    ip.run_line_magic("bloombee", "status")
+    assert "2 workers" in capsys.readouterr().out          # the session survives a reload
+
+
+def test_disconnect_then_commands_say_what_to_do(ip, capsys):
+    ip.run_line_magic("bloombee", "disconnect")
+    assert session().cluster is None and "disconnected" in capsys.readouterr().out
+    with pytest.raises(UsageError, match="not connected: run `%bloombee connect local`"):
+        ip.run_line_magic("bloombee", "plan")
+    with pytest.raises(UsageError, match="not connected"):
+        ip.run_cell_magic("bloombee", "generate", "hi")
+    ip.run_line_magic("bloombee", "status")
+    assert "not connected" in capsys.readouterr().out

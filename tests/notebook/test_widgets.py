@@ -1,0 +1,182 @@
+"""The plan widget, the link map and the generation panel, checked on the widget objects themselves."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import bloombee_nb as bb
+from bloombee_nb.notebook import figures
+from bloombee_nb.notebook.frontend import display_mode, why_static
+from bloombee_nb.notebook.generation import GenerationPanel
+from bloombee_nb.notebook.plan_widget import PlanWidget
+from bloombee_nb.notebook.state import NotebookError
+from bloombee_nb.plan import ClusterProfile, LinkProfile, ModelProfile, WorkerProfile, Workload
+from bloombee_nb.shipped import default_model_path
+
+MIB = 2 ** 20
+
+
+def three_alike() -> ClusterProfile:
+    """Three identical CPU workers (1 ms per layer, 1 GiB), every pair linked at 1 Gbit/s, 1 ms RTT."""
+    model = ModelProfile("toy", n_layers=8, layer_weight_bytes=10 * MIB, kv_bytes_per_token_per_layer=1024,
+                         hidden_bytes_per_token=2048)
+    workers = [WorkerProfile(n, f"tcp://{n}:1", {1: 1e-3}, ram_bytes=2 ** 30, disk_bytes=2 ** 30) for n in "abc"]
+    names = ["client", "a", "b", "c"]
+    links = [ln for i, x in enumerate(names) for y in names[i + 1:] for ln in LinkProfile.both_ways(x, y, 125e6, 1e-3)]
+    return ClusterProfile(model, tuple(workers), tuple(links))
+
+
+def hosted(widget: PlanWidget) -> dict[str, tuple]:
+    """worker -> (base, length) of its bars, read off the assignment FigureWidget."""
+    return {t.name: tuple(zip(t.base, t.x)) for t in widget.figures["assignment"].data if t.x}
+
+
+def test_controls_resolve_and_redraw():
+    w = PlanWidget(three_alike())
+    assert hosted(w) == {"a": ((0, 8),)} and w.plan.workers == ["tcp://a:1"]   # one worker: fewest relayed hops
+    w.workers["b"].speed.value = 4.0                                            # what if b were 4× faster?
+    assert hosted(w) == {"b": ((0, 8),)} and w.profile.worker("b").compute_speed_factor == 4.0
+    assert "client → b → client" in w.status.value
+    assert "client → b → client" in w.figures["assignment"].layout.title.text
+    w.workers["b"].memory_gib.value = 0.05                                      # 50 MiB: room for 5 layers (+ KV)
+    assert len(w.plan.stages) == 2 and hosted(w)["b"][0][1] == 4             # b takes what fits, a the rest
+    assert sum(n for bars in hosted(w).values() for _, n in bars) == 8
+    for src in ("client", "a", "c"):                                            # b behind 100 kbit/s links
+        w.links[(src, "b")].bandwidth_mbit.value = 0.1
+    assert "b" not in hosted(w)
+    heat = w.figures["cost_table"].data[0]
+    assert np.asarray(heat.z, dtype=float).shape == (3, 8)                     # [worker, layers covered]
+
+
+def test_widget_state_is_strict_json():
+    """Front ends reject NaN/∞ in widget messages; impossible DP cells and missing links are None."""
+    w = PlanWidget(three_alike().with_worker("c", include=False))   # c's DP cells are ∞
+    for fig in w.figures.values():
+        json.dumps(fig.to_plotly_json(), allow_nan=False, default=lambda a: np.asarray(a).tolist())
+    z = w.figures["cost_table"].data[0].z
+    assert all(v is None for v in z[2]) and all(v is not None for v in z[0])
+
+
+def test_display_mode_detection(monkeypatch):
+    assert display_mode("static") == "static" and display_mode("widgets") == "widgets"
+    assert display_mode() == "static" and "no Jupyter kernel" in why_static()      # pytest: no kernel
+    monkeypatch.setenv("BLOOMBEE_NB_DISPLAY", "widgets")
+    assert display_mode() == "widgets"
+    monkeypatch.delenv("BLOOMBEE_NB_DISPLAY")
+    monkeypatch.setitem(sys.modules, "google.colab", sys)
+    assert "Colab" in why_static()
+    with pytest.raises(ValueError, match="display mode"):
+        display_mode("hologram")
+
+
+def test_untouched_controls_keep_the_measurement_exactly():
+    p = three_alike().with_link("client", "a", rtt_s=1.23456789e-7)   # below what the RTT box shows
+    w = PlanWidget(p)
+    assert w.edited_profile() == p
+    w.workers["c"].include.value = False
+    assert w.edited_profile() == p.with_worker("c", include=False)
+
+
+def test_infeasible_edit_is_shown_not_raised():
+    w = PlanWidget(three_alike(), model=object())
+    assert not w.apply_button.disabled
+    for c in w.workers.values():
+        c.memory_gib.value = 0.001
+    assert w.plan is None and "infeasible" in w.status.value and "memory" in w.error.lower()
+    assert w.apply_button.disabled and w.figures["stage_times"].layout.title.text.endswith("no plan")
+    with pytest.raises(NotebookError, match="does not fit"):
+        w.apply()
+    w.reset()
+    assert w.plan is not None and w.edited_profile() == three_alike() and not w.apply_button.disabled
+
+
+def test_objective_workload_and_planner():
+    w = PlanWidget(three_alike(), Workload(batch=8), model=object())
+    w.objective.value = "throughput"
+    assert w.plan.objective == "throughput" and w.plan.workload.batch == 8
+    assert "tokens/s" in w.figures["stage_times"].layout.title.text
+    w.batch.value = 32
+    assert w.plan.workload.batch == 32
+    w.planner.value = "full"                  # the unrestricted DP: may micro-batch; apply refuses it
+    assert w.apply_button.disabled and "full DP" in w.apply_button.tooltip
+    assert [t.name for t in w.figures["stage_times"].data] == ["link in", "compute", "offload"]
+    w.planner.value = "runtime"
+    assert w.figures["stage_times"].data[2].name == "offload (not enabled yet)" and not w.apply_button.disabled
+
+
+def test_link_map_highlights_the_chain():
+    p = three_alike()
+    w = PlanWidget(p)
+    fig = w.figures["link_map"]
+    chain = next(t for t in fig.data if t.name == "chain")
+    pos = figures._node_positions(["client", "a", "b", "c"])
+    assert list(zip(chain.x, chain.y)) == [pos["client"], pos["a"], pos["client"]]
+    assert len([t for t in fig.data if t.mode == "lines"]) == 6 + 1            # 6 pairs + the chain
+    assert len(fig.layout.annotations) == 2                                     # arrows client→a, a→client
+    w.workers["a"].include.value = False
+    chain = next(t for t in fig.data if t.name == "chain")
+    assert list(zip(chain.x, chain.y)) == [pos["client"], pos["b"], pos["client"]]
+    marks = np.asarray(w.figures["link_heatmap"].data[0].text)
+    assert marks[0, 2] == "●" and marks[2, 0] == "●" and marks[0, 1] == ""      # client→b, b→client
+    w.link_view.value = "heatmap"
+    assert w._link_boxes[0].layout.display == "none" and w._link_boxes[1].layout.display is None
+
+
+# ---- on a real cluster -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model():
+    """One 2-worker cluster for the module, the shipped model placed on it, and its profile."""
+    from bloombee_nb.cluster.profiling import profile_cluster
+
+    with bb.connect(n_workers=2) as cluster:
+        m = bb.DistributedModelForCausalLM.from_pretrained(default_model_path(), cluster=cluster)
+        m.profile = profile_cluster(cluster, m._worker_path, progress=False)
+        yield m
+        m.close()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(default_model_path())
+
+
+def reference_text(tokenizer, prompt: str, n: int) -> str:
+    ref = AutoModelForCausalLM.from_pretrained(default_model_path()).eval()
+    ids = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = ref.generate(**ids, max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_apply_moves_the_spans(model, tokenizer):
+    w = PlanWidget(model.profile, model=model)
+    first = w.plan.stages[0].worker
+    w.workers[first].include.value = False          # the planner must use the other worker
+    assert first not in [s.worker for s in w.plan.stages]
+    w.apply()
+    assert model.placement.spans == w.plan.layer_spans
+    assert [s.worker for s in model.placement.stages] == w.plan.workers and model.plan is w.plan
+    assert model.profile is w.measured and "applied" in w.status.value
+    out = GenerationPanel(live=False).run(model, tokenizer, "import os", max_new_tokens=6)
+    assert out.text == reference_text(tokenizer, "import os", 6)
+
+
+def test_generation_panel_streams_in_batches(model, tokenizer, capsys):
+    prompt = "def fibonacci(n):"
+    live = GenerationPanel(live=True, interval_s=0.0)      # redraw on every streamed piece
+    result = live.run(model, tokenizer, prompt, max_new_tokens=10)
+    assert result.text == reference_text(tokenizer, prompt, 10) and live.text == result.text
+    assert live.updates >= 3 and result.text.strip().split()[0] in live.text_view.value
+    assert "tokens/s" in live.stats_view.value and "not enabled yet" in live.stats_view.value
+    compute, wall = live.figure.data                        # per stage + the whole step
+    assert len(compute.x) == len(model.placement.stages) + 1 and min(compute.y) > 0 and wall.y[-1] >= compute.y[-1]
+    batched = GenerationPanel(live=True, interval_s=60.0)  # no redraw until the stream ends
+    batched.run(model, tokenizer, prompt, max_new_tokens=10)
+    assert batched.updates == 1 and batched.text == result.text
+    GenerationPanel(live=False).run(model, tokenizer, prompt, max_new_tokens=4)
+    assert capsys.readouterr().out.startswith(prompt + result.text[:3])     # plain streamed text
