@@ -36,7 +36,6 @@ import argparse
 import json
 import math
 import platform
-import statistics
 import sys
 import time
 import zlib
@@ -48,7 +47,7 @@ import torch
 from bloombee_nb import transport
 from bloombee_nb.shipped import default_model_path
 from bloombee_nb.transport import RAW, Codec, CodecStats, choose_codec
-from bloombee_nb.transport.choice import DEFAULT_CANDIDATES
+from bloombee_nb.transport.choice import DEFAULT_CANDIDATES, median_time_s
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAYER = 3
@@ -104,26 +103,12 @@ def cases(h: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------- timing
-def median_s(fn, repeats: int, min_batch_s: float = 2e-3) -> float:
-    t0 = time.perf_counter()
-    fn()
-    one = time.perf_counter() - t0
-    inner = max(1, min(2000, int(min_batch_s / max(one, 1e-7))))
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        samples.append((time.perf_counter() - t0) / inner)
-    return statistics.median(samples)
-
-
 def measure_frame(t: torch.Tensor, codec: Codec, repeats: int, raw_header: int) -> dict:
     frame = transport.encode(t, codec)
     back = transport.decode(frame)
     assert torch.equal(back.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), codec
-    enc = median_s(lambda: transport.encode(t, codec), repeats)
-    dec = median_s(lambda: transport.decode(frame), repeats)
+    enc = median_time_s(lambda: transport.encode(t, codec), repeats)
+    dec = median_time_s(lambda: transport.decode(frame), repeats)
     return dict(codec=str(codec), kind="frame", wire_nbytes=len(frame), comp_nbytes=len(frame) - raw_header,
                 encode_s=enc, decode_s=dec)
 
@@ -155,8 +140,8 @@ class References:
             raw = u8.tobytes()
             c = comp(raw)
             assert dec(c, max_output_size=len(raw)) == raw
-            enc_s = median_s(lambda: comp(u8.tobytes()), repeats)
-            dec_s = median_s(lambda: dec(c, max_output_size=len(raw)), repeats)
+            enc_s = median_time_s(lambda: comp(u8.tobytes()), repeats)
+            dec_s = median_time_s(lambda: dec(c, max_output_size=len(raw)), repeats)
             nbytes = len(c)
         else:
             def compress():
@@ -174,8 +159,8 @@ class References:
 
             parts = compress()
             assert (decompress(parts).reshape(-1) == u8).all()
-            enc_s = median_s(compress, repeats)
-            dec_s = median_s(lambda: decompress(parts), repeats)
+            enc_s = median_time_s(compress, repeats)
+            dec_s = median_time_s(lambda: decompress(parts), repeats)
             nbytes = len(parts[0]) + len(parts[1])
         name = f"zstd-{level} {'hi-split (BloomBee)' if split else 'plain'}"
         return dict(codec=name, kind="reference", wire_nbytes=None, comp_nbytes=nbytes, encode_s=enc_s,

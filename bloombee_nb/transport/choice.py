@@ -113,7 +113,7 @@ def choose_codec(stats: Sequence[CodecStats], bandwidth_Bps: float, margin: floa
     return RAW
 
 
-def _median_time_s(fn, repeats: int, min_batch_s: float = 1e-3) -> float:
+def median_time_s(fn, repeats: int, min_batch_s: float = 1e-3) -> float:
     t0 = time.perf_counter()
     fn()
     one = time.perf_counter() - t0
@@ -143,7 +143,7 @@ def calibrate(sample: torch.Tensor, candidates: Iterable[Codec] = DEFAULT_CANDID
         back = decode(frame, max_bytes=max(len(frame), bits.numel()) + 1, nthreads=nthreads)
         if not torch.equal(back.reshape(-1).view(torch.uint8), bits):
             raise AssertionError(f"{c} did not round-trip bit-exactly; please report this bug")
-        enc = _median_time_s(lambda: encode(sample, c, nthreads=nthreads), repeats)
-        dec = _median_time_s(lambda: decode(frame, max_bytes=bits.numel() + 1, nthreads=nthreads), repeats)
+        enc = median_time_s(lambda: encode(sample, c, nthreads=nthreads), repeats)
+        dec = median_time_s(lambda: decode(frame, max_bytes=bits.numel() + 1, nthreads=nthreads), repeats)
         out.append(CodecStats(c, bits.numel(), len(frame), enc, dec))
     return tuple(out)
