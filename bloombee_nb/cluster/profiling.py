@@ -70,6 +70,7 @@ def measure_worker(path: str, num_threads: int = 1, repeats: int = 7) -> dict:
         prefill[n] = _timed(run, repeats)
     return {"decode_layer_s": decode, "prefill_layer_s": prefill, "layer_weight_bytes": runner.weight_bytes,
             "kv_bytes_per_token_per_layer": runner.kv_bytes_per_token, "hidden_bytes_per_token": d * dtype.itemsize,
+            "hidden_size": d, "dtype": str(dtype).removeprefix("torch."),
             **_memory(), "disk_read_bytes_per_s": _disk_read_speed()}
 
 
@@ -131,6 +132,33 @@ def measure_link(send: Callable[[bytes], object], repeats: int = 7) -> tuple[flo
         n *= 4
 
 
+def measure_step_overhead(client, address: str, path: str, rtt_s: float, hidden_size: int, dtype: str,
+                          num_threads: int = 1, repeats: int = 15) -> float:
+    """Seconds a real stage step costs beyond its compute and its link's RTT.
+
+    A one-layer :class:`StageActor` is placed on the worker and driven with decode-sized steps
+    from the client; what the call takes beyond the stage's own compute and the probed round
+    trip is the runtime's fixed cost per stage (dispatch, frames, thread hand-offs).
+    """
+    from .stage import StageActor
+
+    actor = client.submit(StageActor, path, 0, 1, num_threads=num_threads, actor=True, pure=False,
+                          workers=[address], allow_other_workers=False).result()
+    d, dtype = hidden_size, getattr(torch, dtype)
+    actor.open_session("step-probe", 1, CONTEXT + repeats + 2).result()
+    frame = lambda t: transport.encode(torch.zeros(1, t, d, dtype=dtype))  # noqa: E731
+    pos = lambda a, t: transport.encode(torch.arange(a, a + t)[None])  # noqa: E731
+    ones = lambda t: transport.encode(torch.ones(1, t, dtype=torch.long))  # noqa: E731
+    actor.forward("step-probe", frame(CONTEXT), pos(0, CONTEXT), ones(CONTEXT)).result()
+    extra = []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        _, (compute_s,) = actor.forward("step-probe", frame(1), pos(CONTEXT + i, 1), ones(1)).result()
+        if i:  # the first step warms up
+            extra.append(time.perf_counter() - t0 - compute_s - rtt_s)
+    return max(0.0, statistics.median(extra))
+
+
 def profile_cluster(cluster, path: str, workers: list[str] | None = None, client_name: str = "client",
                     num_threads: int = 1, progress: bool = True) -> ClusterProfile:
     """Measure every worker and every ordered link (client included) with the model at ``path``."""
@@ -162,6 +190,9 @@ def profile_cluster(cluster, path: str, workers: list[str] | None = None, client
                 rtt, bw = probes[a].probe(probes[b]).result(timeout=300)
                 links.append(LinkProfile(names[a], names[b], bw, rtt))
                 bar.update()
+    rtt_in = {ln.dst: ln.rtt_s for ln in links if ln.src == client_name}
+    overhead = {a: measure_step_overhead(client, a, path, rtt_in[names[a]], measured[a]["hidden_size"],
+                                         measured[a]["dtype"], num_threads) for a in addrs}
     bar.close()
     first = measured[addrs[0]]
     from ..model.family import load_config
@@ -174,6 +205,6 @@ def profile_cluster(cluster, path: str, workers: list[str] | None = None, client
     worker_profiles = tuple(
         WorkerProfile(name=names[a], address=a, decode_layer_s=m["decode_layer_s"], prefill_layer_s=m["prefill_layer_s"],
                       accel_bytes=m["accel_bytes"], ram_bytes=m["ram_bytes"], disk_bytes=m["disk_bytes"],
-                      disk_read_bytes_per_s=m["disk_read_bytes_per_s"])
+                      disk_read_bytes_per_s=m["disk_read_bytes_per_s"], step_overhead_s=overhead[a])
         for a, m in measured.items())
     return ClusterProfile(model=model, workers=worker_profiles, links=tuple(links), client=client_name)

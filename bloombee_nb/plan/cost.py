@@ -37,8 +37,9 @@ from .profile import ModelProfile, WorkerProfile, Workload
 # ---- compute -----------------------------------------------------------------------------------
 
 def decode_compute_s(worker: WorkerProfile, n_layers, micro_batch: int):
-    """One decode step of ``micro_batch`` sequences through ``n_layers`` layers (array-friendly in n)."""
-    return n_layers * worker.decode_s(micro_batch)
+    """One decode step of ``micro_batch`` sequences through ``n_layers`` layers (array-friendly in n),
+    plus the stage's fixed per-step cost (``step_overhead_s``)."""
+    return n_layers * worker.decode_s(micro_batch) + worker.step_overhead_s
 
 
 def prefill_compute_s(worker: WorkerProfile, n_layers, prompt_len: int, micro_batch: int = 1):

@@ -163,6 +163,8 @@ class WorkerProfile(_JsonValue):
     disk_read_bytes_per_s: float = 1e9  # disk → compute memory (≈ an NVMe SSD)
     compute_speed_factor: float = 1.0   # what-if knob: measured times are divided by it
     include: bool = True                # False: the planner must not use this worker
+    step_overhead_s: float = 0.0        # fixed cost of one step at this stage beyond compute and link
+                                        # time (dispatch, frames, thread hand-offs), measured
 
     def __post_init__(self):
         owner = f"worker {self.name!r}"
@@ -170,7 +172,8 @@ class WorkerProfile(_JsonValue):
             raise ProfileError(f"{owner}: decode_layer_s is empty; measure at least one batch size")
         object.__setattr__(self, "decode_layer_s", _int_keyed(owner, "decode_layer_s", self.decode_layer_s))
         object.__setattr__(self, "prefill_layer_s", _int_keyed(owner, "prefill_layer_s", self.prefill_layer_s))
-        _non_negative(owner, accel_bytes=self.accel_bytes, ram_bytes=self.ram_bytes, disk_bytes=self.disk_bytes)
+        _non_negative(owner, accel_bytes=self.accel_bytes, ram_bytes=self.ram_bytes, disk_bytes=self.disk_bytes,
+                      step_overhead_s=self.step_overhead_s)
         _positive(owner, ram_read_bytes_per_s=self.ram_read_bytes_per_s,
                   disk_read_bytes_per_s=self.disk_read_bytes_per_s, compute_speed_factor=self.compute_speed_factor)
 

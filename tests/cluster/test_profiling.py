@@ -35,3 +35,8 @@ def test_profile_round_trips_and_can_be_edited(profile, tmp_path):
     slow = again.with_link("client", profile.workers[0].name, bandwidth_bytes_per_s=1e6)
     assert slow.link("client", profile.workers[0].name).bandwidth_bytes_per_s == 1e6
     assert "<table" in profile._repr_html_()
+
+
+def test_step_overhead_is_measured(profile):
+    # a real stage call costs something beyond compute and the probed RTT, but not absurdly much
+    assert all(0 <= w.step_overhead_s < 0.05 for w in profile.workers)
