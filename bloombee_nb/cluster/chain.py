@@ -59,7 +59,7 @@ class RemoteChain:
         self._futures = futures  # an actor lives as long as its future is held
         self.actors = client.gather(futures)
         for a, b, spec in zip(self.actors, self.actors[1:], placement.stages[1:]):
-            a.set_next(b, _unavailable(spec, "no answer").args[0]).result(timeout=timeout_s)
+            a.set_next(b, unavailable_message(spec)).result(timeout=timeout_s)
         # one codec for every link for now; frames under min_compress_bytes stay raw (headers
         # outweigh the gain on decode-sized frames: see benchmarks/results/compression.md)
         self.codec = transport.Codec.parse(compression) if compression else transport.RAW
@@ -163,8 +163,11 @@ async def _awaitable(future):
     return await future
 
 
+def unavailable_message(stage: StageSpec) -> str:
+    return (f"the worker {stage.worker} hosting layers {stage.start}–{stage.end - 1} did not answer. It is gone or "
+            "overloaded: check the cluster (bb.connect(...).workers()) and load the model again so its spans are "
+            "placed on live workers.")
+
+
 def _unavailable(stage: StageSpec, exc: BaseException) -> StageUnavailableError:
-    return StageUnavailableError(
-        f"the worker {stage.worker} hosting layers {stage.start}–{stage.end - 1} did not answer "
-        f"({type(exc).__name__}: {exc}). It is gone or overloaded: check the cluster (bb.connect(...).workers()) "
-        "and load the model again so its spans are placed on live workers.")
+    return StageUnavailableError(f"{unavailable_message(stage)} [{type(exc).__name__}: {exc}]")
