@@ -50,18 +50,23 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                         **stage_kwargs) -> "DistributedModelForCausalLM":
         """Load the client parts here and place the decoder layers on the cluster's workers.
 
-        ``spans`` gives the layer ranges per stage (default: an even split over ``workers``, which
-        default to every worker of the cluster). ``plan="auto"`` instead measures the cluster
-        (:func:`~bloombee_nb.cluster.profiling.profile_cluster`) and places the spans the planner
-        chooses for ``workload`` (default: one sequence, latency); a :class:`~bloombee_nb.plan.Plan`
-        value is applied as given. ``relay="chain"`` forwards hidden states stage to stage;
-        ``"star"`` makes the client relay every hop (the Petals-style baseline). ``compression``
-        names a blosc2 codec (e.g. ``"zstd-1+shuffle"``) for hidden-state frames of 64 KiB or
-        more on every link; ``None`` sends raw bytes (right on fast links). ``client_threads`` caps torch's threads for the client's own
-        work (embeddings, norm, LM head): "auto" uses 1 thread when workers share this machine,
-        where OpenMP threads competing with the workers' made a batch-8 LM head 50x slower. ``cluster=None`` starts an embedded LocalCluster
-        that this model owns and closes in :meth:`close`. Each worker reads only its own span
-        from its own copy of the checkpoint (a local path that exists there, or a Hub id).
+        - ``spans``: the layer ranges per stage (default: an even split over ``workers``, which
+          default to every worker of the cluster).
+        - ``plan="auto"``: measure the cluster (:func:`~bloombee_nb.cluster.profiling.profile_cluster`)
+          and place the spans the planner chooses for ``workload`` (default: one sequence,
+          latency); a :class:`~bloombee_nb.plan.Plan` value is applied as given.
+        - ``relay="chain"`` forwards hidden states stage to stage; ``"star"`` makes the client
+          relay every hop (the Petals-style baseline).
+        - ``compression``: a blosc2 codec label (e.g. ``"zstd-1+shuffle"``) for hidden-state
+          frames of 64 KiB or more on every link; ``None`` sends raw bytes (right on fast links).
+        - ``client_threads`` caps torch's threads for the client's own work (embeddings, norm, LM
+          head): "auto" uses 1 when workers share this machine, where OpenMP threads competing
+          with the workers' made a batch-8 LM head 50x slower.
+        - ``cluster=None`` starts an embedded LocalCluster that this model owns and closes in
+          :meth:`close`.
+
+        Each worker reads only its own span from its own copy of the checkpoint (a local path
+        that exists there, or a Hub id).
         """
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
