@@ -59,7 +59,7 @@ class RemoteChain:
         self._futures = futures  # an actor lives as long as its future is held
         self.actors = client.gather(futures)
         for a, b, spec in zip(self.actors, self.actors[1:], placement.stages[1:]):
-            a.set_next(b, unavailable_message(spec)).result(timeout=timeout_s)
+            a.set_next(b, unavailable_message(spec), self.actors[-1]).result(timeout=timeout_s)
         # one codec for every link for now; frames under min_compress_bytes stay raw (headers
         # outweigh the gain on decode-sized frames: see benchmarks/results/compression.md)
         self.codec = transport.Codec.parse(compression) if compression else transport.RAW
@@ -68,7 +68,7 @@ class RemoteChain:
             for a in self.actors:
                 a.set_compression(str(self.codec), min_compress_bytes).result(timeout=timeout_s)
         self._steps = itertools.count()
-        self._acks: list[asyncio.Future] = []  # chain mode: downstream acceptances not yet checked
+        self._acks: list[asyncio.Future] = []  # chain mode: first-stage acceptances not yet checked
 
     @classmethod
     def create(cls, client: Client, placement: Placement, path: str, timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
@@ -132,8 +132,9 @@ class RemoteChain:
         if ack.done() and ack.exception() is not None:  # a stage refused the step: say which error
             collect.cancel()
             raise ack.exception()
-        out, computes = await collect
-        self._acks.append(ack)  # the acceptance travels back along the chain; checked next step
+        out, computes = await collect  # a failure anywhere in the chain arrives here, typed
+        if not ack.done():
+            self._acks.append(ack)  # the first stage's answer is still on its way; checked next step
         return out, [time.perf_counter() - t0], list(computes), len(frame) + len(pos) + len(mask)
 
     async def _check_acks(self):

@@ -8,8 +8,10 @@ two chains that cross the same workers in opposite orders cannot deadlock.
 Two ways to run a step:
 
 - star (``step=None``): the caller gets this span's output back and relays it itself;
-- chain (``step=<n>``): the output goes straight on to the next stage; the last stage hands it
-  to the client's pending :meth:`collect` call. Hidden states cross each link once.
+- chain (``step=<n>``): the output goes straight on to the next stage (without waiting for it);
+  the last stage hands it to the client's pending :meth:`collect` call. Hidden states cross each
+  link once, and nothing travels back along the chain: a stage that fails reports its typed
+  error to the last stage, which delivers it to ``collect`` instead of an output.
 
 Every tensor is a frame (``bytes``) decoded here; every error raised is a typed
 :mod:`bloombee_nb.errors` exception that reaches the caller with its type, and leaves every
@@ -39,7 +41,8 @@ class StageActor:
         self.runner = SpanRunner(path, start, end, getattr(torch, dtype) if dtype else None,
                                  allow_unverified_architecture=allow_unverified_architecture, **kw)
         self.max_frame_bytes = transport.frame.DEFAULT_MAX_BYTES
-        self.next = None  # the next stage's actor handle in chain mode
+        self.next = self.last = None  # chain mode: the next and the last stage's actor handles
+        self._sending: set[asyncio.Task] = set()  # outputs on their way to the next stage
         self.out_codec, self.min_compress_bytes = transport.RAW, 0  # what this stage sends, and from what size
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="bloombee-stage")
         self._outputs: dict[tuple[str, int], asyncio.Future] = {}  # last stage: outputs awaiting collect()
@@ -47,9 +50,10 @@ class StageActor:
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    def set_next(self, actor, unavailable_message: str) -> None:
-        """Chain mode: where this stage's output goes, and what to say if it cannot get there."""
-        self.next, self._next_unavailable = actor, unavailable_message
+    def set_next(self, actor, unavailable_message: str, last=None) -> None:
+        """Chain mode: where this stage's output goes, what to say if it cannot get there, and the
+        last stage (where failures are reported)."""
+        self.next, self._next_unavailable, self.last = actor, unavailable_message, last
 
     def set_compression(self, codec: str, min_bytes: int) -> None:
         """Compress outgoing frames of at least ``min_bytes`` with ``codec`` (a label such as "zstd-1+shuffle")."""
@@ -80,15 +84,15 @@ class StageActor:
                       step: int | None = None, computes: tuple[float, ...] = ()) -> tuple[bytes | None, tuple[float, ...]]:
         """One step of one session. Star: returns (output frame, compute seconds of each stage so far).
 
-        Chain: sends the output on and returns (None, …) once every later stage has accepted it;
-        an error anywhere downstream comes back here with its type.
+        Chain: returns (None, …) as soon as this stage has computed and sent its output on; an
+        error here or downstream reaches the client through the last stage's ``collect``.
         """
         await _one_way_delay()  # emulated latency of the link into this worker (benchmarks only)
         try:
             out, compute_s = await self._run(self._compute, session_id, hidden, position_ids, attention_mask)
         except BaseException as exc:
-            if step is not None and self.next is None:
-                self._output(session_id, step).set_exception(exc)
+            if step is not None:
+                await self._report(session_id, step, exc)
             raise
         computes = (*computes, compute_s)
         await _one_way_delay()  # … and of the link out of it
@@ -97,12 +101,35 @@ class StageActor:
         if self.next is None:
             self._output(session_id, step).set_result((out, computes))
             return None, computes
+        task = asyncio.ensure_future(self._send_on(session_id, out, position_ids, attention_mask, step, computes))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+        return None, computes
+
+    async def _send_on(self, session_id, out, position_ids, attention_mask, step, computes) -> None:
         try:
-            return await self.next.forward(session_id, out, position_ids, attention_mask, step, computes)
+            await self.next.forward(session_id, out, position_ids, attention_mask, step, computes)
         except BloombeeError:
-            raise
+            pass  # the stage that raised it has reported it to the last stage
         except (OSError, RuntimeError, TimeoutError) as exc:  # the next worker is gone
-            raise StageUnavailableError(f"{self._next_unavailable} [{type(exc).__name__}: {exc}]") from None
+            await self._report(session_id, step, StageUnavailableError(
+                f"{self._next_unavailable} [{type(exc).__name__}: {exc}]"))
+
+    async def _report(self, session_id: str, step: int, exc: BaseException) -> None:
+        """Chain mode: make the client's ``collect`` of ``step`` raise ``exc``."""
+        if self.next is None:
+            await self.fail(session_id, step, exc)
+        elif self.last is not None:
+            try:
+                await self.last.fail(session_id, step, exc)
+            except (OSError, RuntimeError, TimeoutError):
+                pass  # the last stage is gone: the client's collect fails by itself
+
+    async def fail(self, session_id: str, step: int, exc: BaseException) -> None:
+        """Last stage: deliver an upstream failure of ``step`` to the client's ``collect``."""
+        fut = self._output(session_id, step)
+        if not fut.done():
+            fut.set_exception(exc)
 
     def _output(self, session_id: str, step: int) -> asyncio.Future:
         key = (session_id, step)
