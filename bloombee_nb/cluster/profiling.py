@@ -116,7 +116,11 @@ class ProbeActor:
         return frame
 
     def probe(self, peer, repeats: int = 7) -> tuple[float, float]:
-        return measure_link(lambda frame: peer.sink(frame).result(timeout=60), repeats)
+        def send(frame):
+            delay_reply()  # this worker's own emulated latency, out and back (benchmarks only)
+            return peer.sink(frame).result(timeout=60)
+
+        return measure_link(send, repeats)
 
 
 def measure_link(send: Callable[[bytes], object], repeats: int = 7) -> tuple[float, float]:

@@ -1,9 +1,10 @@
 """Added link latency for benchmarks, injected in the send path.
 
 The kernels here have no ``netem`` qdisc, so round-trip time cannot be added to a link the
-usual way. A worker started with ``BLOOMBEE_EMULATED_RTT_MS=<ms>`` sleeps that long before it
-answers any stage or probe call, which adds that RTT to every link that touches it — the same
-for the hidden states as for the profiler's probes. Unset (the default) it costs nothing.
+usual way. A worker started with ``BLOOMBEE_EMULATED_RTT_MS=<ms>`` delays every message into
+and out of it by half that (stages: on arrival and before sending on; probes: the same sum), so
+a link u→v carries (d_u + d_v)/2 one way — the same for the hidden states as for the profiler's
+probes. Unset (the default) it costs nothing.
 """
 
 from __future__ import annotations
