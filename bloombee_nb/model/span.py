@@ -13,8 +13,7 @@ against an empty cache layer and the output is silently wrong.
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,7 +35,6 @@ class _Session:
     reserved_bytes: int
     cache: DynamicCache
     mask: torch.Tensor  # [batch, length] long: 1 = real token, 0 = padding
-    last_used_s: float = field(default_factory=time.monotonic)
 
     @property
     def length(self) -> int:
@@ -105,7 +103,6 @@ class SpanRunner:
             raise UnknownSessionError(
                 f"session {session_id!r} is not open on layers {self.span} (never opened, closed, or lost when "
                 "the worker restarted); open a new inference session") from None
-        s.last_used_s = time.monotonic()
         return s
 
     @property
