@@ -43,6 +43,7 @@ class StepTrace:
     bytes_received: int                 # frame bytes the client received
     relay: str = "star"
     hidden_bytes: int = 0               # uncompressed bytes of the hidden states of one hop
+
     @property
     def wall_s(self) -> float:
         return sum(self.stage_wall_s)
@@ -105,8 +106,7 @@ class RemoteChain:
         """
         pos, mask = transport.encode(position_ids), transport.encode(attention_mask)
         relay = self._relay_chain if self.relay == "chain" and len(self.actors) > 1 else self._relay_star
-        big = hidden.numel() * hidden.element_size() >= self.min_compress_bytes
-        frame = transport.encode(hidden, self.codec if big else 0)
+        frame = transport.encode(hidden, self.codec, min_compress_bytes=self.min_compress_bytes)
         frame, walls, computes, sent = self.client.sync(relay, session_id, frame, pos, mask)
         trace = StepTrace(hidden.shape[1], tuple(walls), tuple(computes), sent, len(frame), self.relay,
                           hidden.numel() * hidden.element_size())

@@ -29,7 +29,7 @@ import torch
 from .. import transport
 from ..errors import BloombeeError, StageUnavailableError
 from ..model.span import SpanRunner
-from ..transport.emulation import emulated_rtt_s
+from ..transport.emulation import delay_one_way
 
 
 class StageActor:
@@ -77,8 +77,7 @@ class StageActor:
         t0 = time.perf_counter()
         out = self.runner.forward(session_id, h, pos, mask)
         compute_s = time.perf_counter() - t0
-        big = out.numel() * out.element_size() >= self.min_compress_bytes
-        return transport.encode(out, self.out_codec if big else 0), compute_s
+        return transport.encode(out, self.out_codec, min_compress_bytes=self.min_compress_bytes), compute_s
 
     async def forward(self, session_id: str, hidden: bytes, position_ids: bytes, attention_mask: bytes,
                       step: int | None = None, computes: tuple[float, ...] = ()) -> tuple[bytes | None, tuple[float, ...]]:
@@ -87,7 +86,7 @@ class StageActor:
         Chain: returns (None, …) as soon as this stage has computed and sent its output on; an
         error here or downstream reaches the client through the last stage's ``collect``.
         """
-        await _one_way_delay()  # emulated latency of the link into this worker (benchmarks only)
+        await delay_one_way()  # emulated latency of the link into this worker (benchmarks only)
         try:
             out, compute_s = await self._run(self._compute, session_id, hidden, position_ids, attention_mask)
         except BaseException as exc:
@@ -95,7 +94,7 @@ class StageActor:
                 await self._report(session_id, step, exc)
             raise
         computes = (*computes, compute_s)
-        await _one_way_delay()  # … and of the link out of it
+        await delay_one_way()  # … and of the link out of it
         if step is None:
             return out, computes
         if self.next is None:
@@ -152,8 +151,3 @@ class StageActor:
 
     async def info(self) -> dict:
         return await self._run(self.runner.info)
-
-
-async def _one_way_delay() -> None:
-    if (rtt := emulated_rtt_s()) > 0:
-        await asyncio.sleep(rtt / 2)

@@ -9,6 +9,7 @@ probes. Unset (the default) it costs nothing.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 
@@ -23,3 +24,9 @@ def delay_reply() -> None:
     """Call just before an actor method returns to a peer."""
     if (s := emulated_rtt_s()) > 0:
         time.sleep(s)
+
+
+async def delay_one_way() -> None:
+    """Half the RTT: await it when a message arrives at this worker and again when one leaves it."""
+    if (s := emulated_rtt_s()) > 0:
+        await asyncio.sleep(s / 2)

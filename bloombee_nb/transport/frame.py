@@ -85,13 +85,14 @@ def _prefix(codec_id: int, t: torch.Tensor, raw_nbytes: int, payload_nbytes: int
 
 
 def encode(tensor: torch.Tensor, codec: Codec | str | int = 0, *, chunk_nbytes: int = DEFAULT_CHUNK_NBYTES,
-           nthreads: int = 1) -> bytes:
+           nthreads: int = 1, min_compress_bytes: int = 0) -> bytes:
     """Tensor -> frame bytes, raw (``codec=0``, the default) or compressed losslessly.
 
     ``codec`` is 0, a :class:`~bloombee_nb.transport.codec.Codec` or its label
     (``"zstd-1+shuffle"``); see ``choice.py`` for picking one per link. ``nthreads`` is blosc2's.
+    Tensors smaller than ``min_compress_bytes`` go raw (headers outweigh the gain on tiny frames).
     """
-    c = as_codec(codec)
+    c = as_codec(0 if tensor.numel() * tensor.element_size() < min_compress_bytes else codec)
     if tensor.dtype not in _DTYPE_CODE:
         raise FrameError(f"dtype {tensor.dtype} cannot be framed; supported: {list(_DTYPE_CODE)}")
     if tensor.dim() > MAX_NDIM:

@@ -93,3 +93,23 @@ def test_repr_html(model, cluster):
     assert "layers" in model._repr_html_() and str(model.name_or_path) in repr(model)
     html = cluster._repr_html_()
     assert "layers 0–1" in html and cluster.address in html
+
+
+def test_stop_strings_on_the_shipped_model(cluster):
+    """Stop handling with real text: transformers' stop_strings need the tokenizer, as in HF."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bloombee_nb.shipped import default_model_path
+
+    path = default_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok("def fibonacci(n):", return_tensors="pt")
+    kw = dict(max_new_tokens=40, do_sample=False, stop_strings=["\n"], tokenizer=tok, pad_token_id=tok.pad_token_id)
+    want = AutoModelForCausalLM.from_pretrained(path).generate(**ids, **kw)
+    model = bb.DistributedModelForCausalLM.from_pretrained(path, cluster=cluster)
+    try:
+        got = model.generate(**ids, **kw)
+    finally:
+        model.close()
+    assert torch.equal(got, want)
+    assert got.shape[1] < ids["input_ids"].shape[1] + 40  # it stopped at the newline, not at the limit
