@@ -21,6 +21,7 @@ from distributed import Client
 
 from .. import transport
 from ..errors import BloombeeError, StageUnavailableError
+from ..transport.emulation import hold
 from .placement import Placement, StageSpec
 from .stage import StageActor
 
@@ -43,10 +44,21 @@ class StepTrace:
     bytes_received: int                 # frame bytes the client received
     relay: str = "star"
     hidden_bytes: int = 0               # uncompressed bytes of the hidden states of one hop
+    hop_wire_bytes: tuple[int, ...] = ()  # hidden-state frame bytes on each hop (chain: N+1, star: 2N)
 
     @property
     def wall_s(self) -> float:
         return sum(self.stage_wall_s)
+
+    @property
+    def wire_bytes(self) -> int:
+        """Hidden-state bytes that crossed links in this step, as sent (compressed or not)."""
+        return sum(self.hop_wire_bytes)
+
+    @property
+    def raw_bytes(self) -> int:
+        """The same hidden states uncompressed: what a raw wire would have carried."""
+        return self.hidden_bytes * len(self.hop_wire_bytes)
 
 
 class RemoteChain:
@@ -61,13 +73,17 @@ class RemoteChain:
         self.actors = client.gather(futures)
         for a, b, spec in zip(self.actors, self.actors[1:], placement.stages[1:]):
             a.set_next(b, unavailable_message(spec), self.actors[-1]).result(timeout=timeout_s)
-        # one codec for every link for now; frames under min_compress_bytes stay raw (headers
-        # outweigh the gain on decode-sized frames: see benchmarks/results/compression.md)
-        self.codec = transport.Codec.parse(compression) if compression else transport.RAW
-        self.min_compress_bytes = min_compress_bytes
-        if compression:
-            for a in self.actors:
-                a.set_compression(str(self.codec), min_compress_bytes).result(timeout=timeout_s)
+        # the codec each sender uses on each of its links: the client's per stage it sends to
+        # (chain: only the first), each stage's for its one outgoing link
+        n = len(self.actors)
+        self.client_policies = [transport.CodecPolicy()] * n
+        self.stage_policies = [transport.CodecPolicy()] * n
+        self.compression = compression  # the setting: None, a codec label, or "auto" (chosen per link)
+        if compression and compression != "auto":
+            # one codec on every link; frames under min_compress_bytes stay raw (headers outweigh
+            # the gain on decode-sized frames: see benchmarks/results/compression.md)
+            fixed = transport.CodecPolicy.fixed(transport.Codec.parse(compression), min_compress_bytes)
+            self.set_policies([fixed] * n, [fixed] * n)
         self._steps = itertools.count()
         self._acks: list[asyncio.Future] = []  # chain mode: first-stage acceptances not yet checked
 
@@ -81,6 +97,41 @@ class RemoteChain:
             for st in placement.stages
         ]
         return cls(client, placement, futures, timeout_s, relay, compression)
+
+    def hops(self) -> list[tuple[int, int]]:
+        """The links hidden states cross, as (sender, receiver) with -1 for the client."""
+        n = len(self.actors)
+        if self.relay == "chain" and n > 1:
+            return [(-1, 0), *((i, i + 1) for i in range(n - 1)), (n - 1, -1)]
+        return [*((-1, i) for i in range(n)), *((i, -1) for i in range(n))]
+
+    def set_policies(self, client_policies: list, stage_policies: list) -> None:
+        """Install who encodes what: the client's policy per destination stage, each stage's own."""
+        self.client_policies, self.stage_policies = list(client_policies), list(stage_policies)
+        futures = [a.set_compression(p.to_dict()) for a, p in zip(self.actors, stage_policies)]
+        for f in futures:
+            f.result(timeout=self.timeout_s)
+
+    def choose_compression(self, bandwidth_Bps: dict[tuple[int, int], float], sample: torch.Tensor) -> None:
+        """Per link, the codec that pays for itself: each sender calibrates every candidate on
+        ``sample`` (a real hidden state) on its own machine, and :meth:`CodecPolicy.choose` picks
+        by frame size for that link's measured bandwidth. ``bandwidth_Bps`` maps each of
+        :meth:`hops` to bytes/s; a hop that is missing stays raw."""
+        frame = transport.encode(sample)
+        stage_stats = [[tuple(transport.CodecStats(transport.Codec.parse(c.pop("codec")), **c) for c in st)
+                        for st in per_size] for per_size in self.broadcast("calibrate_codecs", frame)]
+        client_stats = transport.calibrate_sizes(sample)
+        client_policies, stage_policies = list(self.client_policies), list(self.stage_policies)
+        for (src, dst), bw in bandwidth_Bps.items():
+            if src == -1:
+                client_policies[dst] = transport.CodecPolicy.choose(client_stats, bw)
+            else:
+                stage_policies[src] = transport.CodecPolicy.choose(stage_stats[src], bw)
+        self.set_policies(client_policies, stage_policies)
+
+    def link_codecs(self) -> list[tuple[int, int, transport.CodecPolicy]]:
+        """(sender, receiver, policy) for each hop, -1 being the client: what the link map shows."""
+        return [(s, d, self.client_policies[d] if s == -1 else self.stage_policies[s]) for s, d in self.hops()]
 
     def broadcast(self, method: str, *args) -> list:
         """Call ``method`` on every stage concurrently; the first failure is raised after all answered."""
@@ -105,28 +156,38 @@ class RemoteChain:
         (each hand-off costs ~0.5 ms on a busy 2-core machine).
         """
         pos, mask = transport.encode(position_ids), transport.encode(attention_mask)
-        relay = self._relay_chain if self.relay == "chain" and len(self.actors) > 1 else self._relay_star
-        frame = transport.encode(hidden, self.codec, min_compress_bytes=self.min_compress_bytes)
-        frame, walls, computes, sent = self.client.sync(relay, session_id, frame, pos, mask)
-        trace = StepTrace(hidden.shape[1], tuple(walls), tuple(computes), sent, len(frame), self.relay,
-                          hidden.numel() * hidden.element_size())
-        return transport.decode(frame), trace
+        nbytes = hidden.numel() * hidden.element_size()
+        if self.relay == "chain" and len(self.actors) > 1:
+            frame = transport.encode(hidden, self.client_policies[0].codec_for(nbytes))
+            out, walls, computes, sent, hops = self.client.sync(self._relay_chain, session_id, frame, pos, mask)
+        else:
+            out, walls, computes, sent, hops = self.client.sync(self._relay_star, session_id, hidden, pos, mask)
+        trace = StepTrace(hidden.shape[1], tuple(walls), tuple(c for c, _ in computes), sent, len(out), self.relay,
+                          nbytes, tuple(hops))
+        return transport.decode(out), trace
 
-    async def _relay_star(self, session_id: str, frame: bytes, pos: bytes, mask: bytes):
-        walls, computes, sent = [], [], 0
+    async def _relay_star(self, session_id: str, hidden: torch.Tensor, pos: bytes, mask: bytes):
+        walls, computes, sent, into, back = [], [], 0, [], []
         for i, actor in enumerate(self.actors):
             t0 = time.perf_counter()
+            if i == 0 or self.client_policies[i] != self.stage_policies[i - 1]:  # else relay the bytes as they are
+                hidden = hidden if i == 0 else transport.decode(frame)
+                frame = transport.encode(hidden, self.client_policies[i].codec_for(hidden.numel() * hidden.element_size()))
             sent += len(frame) + len(pos) + len(mask)
-            frame, (compute_s,) = await self._await(i, actor.forward(session_id, frame, pos, mask))
+            into.append(len(frame))
+            await hold(len(frame) + len(pos) + len(mask))  # emulated client link (benchmarks only)
+            frame, ((compute_s, out_bytes),) = await self._await(i, actor.forward(session_id, frame, pos, mask))
             walls.append(time.perf_counter() - t0)
-            computes.append(compute_s)
-        return frame, walls, computes, sent
+            computes.append((compute_s, out_bytes))
+            back.append(len(frame))
+        return frame, walls, computes, sent, into + back
 
     async def _relay_chain(self, session_id: str, frame: bytes, pos: bytes, mask: bytes):
         await self._check_acks()
         step, t0 = next(self._steps), time.perf_counter()
         collect = asyncio.ensure_future(self._await(len(self.actors) - 1, self.actors[-1].collect(
             session_id, step, self.timeout_s)))
+        await hold(len(frame) + len(pos) + len(mask))  # emulated client link (benchmarks only)
         ack = asyncio.ensure_future(self._await(0, self.actors[0].forward(session_id, frame, pos, mask, step)))
         await asyncio.wait({collect, ack}, return_when=asyncio.FIRST_COMPLETED)
         if ack.done() and ack.exception() is not None:  # a stage refused the step: say which error
@@ -135,7 +196,8 @@ class RemoteChain:
         out, computes = await collect  # a failure anywhere in the chain arrives here, typed
         if not ack.done():
             self._acks.append(ack)  # the first stage's answer is still on its way; checked next step
-        return out, [time.perf_counter() - t0], list(computes), len(frame) + len(pos) + len(mask)
+        hops = [len(frame), *(b for _, b in computes)]
+        return out, [time.perf_counter() - t0], list(computes), len(frame) + len(pos) + len(mask), hops
 
     async def _check_acks(self):
         done = [a for a in self._acks if a.done()]

@@ -36,6 +36,10 @@ class Placement:
         return [(s.start, s.end) for s in self.stages]
 
     @property
+    def workers(self) -> list[str]:
+        return [s.worker for s in self.stages]
+
+    @property
     def n_layers(self) -> int:
         return self.stages[-1].end if self.stages else 0
 

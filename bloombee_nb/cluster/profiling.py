@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 
 from .. import transport
-from ..transport.emulation import delay_reply
+from ..transport.emulation import hold_sync
 from ..plan.profile import ClusterProfile, LinkProfile, ModelProfile, WorkerProfile
 
 DECODE_BATCHES = (1, 4, 16)
@@ -107,20 +107,32 @@ class ProbeActor:
 
     def sink(self, frame: bytes) -> int:
         n = transport.frame.read_header(frame).raw_nbytes  # validated like a hidden state
-        delay_reply()
+        hold_sync()  # emulated link latency of the (tiny) reply (benchmarks only)
         return n
 
     def source(self, nbytes: int) -> bytes:
         frame = transport.encode(torch.zeros(nbytes, dtype=torch.uint8))
-        delay_reply()
+        hold_sync(len(frame))
         return frame
 
     def probe(self, peer, repeats: int = 7) -> tuple[float, float]:
         def send(frame):
-            delay_reply()  # this worker's own emulated latency, out and back (benchmarks only)
+            hold_sync(len(frame))  # this worker's emulated link, as a stage sending on would see it
             return peer.sink(frame).result(timeout=60)
 
         return measure_link(send, repeats)
+
+
+def _client_send(call, upload: bool = True):
+    """A client-side probe, held in the send path like the client's hidden states (benchmarks only).
+
+    ``upload=False``: the client sends only a small request and the frame comes back.
+    """
+    def send(frame):
+        hold_sync(len(frame) if upload else 0)
+        return call(frame)
+
+    return send
 
 
 def measure_link(send: Callable[[bytes], object], repeats: int = 7) -> tuple[float, float]:
@@ -157,10 +169,40 @@ def measure_step_overhead(client, address: str, path: str, rtt_s: float, hidden_
     extra = []
     for i in range(repeats + 1):
         t0 = time.perf_counter()
-        _, (compute_s,) = actor.forward("step-probe", frame(1), pos(CONTEXT + i, 1), ones(1)).result()
+        hold_sync()  # the client's emulated link, as in a real step (benchmarks only)
+        _, ((compute_s, _),) = actor.forward("step-probe", frame(1), pos(CONTEXT + i, 1), ones(1)).result()
         if i:  # the first step warms up
             extra.append(time.perf_counter() - t0 - compute_s - rtt_s)
     return max(0.0, statistics.median(extra))
+
+
+def measure_links(client, addrs: list[str], names: dict[str, str], client_name: str = "client",
+                  on_link: Callable[[], object] = lambda: None,
+                  pairs: list[tuple[str, str]] | None = None) -> tuple[LinkProfile, ...]:
+    """Bandwidth and RTT of ordered links by real frames through actor calls, the hidden states' path.
+
+    ``pairs`` (addresses, ``client_name`` for the client) limits it to those links; default:
+    every ordered pair of workers and client.
+    """
+    if pairs is None:
+        nodes = [client_name, *addrs]
+        pairs = [(a, b) for a in nodes for b in nodes if a != b]
+    used = sorted({x for p in pairs for x in p if x != client_name})
+    probes = dict(zip(used, client.gather([client.submit(ProbeActor, actor=True, workers=[a], pure=False)
+                                           for a in used])))
+    names = {**names, client_name: client_name}
+    links = []
+    for src, dst in pairs:
+        if src == client_name:
+            rtt, bw = measure_link(_client_send(lambda f, d=dst: probes[d].sink(f).result(timeout=60)))
+        elif dst == client_name:
+            rtt, bw = measure_link(_client_send(lambda f, s=src: probes[s].source(len(f)).result(timeout=60),
+                                                upload=False))
+        else:
+            rtt, bw = probes[src].probe(probes[dst]).result(timeout=300)
+        links.append(LinkProfile(names[src], names[dst], bw, rtt))
+        on_link()
+    return tuple(links)
 
 
 def profile_cluster(cluster, path: str, workers: list[str] | None = None, client_name: str = "client",
@@ -180,20 +222,7 @@ def profile_cluster(cluster, path: str, workers: list[str] | None = None, client
     for a, fut in futures.items():
         measured[a] = fut.result()
         bar.update()
-    probe_futures = [client.submit(ProbeActor, actor=True, workers=[a], pure=False) for a in addrs]
-    probes = dict(zip(addrs, client.gather(probe_futures)))
-    links = []
-    for a in addrs:
-        rtt, bw = measure_link(lambda f, a=a: probes[a].sink(f).result(timeout=60))
-        links.append(LinkProfile(client_name, names[a], bw, rtt))
-        rtt, bw = measure_link(lambda f, a=a: probes[a].source(len(f)).result(timeout=60))
-        links.append(LinkProfile(names[a], client_name, bw, rtt))
-        bar.update(2)
-        for b in addrs:
-            if a != b:
-                rtt, bw = probes[a].probe(probes[b]).result(timeout=300)
-                links.append(LinkProfile(names[a], names[b], bw, rtt))
-                bar.update()
+    links = measure_links(client, addrs, names, client_name, bar.update)
     rtt_in = {ln.dst: ln.rtt_s for ln in links if ln.src == client_name}
     overhead = {a: measure_step_overhead(client, a, path, rtt_in[names[a]], measured[a]["hidden_size"],
                                          measured[a]["dtype"], num_threads) for a in addrs}

@@ -29,7 +29,7 @@ import torch
 from .. import transport
 from ..errors import BloombeeError, StageUnavailableError
 from ..model.span import SpanRunner
-from ..transport.emulation import delay_one_way
+from ..transport.emulation import hold
 
 
 class StageActor:
@@ -43,7 +43,7 @@ class StageActor:
         self.max_frame_bytes = transport.frame.DEFAULT_MAX_BYTES
         self.next = self.last = None  # chain mode: the next and the last stage's actor handles
         self._sending: set[asyncio.Task] = set()  # outputs on their way to the next stage
-        self.out_codec, self.min_compress_bytes = transport.RAW, 0  # what this stage sends, and from what size
+        self.out_policy = transport.CodecPolicy()  # which codec this stage's outgoing frames use, by size
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="bloombee-stage")
         self._outputs: dict[tuple[str, int], asyncio.Future] = {}  # last stage: outputs awaiting collect()
 
@@ -55,9 +55,18 @@ class StageActor:
         last stage (where failures are reported)."""
         self.next, self._next_unavailable, self.last = actor, unavailable_message, last
 
-    def set_compression(self, codec: str, min_bytes: int) -> None:
-        """Compress outgoing frames of at least ``min_bytes`` with ``codec`` (a label such as "zstd-1+shuffle")."""
-        self.out_codec, self.min_compress_bytes = transport.Codec.parse(codec), min_bytes
+    def set_compression(self, policy: dict) -> None:
+        """How to encode outgoing frames: a :class:`~bloombee_nb.transport.CodecPolicy` as a dict."""
+        self.out_policy = transport.CodecPolicy.from_dict(policy)
+
+    async def calibrate_codecs(self, sample: bytes) -> list[list[dict]]:
+        """Encode/decode cost and ratio of each candidate codec on this machine, for growing row
+        counts of ``sample`` (a real hidden state): what the client chooses this stage's codec from."""
+        def run():
+            stats = transport.calibrate_sizes(transport.decode(sample, self.max_frame_bytes))
+            return [[dict(codec=str(c.codec), raw_nbytes=c.raw_nbytes, wire_nbytes=c.wire_nbytes,
+                          encode_s=c.encode_s, decode_s=c.decode_s) for c in st] for st in stats]
+        return await self._run(run)
 
     async def open_session(self, session_id: str, batch: int, max_length: int) -> None:
         await self._run(self.runner.open, session_id, batch, max_length)
@@ -77,27 +86,28 @@ class StageActor:
         t0 = time.perf_counter()
         out = self.runner.forward(session_id, h, pos, mask)
         compute_s = time.perf_counter() - t0
-        return transport.encode(out, self.out_codec, min_compress_bytes=self.min_compress_bytes), compute_s
+        return transport.encode(out, self.out_policy.codec_for(out.numel() * out.element_size())), compute_s
 
     async def forward(self, session_id: str, hidden: bytes, position_ids: bytes, attention_mask: bytes,
-                      step: int | None = None, computes: tuple[float, ...] = ()) -> tuple[bytes | None, tuple[float, ...]]:
-        """One step of one session. Star: returns (output frame, compute seconds of each stage so far).
+                      step: int | None = None, computes: tuple = ()) -> tuple[bytes | None, tuple]:
+        """One step of one session. Star: returns (output frame, ((compute seconds, output frame
+        bytes) of each stage so far)).
 
         Chain: returns (None, …) as soon as this stage has computed and sent its output on; an
         error here or downstream reaches the client through the last stage's ``collect``.
         """
-        await delay_one_way()  # emulated latency of the link into this worker (benchmarks only)
         try:
             out, compute_s = await self._run(self._compute, session_id, hidden, position_ids, attention_mask)
         except BaseException as exc:
             if step is not None:
                 await self._report(session_id, step, exc)
             raise
-        computes = (*computes, compute_s)
-        await delay_one_way()  # … and of the link out of it
+        computes = (*computes, (compute_s, len(out)))
         if step is None:
+            await hold(len(out))  # emulated link out of this worker (benchmarks only)
             return out, computes
         if self.next is None:
+            await hold(len(out))
             self._output(session_id, step).set_result((out, computes))
             return None, computes
         task = asyncio.ensure_future(self._send_on(session_id, out, position_ids, attention_mask, step, computes))
@@ -107,6 +117,7 @@ class StageActor:
 
     async def _send_on(self, session_id, out, position_ids, attention_mask, step, computes) -> None:
         try:
+            await hold(len(out) + len(position_ids) + len(attention_mask))
             await self.next.forward(session_id, out, position_ids, attention_mask, step, computes)
         except BloombeeError:
             pass  # the stage that raised it has reported it to the last stage

@@ -18,7 +18,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..cluster import BloombeeCluster, Placement, connect, place
 from ..cluster.chain import DEFAULT_CALL_TIMEOUT_S, RemoteChain
-from ..cluster.profiling import profile_cluster
+from ..cluster.profiling import measure_links, profile_cluster
 from ..model.checkpoint import resolve_checkpoint
 from ..model.family import load_client_parts, load_config
 from ..cluster.planning import runtime_plan
@@ -57,8 +57,11 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
           latency); a :class:`~bloombee_nb.plan.Plan` value is applied as given.
         - ``relay="chain"`` forwards hidden states stage to stage; ``"star"`` makes the client
           relay every hop (the Petals-style baseline).
-        - ``compression``: a blosc2 codec label (e.g. ``"zstd-1+shuffle"``) for hidden-state
-          frames of 64 KiB or more on every link; ``None`` sends raw bytes (right on fast links).
+        - ``compression="auto"`` chooses per link and frame size the codec that pays for itself
+          on that link's measured bandwidth (raw where compressing costs more time than it
+          saves: see :mod:`bloombee_nb.transport.choice`); a blosc2 codec label (e.g.
+          ``"zstd-1+shuffle"``) uses that codec for frames of 64 KiB or more on every link;
+          ``None`` sends raw bytes.
         - ``client_threads`` caps torch's threads for the client's own work (embeddings, norm, LM
           head): "auto" uses 1 when workers share this machine, where OpenMP threads competing
           with the workers' made a batch-8 LM head 50x slower.
@@ -88,6 +91,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             placement = place(workers or cluster.worker_addresses(), config.num_hidden_layers, spans)
             chain = RemoteChain.create(cluster.client, placement, worker_path, timeout_s=call_timeout_s, relay=relay,
                                        compression=compression, **stage_kwargs)
+            if compression == "auto":
+                choose_compression(chain, cluster, embed, profile)
         except BaseException:
             if owns:
                 cluster.close()
@@ -120,8 +125,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         if placement != self.placement:
             self.chain = RemoteChain.create(self.cluster.client, placement, self._worker_path,
                                             timeout_s=self.chain.timeout_s, relay=self.chain.relay,
-                                            compression=None if self.chain.codec.is_raw else str(self.chain.codec),
-                                            **self._stage_kwargs)
+                                            compression=self.chain.compression, **self._stage_kwargs)
+            if self.chain.compression == "auto":
+                choose_compression(self.chain, self.cluster, self.embed_tokens, profile)
         self.plan, self.profile = plan, profile
         return plan
 
@@ -217,3 +223,33 @@ def _generation_config(path: Path, config) -> GenerationConfig:
         return GenerationConfig.from_pretrained(path)
     except OSError:
         return GenerationConfig.from_model_config(config)
+
+
+def choose_compression(chain: RemoteChain, cluster: BloombeeCluster, embed: torch.nn.Module,
+                       profile: ClusterProfile | None = None) -> None:
+    """``compression="auto"``: each link of ``chain`` gets the codec that pays on its bandwidth.
+
+    Bandwidths come from ``profile`` when it has the link, otherwise the chain's own links are
+    measured now (real frames, the hidden states' path). The calibration sample is a real
+    hidden state: the embeddings of 4096 random token ids, which is what the first stage receives.
+    """
+    info = cluster.workers()
+    names = {a: str(info.get(a, {}).get("name", a)) for a in chain.placement.workers}
+    client_name = profile.client if profile is not None else "client"
+    node = lambda i: client_name if i == -1 else chain.placement.stages[i].worker  # noqa: E731
+    label = lambda i: client_name if i == -1 else names[node(i)]  # noqa: E731
+    bw = {}
+    for s, d in chain.hops():
+        link = profile.link(label(s), label(d)) if profile is not None else None
+        if link is not None:
+            bw[(s, d)] = link.bandwidth_bytes_per_s
+    missing = [(node(s), node(d)) for s, d in chain.hops() if (s, d) not in bw]
+    if missing:
+        measured = {(ln.src, ln.dst): ln for ln in measure_links(cluster.client, chain.placement.workers, names,
+                                                                 client_name, pairs=missing)}
+        for s, d in chain.hops():
+            bw.setdefault((s, d), measured[(label(s), label(d))].bandwidth_bytes_per_s)
+    with torch.no_grad():
+        sample = embed(torch.randint(0, embed.num_embeddings, (1, 4096), generator=torch.Generator().manual_seed(0)))
+    chain.choose_compression(bw, sample[0])
+

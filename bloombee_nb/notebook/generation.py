@@ -37,7 +37,8 @@ class TraceSummary:
     stage_wall_s: tuple[float, ...]     # star only: mean round trip per stage (client clock); chain: ()
     bytes_sent: int                     # frame bytes the client sent, all steps
     bytes_received: int                 # frame bytes the client received
-    hidden_bytes: int                   # the same hidden states uncompressed (out and back, all steps)
+    hidden_bytes: int                   # hidden-state bytes over every hop of every step, uncompressed
+    wire_bytes: int = 0                 # the same as they crossed the links (compressed where it paid)
 
     @classmethod
     def of(cls, traces: list[StepTrace]) -> "TraceSummary":
@@ -49,7 +50,7 @@ class TraceSummary:
                    mean([t.stage_compute_s for t in decode]),
                    mean([t.stage_wall_s for t in decode]) if relay == "star" else (),
                    sum(t.bytes_sent for t in traces), sum(t.bytes_received for t in traces),
-                   2 * sum(getattr(t, "hidden_bytes", 0) for t in traces))
+                   sum(t.raw_bytes for t in traces), sum(t.wire_bytes for t in traces))
 
 
 @dataclass(frozen=True)
@@ -82,9 +83,8 @@ def stats_html(new_tokens: int, elapsed_s: float, stage_names, t: TraceSummary, 
                done: bool = True) -> str:
     """Speed, bytes on the wire and compression, a per-stage table, and what is not enabled yet."""
     rate = new_tokens / elapsed_s if elapsed_s > 0 else 0.0
-    wire = t.bytes_sent + t.bytes_received
-    ratio = (f"{t.hidden_bytes / wire:.2f}× ({html.escape(compression)}; frames include positions and mask)"
-             if compression != "off" and wire else "off (connect with --compression CODEC)")
+    ratio = (f"{t.hidden_bytes / t.wire_bytes:.2f}× ({html.escape(compression)})"
+             if compression != "off" and t.wire_bytes else "off (connect with --compression auto|CODEC)")
     computes = t.stage_compute_s or (0.0,) * len(stage_names)
     walls = [f"{w * 1e3:.2f}" for w in t.stage_wall_s] or ["—"] * len(stage_names)   # chain: no per-stage wall
     rows = "".join(f"<tr><td>{i + 1}</td><td>{html.escape(str(n))}</td><td>{c * 1e3:.2f}</td><td>{w}</td></tr>"
@@ -92,8 +92,9 @@ def stats_html(new_tokens: int, elapsed_s: float, stage_names, t: TraceSummary, 
     return (f"<div class='bloombee-gen-stats'><b>{new_tokens} tokens</b> in {elapsed_s:.2f} s · "
             f"<b>{rate:.1f} tokens/s</b>{'' if done else ' (live)'} · prefill {t.prefill_s * 1e3:.1f} ms · "
             f"decode step {t.step_wall_s * 1e3:.2f} ms ({t.relay} relay)<br>"
-            f"on the client's links: {t.bytes_sent / 1024:.1f} KiB sent, {t.bytes_received / 1024:.1f} KiB received · "
-            f"compression ratio: {ratio} · acceptance rate: — (speculative decoding {NOT_YET})"
+            f"hidden states on the wire: {t.wire_bytes / 1024:.1f} KiB over all hops ({t.hidden_bytes / 1024:.1f} KiB "
+            f"uncompressed) · client's links: {t.bytes_sent / 1024:.1f} KiB sent, {t.bytes_received / 1024:.1f} KiB "
+            f"received · compression ratio: {ratio} · acceptance rate: — (speculative decoding {NOT_YET})"
             f"<table><tr><th>stage</th><th>worker</th><th>compute ms/step</th><th>round trip ms/step</th></tr>"
             f"{rows}</table></div>")
 
@@ -129,8 +130,7 @@ class GenerationPanel:
         import torch
 
         ids = tokenizer(prompt, return_tensors="pt")
-        codec = getattr(model.chain, "codec", None)
-        self.compression = "off" if codec is None or codec.is_raw else str(codec)
+        self.compression = model.chain.compression or "off"
         self._start(prompt, [_worker_name(model, st.worker) for st in model.placement.stages])
         sampling = (dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p) if temperature > 0
                     else dict(do_sample=False))

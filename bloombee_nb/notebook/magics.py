@@ -66,6 +66,8 @@ def _identifier(name: str) -> str:
 def _codec(label: str) -> str:
     from ..transport import Codec
 
+    if label.strip().lower() == "auto":
+        return "auto"
     try:
         return str(Codec.parse(label))
     except ValueError as exc:
@@ -89,7 +91,8 @@ def build_parser() -> _Parser:
     c.add_argument("--through-scheduler", action="store_true",
                    help="reach workers through the scheduler (client behind NAT; automatic in Colab)")
     c.add_argument("--compression", type=_codec, metavar="CODEC",
-                   help="blosc2 codec for hidden-state frames, e.g. zstd-1+shuffle (default: raw)")
+                   help="'auto': per link, the blosc2 codec that pays for itself on its measured bandwidth; "
+                        "or one codec for every link, e.g. zstd-1+shuffle (default: raw)")
 
     sub.add_parser("status", help="workers, their memory, the spans they host, the Dask dashboard link")
     sub.add_parser("disconnect", help="free the spans and close (or stop) the cluster")

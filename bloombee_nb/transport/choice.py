@@ -147,3 +147,92 @@ def calibrate(sample: torch.Tensor, candidates: Iterable[Codec] = DEFAULT_CANDID
         dec = median_time_s(lambda: decode(frame, max_bytes=bits.numel() + 1, nthreads=nthreads), repeats)
         out.append(CodecStats(c, bits.numel(), len(frame), enc, dec))
     return tuple(out)
+
+
+@dataclass(frozen=True)
+class CodecPolicy:
+    """Which codec a sender uses on one link, by frame size: ``classes`` are ``(upto_nbytes, codec)``
+    in increasing size, the last one unbounded. A value: shown, sent to a stage, compared in tests."""
+
+    classes: tuple[tuple[float, Codec], ...] = ((math.inf, RAW),)
+    bandwidth_Bps: float = math.inf  # the link it was chosen for (inf: not chosen from a measurement)
+
+    def codec_for(self, nbytes: int) -> Codec:
+        for upto, codec in self.classes:
+            if nbytes <= upto:
+                return codec
+        return self.classes[-1][1]
+
+    @classmethod
+    def fixed(cls, codec: Codec, min_compress_bytes: int = 0) -> "CodecPolicy":
+        """One codec for frames of at least ``min_compress_bytes``, raw below (headers outweigh the gain)."""
+        if codec.is_raw or min_compress_bytes <= 0:
+            return cls(((math.inf, codec),))
+        return cls(((min_compress_bytes - 1, RAW), (math.inf, codec)))
+
+    @classmethod
+    def choose(cls, stats_by_size: Sequence[Sequence[CodecStats]], bandwidth_Bps: float,
+               margin: float = 0.05) -> "CodecPolicy":
+        """Per calibrated sample size, :func:`choose_codec` on this link; the switch between two
+        neighbouring sizes is at their geometric mean. Neighbouring equal choices merge."""
+        ordered = sorted(stats_by_size, key=lambda st: st[0].raw_nbytes)
+        sizes = [st[0].raw_nbytes for st in ordered]
+        chosen = [choose_codec(st, bandwidth_Bps, margin) for st in ordered]
+        bounds = [math.sqrt(a * b) for a, b in zip(sizes, sizes[1:])] + [math.inf]
+        classes: list[tuple[float, Codec]] = []
+        for upto, codec in zip(bounds, chosen):
+            if classes and classes[-1][1] == codec:
+                classes[-1] = (upto, codec)
+            else:
+                classes.append((upto, codec))
+        return cls(tuple(classes), bandwidth_Bps)
+
+    def __str__(self) -> str:
+        if len(self.classes) == 1:
+            return str(self.classes[0][1])
+        parts = []
+        lo = 0.0
+        for upto, codec in self.classes:
+            parts.append(f"{codec} ≥{_fmt_bytes(lo)}" if lo else str(codec))
+            lo = upto
+        return " · ".join(parts)
+
+    def to_dict(self) -> dict:
+        return {"classes": [[None if math.isinf(u) else u, str(c)] for u, c in self.classes],
+                "bandwidth_Bps": None if math.isinf(self.bandwidth_Bps) else self.bandwidth_Bps}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CodecPolicy":
+        classes = tuple((math.inf if u is None else float(u), Codec.parse(c)) for u, c in d["classes"])
+        bw = d.get("bandwidth_Bps")
+        return cls(classes, math.inf if bw is None else float(bw))
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:.0f} TiB"
+
+
+#: Rows of a calibration sample (batch × tokens of hidden states): decode of 1 and 8 sequences,
+#: and prefills of growing length; the bytes are capped by ``CALIBRATION_MAX_BYTES``.
+CALIBRATION_ROWS = (1, 8, 64, 512, 4096)
+CALIBRATION_MAX_BYTES = 16 << 20
+
+
+def calibrate_sizes(sample: torch.Tensor, rows: Sequence[int] = CALIBRATION_ROWS,
+                    candidates: Iterable[Codec] = DEFAULT_CANDIDATES, repeats: int = 5,
+                    nthreads: int = 1) -> tuple[tuple[CodecStats, ...], ...]:
+    """:func:`calibrate` on row prefixes of ``sample`` [rows, D] (repeated to reach large sizes)."""
+    flat = sample.detach().reshape(-1, sample.shape[-1])
+    row_bytes = flat.shape[1] * flat.element_size()
+    out = []
+    for r in rows:
+        r = min(r, max(1, CALIBRATION_MAX_BYTES // row_bytes))
+        reps = -(-r // flat.shape[0])
+        out.append(calibrate(flat.repeat(reps, 1)[:r], candidates, repeats, nthreads))
+        if r * row_bytes >= CALIBRATION_MAX_BYTES:
+            break
+    return tuple(out)

@@ -5,6 +5,7 @@ import torch
 
 import bloombee_nb as bb
 from bloombee_nb.errors import UnknownSessionError
+from bloombee_nb.transport import Codec, CodecPolicy
 from tests.conftest import padded_batch
 
 SPANS = [(0, 1), (1, 4), (4, 5)]
@@ -49,9 +50,8 @@ def test_an_error_in_the_middle_of_the_chain_reaches_the_client_typed(models):
 def test_compressed_links_are_lossless(cluster, checkpoints, reference, relay):
     model = bb.DistributedModelForCausalLM.from_pretrained(checkpoints["llama"], cluster=cluster, spans=[(0, 2), (2, 5)],
                                                            relay=relay, compression="zstd-1+shuffle")
-    model.chain.min_compress_bytes = 0  # compress even decode-sized frames, to exercise every link
-    for a in model.chain.actors:
-        a.set_compression("zstd-1+shuffle", 0).result(timeout=30)
+    every = CodecPolicy.fixed(Codec.parse("zstd-1+shuffle"))  # decode-sized frames too
+    model.chain.set_policies([every] * 2, [every] * 2)
     ids, mask = padded_batch([30, 12], seed=4)
     want = reference["llama"].generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     with model.inference_session(max_length=64) as s:
@@ -60,3 +60,4 @@ def test_compressed_links_are_lossless(cluster, checkpoints, reference, relay):
     model.close()
     assert torch.equal(got, want)
     assert prefill.bytes_received < prefill.hidden_bytes  # the last stage's output arrived compressed
+    assert prefill.wire_bytes < prefill.raw_bytes and len(prefill.hop_wire_bytes) == (3 if relay == "chain" else 4)

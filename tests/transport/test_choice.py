@@ -88,3 +88,34 @@ def test_calibrate_on_a_bf16_activation():
     assert choose_codec(stats, 1e5) == ZSTD  # 100 kB/s: the best ratio wins
     frame = transport.encode(sample, choose_codec(stats, 1e5))
     assert len(frame) == by[ZSTD].wire_nbytes
+
+
+# A 10 KB (decode-sized) frame: fixed per-call costs eat the gain; the same link still compresses 1 MB.
+SMALL = (CodecStats(RAW, 10_000, 10_048, 2e-6, 2e-6), CodecStats(ZSTD, 10_000, 8_060, 60e-6, 40e-6))
+LARGE = (RAW_S, ZSTD_S, LZ4_S)
+
+
+def test_policy_chooses_per_frame_size_for_the_link():
+    link = 20e6  # 20 MB/s: zstd on 1 MB saves 25 ms for 3 ms; on 10 KB saves 0.1 ms for 0.1 ms (margin: raw)
+    policy = transport.CodecPolicy.choose([LARGE, SMALL], link)  # order of sizes does not matter
+    assert policy.codec_for(10_000) == RAW and policy.codec_for(1_000_000) == ZSTD
+    assert policy.codec_for(100_001) == ZSTD and policy.codec_for(100_000) == RAW  # switch at sqrt(1e4 * 1e6)
+    assert policy.codec_for(10 ** 12) == ZSTD and policy.bandwidth_Bps == link
+    fast = transport.CodecPolicy.choose([SMALL, LARGE], 10e9)
+    assert fast.classes == ((math.inf, RAW),) and str(fast) == "raw"
+
+
+def test_policy_round_trips_as_a_dict_and_fixed_keeps_small_frames_raw():
+    policy = transport.CodecPolicy.fixed(ZSTD, 64 << 10)
+    assert policy.codec_for((64 << 10) - 1) == RAW and policy.codec_for(64 << 10) == ZSTD
+    assert transport.CodecPolicy.from_dict(policy.to_dict()) == policy
+    assert "zstd-1+shuffle ≥64 KiB" in str(policy)
+    chosen = transport.CodecPolicy.choose([SMALL, LARGE], 20e6)
+    assert transport.CodecPolicy.from_dict(chosen.to_dict()) == chosen
+
+
+def test_calibrate_sizes_measures_growing_frames_of_a_real_sample():
+    sample = torch.randn(8, 64, dtype=torch.bfloat16)
+    stats = transport.calibrate_sizes(sample, rows=(1, 8, 64), repeats=1)
+    assert [st[0].raw_nbytes for st in stats] == [128, 1024, 8192]  # rows repeated past the sample's 8
+    assert all(s.codec in (RAW, *transport.DEFAULT_CANDIDATES) for st in stats for s in st)
