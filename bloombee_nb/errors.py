@@ -28,6 +28,10 @@ class SessionLengthError(BloombeeError, ValueError):
     """A step would write past the session's reserved ``max_length``."""
 
 
+class TreeError(BloombeeError, ValueError):
+    """A speculative token tree, or the path kept from it, is malformed or does not match the session."""
+
+
 class SessionLimitError(BloombeeError, RuntimeError):
     """A stage cannot reserve memory for another session."""
 

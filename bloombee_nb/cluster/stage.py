@@ -79,6 +79,10 @@ class StageActor:
     async def rollback(self, session_id: str, length: int) -> None:
         await self._run(self.runner.rollback, session_id, length)
 
+    async def keep_path(self, session_id: str, past_len: int, keep: list) -> None:
+        """Speculation: keep only the accepted path of the last tree step (see ``SpanRunner.keep_path``)."""
+        await self._run(self.runner.keep_path, session_id, past_len, keep)
+
     def _compute(self, session_id: str, hidden: bytes, position_ids: bytes, attention_mask: bytes):
         h = transport.decode(hidden, self.max_frame_bytes)
         pos = transport.decode(position_ids, self.max_frame_bytes)
