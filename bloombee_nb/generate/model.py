@@ -131,6 +131,15 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.plan, self.profile = plan, profile
         return plan
 
+    def link_codecs(self, client_name: str | None = None) -> dict[tuple[str, str], str]:
+        """``(sender, receiver) -> codec`` for every link the hidden states cross, by worker name
+        (the client as in the profile, default "client"): what the link map labels."""
+        info = self.cluster.workers()
+        client_name = client_name or (self.profile.client if self.profile is not None else "client")
+        name = lambda i: client_name if i == -1 else str(  # noqa: E731
+            info.get(self.placement.stages[i].worker, {}).get("name", self.placement.stages[i].worker))
+        return {(name(s), name(d)): str(p) for s, d, p in self.chain.link_codecs()}
+
     # ---- sessions and forward ---------------------------------------------------------------
     def inference_session(self, max_length: int) -> InferenceSession:
         """A session that keeps its KV cache on the stages between calls (multi-turn, streaming)."""

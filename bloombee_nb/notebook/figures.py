@@ -12,6 +12,7 @@ Times are drawn in milliseconds, bandwidths in Mbit/s (links are sold in bits).
 
 from __future__ import annotations
 
+import html
 import math
 
 import numpy as np
@@ -128,11 +129,18 @@ def _mbit(bytes_per_s: float) -> float:
     return bytes_per_s * 8 / 1e6
 
 
-def link_map(profile: ClusterProfile, plan: Plan | None = None) -> go.Figure:
+def _codec_note(codecs: dict | None, src: str, dst: str) -> str:
+    label = (codecs or {}).get((src, dst))
+    return f", codec {label}" if label else ""
+
+
+def link_map(profile: ClusterProfile, plan: Plan | None = None, codecs: dict[tuple[str, str], str] | None = None) -> go.Figure:
     """Participants as nodes, links as edges coloured and sized by bandwidth, the chain highlighted.
 
     An edge joins two participants when a link is measured either way; its colour and width show
-    the slower direction. Hover an edge's midpoint for both directions' bandwidth and RTT.
+    the slower direction. Hover an edge's midpoint for both directions' bandwidth and RTT, and
+    (given ``codecs``, ``(src, dst) -> label`` as from ``model.link_codecs()``) the codec the
+    sender chose for that link.
     """
     names = [profile.client, *[w.name for w in profile.workers]]
     pos = _node_positions(names)
@@ -154,7 +162,7 @@ def link_map(profile: ClusterProfile, plan: Plan | None = None) -> go.Figure:
         mid_y.append((y0 + y1) / 2)
         mid_val.append(v)
         mid_text.append("<br>".join(f"{x.src} → {x.dst}: {_mbit(x.bandwidth_bytes_per_s):.4g} Mbit/s, "
-                                    f"RTT {x.rtt_s * 1e3:.3g} ms" for x in lns))
+                                    f"RTT {x.rtt_s * 1e3:.3g} ms{_codec_note(codecs, x.src, x.dst)}" for x in lns))
     fig.add_scatter(x=mid_x, y=mid_y, mode="markers", text=mid_text, hovertemplate="%{text}<extra></extra>",
                     showlegend=False, marker=dict(size=9, color=mid_val, colorscale=BANDWIDTH_SCALE, cmin=lo, cmax=hi,
                                                   showscale=True, colorbar=_log_colorbar(lo, hi)))
@@ -169,6 +177,10 @@ def link_map(profile: ClusterProfile, plan: Plan | None = None) -> go.Figure:
                    ax=pos[a][0], ay=pos[a][1], xref="x", yref="y", axref="x", ayref="y", text="",
                    showarrow=True, arrowhead=3, arrowsize=1.2, arrowcolor=CHAIN_COLOR)
               for a, b in zip(chain, chain[1:]) if a != b]
+    arrows += [dict(x=pos[a][0] * 0.45 + pos[b][0] * 0.55, y=pos[a][1] * 0.45 + pos[b][1] * 0.55, xref="x", yref="y",
+                    text=f"<i>{html.escape(codecs[(a, b)])}</i>", showarrow=False, font=dict(size=9, color=CHAIN_COLOR),
+                    bgcolor="rgba(255,255,255,0.7)")
+               for a, b in zip(chain, chain[1:]) if a != b and (codecs or {}).get((a, b))]
     axis = dict(visible=False, range=[-1.4, 1.4])
     fig.update_layout(**_base_layout(f"links (measured) · chain: {chain_title(profile, plan)}"),
                       xaxis=axis, yaxis=dict(axis, scaleanchor="x"), legend=dict(orientation="h", y=-0.05))
@@ -183,8 +195,10 @@ def _log_colorbar(lo: float, hi: float) -> dict:
     return dict(title="Mbit/s", tickvals=ticks.tolist(), ticktext=[label(10 ** v) for v in ticks])
 
 
-def link_heatmap(profile: ClusterProfile, plan: Plan | None = None) -> go.Figure:
-    """The same links as matrices: bandwidth (colour on a log scale) and RTT; chain hops marked ●."""
+def link_heatmap(profile: ClusterProfile, plan: Plan | None = None,
+                 codecs: dict[tuple[str, str], str] | None = None) -> go.Figure:
+    """The same links as matrices: bandwidth (colour on a log scale) and RTT; chain hops marked ●,
+    with the codec chosen for the link in the hover text when ``codecs`` is given."""
     names = [profile.client, *[w.name for w in profile.workers]]
     hops = set(zip(chain_names(profile, plan), chain_names(profile, plan)[1:]))
     bw = np.full((len(names), len(names)), np.nan)
@@ -194,10 +208,11 @@ def link_heatmap(profile: ClusterProfile, plan: Plan | None = None) -> go.Figure
         bw[i, j], rtt[i, j] = _mbit(ln.bandwidth_bytes_per_s), ln.rtt_s * 1e3
     mark = [["●" if (a, b) in hops else "" for b in names] for a in names]
     fig = make_subplots(1, 2, subplot_titles=("bandwidth (Mbit/s, log colour)", "RTT (ms)"), horizontal_spacing=0.18)
+    codec = [[_codec_note(codecs, a, b) for b in names] for a in names]
     fig.add_heatmap(z=finite_or_none(np.log10(bw)), x=names, y=names, customdata=finite_or_none(bw), text=mark,
-                    texttemplate="%{text}",
+                    texttemplate="%{text}", hovertext=codec,
                     colorscale=BANDWIDTH_SCALE, showscale=False,
-                    hovertemplate="%{y} → %{x}: %{customdata:.4g} Mbit/s<extra></extra>", row=1, col=1)
+                    hovertemplate="%{y} → %{x}: %{customdata:.4g} Mbit/s%{hovertext}<extra></extra>", row=1, col=1)
     fig.add_heatmap(z=finite_or_none(rtt), x=names, y=names, text=mark, texttemplate="%{text}", colorscale="Reds",
                     showscale=False,
                     hovertemplate="%{y} → %{x}: %{z:.3g} ms<extra></extra>", row=1, col=2)

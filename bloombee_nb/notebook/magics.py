@@ -211,9 +211,10 @@ class BloombeeMagics(Magics):
     def _profile(self, args, cell):
         from .figures import link_map
 
-        profile = session().measure(progress=True)
+        s = session()
+        profile = s.measure(progress=True)
         show(profile)
-        self._show_figure(link_map(profile, session().plan))
+        self._show_figure(link_map(profile, s.plan, s.model.link_codecs() if s.model is not None else None))
         self._store(args.out, profile)
 
     def _plan(self, args, cell):
@@ -242,7 +243,7 @@ class BloombeeMagics(Magics):
         s = session()
         s.require_model()
         build = figures.link_map if args.view == "graph" else figures.link_heatmap
-        self._show_figure(build(s.ensure_profile(), s.plan))
+        self._show_figure(build(s.ensure_profile(), s.plan, s.model.link_codecs()))
 
     def _generate(self, args, cell):
         from .generation import generate_text

@@ -221,8 +221,13 @@ class PlanWidget:
         return {"assignment": figures.assignment,
                 "stage_times": lambda p, plan: figures.stage_times(plan, offload),
                 "cost_table": figures.cost_table,
-                "link_map": figures.link_map,
-                "link_heatmap": figures.link_heatmap}
+                "link_map": lambda p, plan: figures.link_map(p, plan, self._codecs()),
+                "link_heatmap": lambda p, plan: figures.link_heatmap(p, plan, self._codecs())}
+
+    def _codecs(self) -> dict | None:
+        """The codec each link of the running chain uses (the link map labels the chain's hops)."""
+        codecs = getattr(self.model, "link_codecs", None)
+        return codecs() if codecs is not None else None
 
     def _redraw(self) -> None:
         for name, build in self._builders().items():

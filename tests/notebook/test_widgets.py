@@ -180,3 +180,19 @@ def test_generation_panel_streams_in_batches(model, tokenizer, capsys):
     assert batched.updates == 1 and batched.text == result.text
     GenerationPanel(live=False).run(model, tokenizer, prompt, max_new_tokens=4)
     assert capsys.readouterr().out.startswith(prompt + result.text[:3])     # plain streamed text
+
+
+def test_link_map_labels_the_codec_chosen_per_link():
+    p = three_alike()
+    plan = PlanWidget(p).plan
+    chain = figures.chain_names(p, plan)
+    codecs = {(a, b): f"codec-{a}-{b}" for a, b in zip(chain, chain[1:])}
+    fig = figures.link_map(p, plan, codecs)
+    labels = [a.text for a in fig.layout.annotations if a.text]
+    assert sorted(labels) == sorted(f"<i>{c}</i>" for c in codecs.values())
+    hover = " ".join(next(t for t in fig.data if t.mode == "markers").text)
+    assert all(f"codec {c}" in hover for c in codecs.values())
+    heat = figures.link_heatmap(p, plan, codecs).data[0]
+    names = ["client", "a", "b", "c"]
+    a, b = chain[0], chain[1]
+    assert heat.hovertext[names.index(a)][names.index(b)] == f", codec {codecs[(a, b)]}"
