@@ -40,11 +40,17 @@ from bloombee_nb.shipped import default_model_path
 RESULTS = Path(__file__).parent / "results"
 BIN = str(Path(sys.executable).with_name("bloombee-nb"))
 
+# ``rtt_ms`` is each worker's send-path hold setting (bloombee_nb/transport/emulation.py): a worker
+# set to r adds r/2 to every message it sends, so its links to the client carry +r/2 ms of RTT and
+# its links to another worker set to r' carry +(r + r')/2 ms.
 INSTANCES = [
-    {"name": "w2 behind a slow link (+10 ms RTT)", "rtt_ms": {"w2": 10}, "layers": {"w0": 3, "w1": 3, "w2": 6}},
-    {"name": "w0 slow link (+6 ms), w1 small", "rtt_ms": {"w0": 6}, "layers": {"w0": 6, "w1": 2, "w2": 4}},
+    {"name": "w2 behind a slow link (+10 ms RTT)", "rtt_ms": {"w2": 20}, "layers": {"w0": 3, "w1": 3, "w2": 6}},
+    {"name": "w0 slow link (+6 ms), w1 small", "rtt_ms": {"w0": 12}, "layers": {"w0": 6, "w1": 2, "w2": 4}},
     {"name": "equal links, 2 layers each", "rtt_ms": {}, "layers": {"w0": 2, "w1": 2, "w2": 2}},
-    {"name": "two slow links (+4, +8 ms), room on w1", "rtt_ms": {"w0": 4, "w2": 8}, "layers": {"w0": 4, "w1": 4, "w2": 4}},
+    {"name": "two slow links (+4, +8 ms), room on w1", "rtt_ms": {"w0": 8, "w2": 16}, "layers": {"w0": 4, "w1": 4, "w2": 4}},
+    # Petals-style greedy: w0 (first to choose) takes layers 0-1, w1 the least-served 2-3, w2 2-5,
+    # so layers 0-1 are only on w0 behind its slow link; the DP gives 0-1 to w1 and 2-5 to w2
+    {"name": "w0 slow link (+10 ms) and first to choose", "rtt_ms": {"w0": 20}, "layers": {"w0": 2, "w1": 2, "w2": 4}},
 ]
 WORKLOADS = {"latency": Workload(batch=1, prompt_len=32, new_tokens=32, objective="latency"),
              "throughput": Workload(batch=8, prompt_len=32, new_tokens=16, objective="throughput")}
@@ -123,7 +129,7 @@ def plans_for(profile, wl):
 
 def main():
     path = default_model_path()
-    results = {"model": Path(path).name, "machine": "2-core CPU, loopback; added RTT by send-path delay",
+    results = {"model": Path(path).name, "machine": "2-core CPU (shared), loopback; added RTT by send-path hold",
                "command": "python benchmarks/bench_plan_applied.py", "instances": []}
     for inst in INSTANCES:
         with tempfile.TemporaryDirectory() as tmp:

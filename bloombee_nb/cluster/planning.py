@@ -16,7 +16,7 @@ OFFLOADS = (0.0,)     # no offloading in the runtime yet
 
 def runtime_plan(profile: ClusterProfile, workload: Workload, relay: str = "chain", **solve_kwargs) -> Plan:
     """The best plan the current runtime can execute, priced the way it executes."""
-    priced = profile.relayed_through_client() if relay == "star" else profile
+    priced = profile.relayed_through_client() if relay == "star" else profile.priced_for_chain()
     solve_kwargs.setdefault("offloads", OFFLOADS)
     solve_kwargs.setdefault("micro_batches", (workload.batch,))
     return solve(priced, workload, **solve_kwargs)

@@ -205,11 +205,47 @@ def measure_links(client, addrs: list[str], names: dict[str, str], client_name: 
     return tuple(links)
 
 
+def measure_chain_overhead(client, addrs: list[str], path: str, one_way_s: float, hidden_size: int, dtype: str,
+                           num_threads: int = 1, repeats: int = 15) -> float | None:
+    """Seconds per stage a real chain step costs beyond its stages' compute and its links' one-way
+    latencies (``one_way_s``: the sum of RTT/2 over client → addrs… → client), measured on a chain
+    of one-layer stages over ``addrs`` in order, driven like a decode step.
+
+    The star-measured ``step_overhead_s`` counts the client's dispatch once per stage; in a chain
+    the client dispatches once and stages call each other from their event loops, so the fixed
+    cost per stage differs and is measured here. ``None`` for fewer than two stages.
+    """
+    from .chain import RemoteChain
+    from .placement import place
+
+    if len(addrs) < 2:
+        return None
+    chain = RemoteChain.create(client, place(addrs, len(addrs), [(i, i + 1) for i in range(len(addrs))]), path,
+                               num_threads=num_threads, relay="chain")
+    try:
+        hidden = lambda t: torch.zeros(1, t, hidden_size, dtype=getattr(torch, dtype))  # noqa: E731
+        chain.broadcast("open_session", "chain-probe", 1, CONTEXT + repeats + 2)
+        chain.forward("chain-probe", hidden(CONTEXT), torch.arange(CONTEXT)[None], torch.ones(1, CONTEXT, dtype=torch.long))
+        extra = []
+        for i in range(repeats + 1):
+            _, trace = chain.forward("chain-probe", hidden(1), torch.tensor([[CONTEXT + i]]),
+                                     torch.ones(1, 1, dtype=torch.long))
+            if i:  # the first step warms up
+                extra.append(trace.wall_s - sum(trace.stage_compute_s) - one_way_s)
+        return max(0.0, statistics.median(extra) / len(addrs))
+    finally:
+        chain.release()
+
+
 def profile_cluster(cluster, path: str, workers: list[str] | None = None, client_name: str = "client",
                     num_threads: int = 1, progress: bool = True) -> ClusterProfile:
     """Measure every worker and every ordered link (client included) with the model at ``path``."""
     from tqdm.auto import tqdm
 
+    from ..model.checkpoint import resolve_checkpoint
+    from ..model.family import load_config
+
+    n_layers = load_config(resolve_checkpoint(path), True).num_hidden_layers
     client = cluster.client
     info = cluster.workers()
     addrs = workers or list(info)
@@ -226,18 +262,21 @@ def profile_cluster(cluster, path: str, workers: list[str] | None = None, client
     rtt_in = {ln.dst: ln.rtt_s for ln in links if ln.src == client_name}
     overhead = {a: measure_step_overhead(client, a, path, rtt_in[names[a]], measured[a]["hidden_size"],
                                          measured[a]["dtype"], num_threads) for a in addrs}
+    rtt = {(ln.src, ln.dst): ln.rtt_s for ln in links}
+    stages = addrs[:n_layers]
+    hops = list(zip([client_name, *(names[a] for a in stages)], [*(names[a] for a in stages), client_name]))
+    chain_overhead = measure_chain_overhead(client, stages, path, sum(rtt[h] / 2 for h in hops),
+                                            measured[addrs[0]]["hidden_size"], measured[addrs[0]]["dtype"], num_threads)
     bar.close()
     first = measured[addrs[0]]
-    from ..model.family import load_config
-    from ..model.checkpoint import resolve_checkpoint
-
-    model = ModelProfile(name=str(path), n_layers=load_config(resolve_checkpoint(path), True).num_hidden_layers,
+    model = ModelProfile(name=str(path), n_layers=n_layers,
                          layer_weight_bytes=first["layer_weight_bytes"],
                          kv_bytes_per_token_per_layer=first["kv_bytes_per_token_per_layer"],
                          hidden_bytes_per_token=first["hidden_bytes_per_token"])
     worker_profiles = tuple(
         WorkerProfile(name=names[a], address=a, decode_layer_s=m["decode_layer_s"], prefill_layer_s=m["prefill_layer_s"],
                       accel_bytes=m["accel_bytes"], ram_bytes=m["ram_bytes"], disk_bytes=m["disk_bytes"],
-                      disk_read_bytes_per_s=m["disk_read_bytes_per_s"], step_overhead_s=overhead[a])
+                      disk_read_bytes_per_s=m["disk_read_bytes_per_s"], step_overhead_s=overhead[a],
+                      chain_step_overhead_s=chain_overhead)
         for a, m in measured.items())
     return ClusterProfile(model=model, workers=worker_profiles, links=tuple(links), client=client_name)

@@ -164,7 +164,10 @@ class WorkerProfile(_JsonValue):
     compute_speed_factor: float = 1.0   # what-if knob: measured times are divided by it
     include: bool = True                # False: the planner must not use this worker
     step_overhead_s: float = 0.0        # fixed cost of one step at this stage beyond compute and link
-                                        # time (dispatch, frames, thread hand-offs), measured
+                                        # time (dispatch, frames, thread hand-offs), measured with the
+                                        # client calling the stage (the star relay's path)
+    chain_step_overhead_s: float | None = None  # the same when stages forward to each other (chain
+                                        # relay), measured on a real chain; None: not measured
 
     def __post_init__(self):
         owner = f"worker {self.name!r}"
@@ -174,6 +177,8 @@ class WorkerProfile(_JsonValue):
         object.__setattr__(self, "prefill_layer_s", _int_keyed(owner, "prefill_layer_s", self.prefill_layer_s))
         _non_negative(owner, accel_bytes=self.accel_bytes, ram_bytes=self.ram_bytes, disk_bytes=self.disk_bytes,
                       step_overhead_s=self.step_overhead_s)
+        if self.chain_step_overhead_s is not None:
+            _non_negative(owner, chain_step_overhead_s=self.chain_step_overhead_s)
         _positive(owner, ram_read_bytes_per_s=self.ram_read_bytes_per_s,
                   disk_read_bytes_per_s=self.disk_read_bytes_per_s, compute_speed_factor=self.compute_speed_factor)
 
@@ -314,6 +319,13 @@ class ClusterProfile(_JsonValue):
             return dataclasses.replace(self, links=(*self.links, new))
         return dataclasses.replace(self, links=tuple(dataclasses.replace(ln, **changes) if ln is old else ln
                                                      for ln in self.links))
+
+    def priced_for_chain(self) -> "ClusterProfile":
+        """A copy whose stages cost what they cost when they forward to each other: each worker's
+        ``step_overhead_s`` replaced by its measured ``chain_step_overhead_s`` (kept where unmeasured)."""
+        return dataclasses.replace(self, workers=tuple(
+            w if w.chain_step_overhead_s is None else dataclasses.replace(w, step_overhead_s=w.chain_step_overhead_s)
+            for w in self.workers))
 
     def relayed_through_client(self) -> "ClusterProfile":
         """A copy where every worker→worker hop goes through the client (the Petals-style star).

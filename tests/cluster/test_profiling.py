@@ -40,3 +40,10 @@ def test_profile_round_trips_and_can_be_edited(profile, tmp_path):
 def test_step_overhead_is_measured(profile):
     # a real stage call costs something beyond compute and the probed RTT, but not absurdly much
     assert all(0 <= w.step_overhead_s < 0.05 for w in profile.workers)
+
+
+def test_chain_overhead_is_measured_on_a_real_chain_and_priced_for_the_chain_relay(profile):
+    assert all(w.chain_step_overhead_s is not None and 0 <= w.chain_step_overhead_s < 0.05 for w in profile.workers)
+    chained = profile.priced_for_chain()
+    assert [w.step_overhead_s for w in chained.workers] == [w.chain_step_overhead_s for w in profile.workers]
+    assert chained.links == profile.links
