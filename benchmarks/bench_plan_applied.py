@@ -118,10 +118,11 @@ def measure_all(cluster, path, plans: dict, wl: Workload, repeats: int = 6) -> d
 
 def plans_for(profile, wl):
     out = {"dp": runtime_plan(profile, wl)}  # the runtime forwards stage to stage
+    priced = profile.priced_for_chain()      # … so the baselines are priced exactly as runtime_plan prices
     for name, fn in (("even", even_split), ("petals", petals_greedy)):
         kw = dict(micro_batches=(wl.batch,)) | (dict(offloads=(0.0,)) if fn is even_split else {})
         try:
-            out[name] = fn(profile, wl, **kw)
+            out[name] = fn(priced, wl, **kw)
         except InfeasiblePlanError as exc:
             out[name] = str(exc)
     return out
