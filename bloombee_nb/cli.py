@@ -1,6 +1,7 @@
 """``bloombee-nb``: join a cluster as a worker, or run one generation.
 
     bloombee-nb worker tcp://host:8786          # serve whatever span the scheduler's clients place here
+    bloombee-nb credentials ./creds             # TLS credentials; then `scheduler --tls ./creds`, `worker … --tls ./creds`
     bloombee-nb generate "def fibonacci(n):"    # embedded local cluster + the shipped model
 """
 
@@ -13,12 +14,45 @@ import sys
 import time
 
 
+def _security(args):
+    from .cluster.security import load_security
+
+    return load_security(args.tls) if getattr(args, "tls", None) else None
+
+
+def _credentials(args) -> int:
+    from .cluster.security import make_credentials
+
+    folder = make_credentials(args.folder, overwrite=args.force)
+    print(f"wrote {folder}/ca.pem, cert.pem, key.pem — copy the folder to every member (scheduler, workers, "
+          "clients) over a channel you trust; whoever holds it can run code on every worker", flush=True)
+    return 0
+
+
+def _scheduler(args) -> int:
+    from distributed import Scheduler
+
+    async def serve():
+        async with Scheduler(host=args.host, port=args.port, security=_security(args),
+                             dashboard_address=args.dashboard_address,
+                             protocol="tls" if args.tls else "tcp") as scheduler:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, lambda: asyncio.ensure_future(scheduler.close()))
+            print(f"bloombee-nb scheduler at {scheduler.address}", flush=True)
+            await scheduler.finished()
+
+    asyncio.run(serve())
+    return 0
+
+
 def _worker(args) -> int:
     from distributed import Worker
 
     async def serve():
         async with Worker(args.scheduler, nthreads=args.nthreads, name=args.name, host=args.host,
-                          memory_limit=args.memory_limit) as worker:
+                          memory_limit=args.memory_limit, security=_security(args),
+                          protocol="tls" if args.tls else None) as worker:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, lambda: asyncio.ensure_future(worker.close()))
@@ -38,7 +72,8 @@ def _generate(args) -> int:
 
     model_path = args.model or default_model_path()
     tok = AutoTokenizer.from_pretrained(model_path)
-    cluster = bb.connect(args.scheduler) if args.scheduler else bb.connect(n_workers=args.workers)
+    cluster = (bb.connect(args.scheduler, security=args.tls) if args.scheduler
+               else bb.connect(n_workers=args.workers))
     with cluster:
         model = bb.DistributedModelForCausalLM.from_pretrained(model_path, cluster=cluster)
         print(f"# {model_path} on {len(model.placement.stages)} stages: "
@@ -68,7 +103,21 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--name", default=None)
     w.add_argument("--host", default=None, help="address to listen on (default: the one facing the scheduler)")
     w.add_argument("--memory-limit", default="auto")
+    w.add_argument("--tls", metavar="FOLDER", default=None,
+                   help="credentials folder (bloombee-nb credentials): mutual TLS, tls:// scheduler address")
     w.set_defaults(run=_worker)
+
+    c = sub.add_parser("credentials", help="write TLS credentials (key + self-signed certificate) for a cluster")
+    c.add_argument("folder")
+    c.add_argument("--force", action="store_true", help="replace existing credentials in the folder")
+    c.set_defaults(run=_credentials)
+
+    s = sub.add_parser("scheduler", help="run a Dask scheduler (with --tls: members must hold the credentials)")
+    s.add_argument("--host", default=None)
+    s.add_argument("--port", type=int, default=8786)
+    s.add_argument("--dashboard-address", default=":8787")
+    s.add_argument("--tls", metavar="FOLDER", default=None, help="credentials folder: mutual TLS")
+    s.set_defaults(run=_scheduler)
 
     g = sub.add_parser("generate", help="generate text on the embedded local cluster (or --scheduler)")
     g.add_argument("prompt")
@@ -80,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--top-k", type=int, default=50)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--tls", metavar="FOLDER", default=None, help="credentials folder for a --scheduler with TLS")
     g.set_defaults(run=_generate)
 
     args = p.parse_args(argv)

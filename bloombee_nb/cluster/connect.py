@@ -105,7 +105,14 @@ def connect(address: str | None = None, *, n_workers: int = DEFAULT_WORKERS, thr
 
     ``direct_to_workers=True`` sends actor calls straight to workers (~0.5 ms per call instead of
     ~0.75 ms through the scheduler); pass ``False`` when the client is behind NAT (e.g. Colab).
+    ``security``: a credentials folder (``bloombee-nb credentials``) or a Dask ``Security``;
+    with it an embedded cluster speaks mutual TLS too.
     """
+    from .security import load_security
+
+    security = load_security(security)
+    if address is None and security is not None:
+        local_kwargs.setdefault("protocol", "tls://")
     if address is None:
         local_kwargs.setdefault("dashboard_address", ":0" if importlib.util.find_spec("bokeh") else None)
         local_kwargs.setdefault("silence_logs", logging.WARNING)
