@@ -1,9 +1,11 @@
-"""Writes the tutorial notebooks from the cell sources below (outputs are never committed).
+"""Writes the tutorial notebooks from the cell sources below (outputs are never committed), and
+the README's table of them.
 
     python tutorials/make_notebooks.py
 
 Keeping the sources here makes diffs readable and guarantees the committed notebooks carry no
-outputs; tests/tutorials runs every notebook top to bottom with a real kernel.
+outputs; tests/tutorials runs every notebook top to bottom with a real kernel and checks that the
+committed notebooks and the README table are what this script writes.
 """
 
 from pathlib import Path
@@ -11,12 +13,19 @@ from pathlib import Path
 import nbformat
 
 HERE = Path(__file__).parent
+README = HERE.parent / "README.md"
 
-COLAB_INSTALL = '''# On Colab (detected, not assumed) install bloombee_nb first; elsewhere it is already installed.
-# SOURCE: the project's repository, e.g. "bloombee_nb[notebook] @ git+https://<host>/<you>/bloombee_nb"
+#: Where the project is published, as GitHub's owner/name. No public repository is known yet: set
+#: this when publishing, then rerun this script. The README's "Open in Colab" links and the
+#: notebooks' Colab install cell point here (https://colab.research.google.com/github/<owner>/<repo>/blob/main/…).
+COLAB_REPO = "bloombee-nb/bloombee_nb"
+COLAB_BRANCH = "main"
+
+COLAB_INSTALL = f'''# On Colab (detected, not assumed) install bloombee_nb first; elsewhere it is already installed.
+# SOURCE: where to install from (the project's repository; set BLOOMBEE_NB_SOURCE to use another)
 import importlib.util, os, subprocess, sys
-SOURCE = os.environ.get("BLOOMBEE_NB_SOURCE", "bloombee_nb[notebook]")
-if "google.colab" in sys.modules and not importlib.util.find_spec("bloombee_nb"):  # Colab imports it at start
+SOURCE = os.environ.get("BLOOMBEE_NB_SOURCE", "bloombee_nb[notebook] @ git+https://github.com/{COLAB_REPO}@{COLAB_BRANCH}")
+if "google.colab" in sys.modules and not importlib.util.find_spec("bloombee_nb"):  # not installed yet
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", SOURCE], check=True)'''
 
 QUICKSTART = [
@@ -120,19 +129,555 @@ model prices compute, links and each stage's fixed step cost, but not every mess
 exchanges (see the README's performance section for the measured gap)."""),
 ]
 
-NOTEBOOKS = {"01_quickstart.ipynb": QUICKSTART, "02_planning.ipynb": PLANNING}
+LINKS = [
+    ("md", """# 03 · Links and compression: fewer bytes, fewer trips
+
+A decentralized model is only as fast as the links between its machines. This notebook shows
+why, what the link map tells you, what lossless compression does to real hidden states and when
+it pays, how each link gets its own codec automatically, and why the hidden states should travel
+stage to stage (a *chain*) rather than back to the client after every stage (a *star*, as Petals
+does). Everything runs on this machine in about a minute; slow links are emulated."""),
+    ("code", COLAB_INSTALL),
+    ("md", """## Why the link dominates
+
+For every generated token, each hop of the chain carries the hidden states of the new
+position(s): `tokens × hidden size × bytes per value`. That is small — 1 KiB per token for the
+shipped model (256 wide, fp32), 16 KiB for a 70B Llama (8192 wide, bf16) — but every hop also
+pays half a round-trip time (RTT) no matter how few bytes it carries. One hop, one way, costs
+about `RTT/2 + bytes / bandwidth`:"""),
+    ("code", """import numpy as np
+import plotly.graph_objects as go
+from bloombee_nb.notebook.frontend import show_figure  # a static plotly figure (also on Colab)
+
+def hop_ms(tokens, hidden, bytes_per_value, mbit_per_s, rtt_ms):
+    \"\"\"One hop, one way: half the round trip plus the bytes at the link's rate.\"\"\"
+    return rtt_ms / 2 + tokens * hidden * bytes_per_value * 8 / (mbit_per_s * 1e6) * 1e3
+
+for name, d, b in (("shipped tiny-llama, fp32", 256, 4), ("70B Llama, bf16", 8192, 2)):
+    print(f"{name:25s} {d * b / 1024:4.0f} KiB per token per hop")
+
+mbits = np.logspace(0, 4, 81)  # 1 Mbit/s … 10 Gbit/s
+fig = go.Figure()
+for label, tokens in (("decode: 1 token", 1), ("prefill: 512-token prompt", 512)):
+    fig.add_scatter(x=mbits, y=[hop_ms(tokens, 8192, 2, m, rtt_ms=50) for m in mbits], name=label)
+fig.add_scatter(x=mbits, y=[25] * len(mbits), name="RTT/2 alone", line=dict(dash="dot", color="gray"))
+fig.update_layout(title="one hop of a 70B model's hidden states on a 50 ms link", width=640, height=360,
+                  xaxis=dict(type="log", title="link bandwidth (Mbit/s)"), yaxis=dict(type="log", title="ms per hop"))
+show_figure(fig)"""),
+    ("md", """Two regimes:
+
+- **Decode** (one token at a time) is *latency-bound*: 16 KiB cross a 100 Mbit/s link in 1.3 ms,
+  but the round trip is paid on every hop of every token. What counts is **how many one-way
+  hops** a token makes — hence chain forwarding (below).
+- **Prefill** (the whole prompt at once) is *bandwidth-bound*: a 512-token prompt is 8 MiB per
+  hop, 0.7 s at 100 Mbit/s. Here **bytes** count — hence compression, on the links slow enough
+  for it to pay, and only there.
+
+## The link map
+
+Start a local cluster of three workers with `--compression auto`, then draw the measured
+links: `%bloombee links` measures every worker and every ordered link (the client included,
+with real frames on the real path) and shows them, coloured by bandwidth."""),
+    ("code", "%load_ext bloombee_nb"),
+    ("code", "%bloombee connect local --workers 3 --compression auto"),
+    ("code", "%bloombee links"),
+    ("md", """Hover an edge's midpoint for both directions' bandwidth and RTT. On one machine every
+link is loopback — gigabytes per second, well under a millisecond — so the codec each sender chose
+for its link (`model.link_codecs()`, by worker name; `client` is this notebook) is raw everywhere:
+compressing would cost more time than it saves."""),
+    ("code", """from bloombee_nb.notebook import session
+
+s = session()
+cluster, model, profile = s.cluster, s.model, s.profile
+for ln in profile.links:
+    print(f"{ln.src:>6} → {ln.dst:<6} {ln.bandwidth_bytes_per_s * 8 / 1e9:6.1f} Gbit/s   RTT {ln.rtt_s * 1e3:.2f} ms")
+model.link_codecs()"""),
+    ("md", """## What lossless compression does to real hidden states
+
+Take what layer 3 of the shipped model hands to the next stage for a real prompt (the source of
+`textwrap` from the standard library), computed by plain `transformers`."""),
+    ("code", """import inspect, textwrap
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from bloombee_nb import transport
+from bloombee_nb.shipped import default_model_path
+
+path = default_model_path()
+tok = AutoTokenizer.from_pretrained(path)
+reference = AutoModelForCausalLM.from_pretrained(path)  # the single-process model, for comparisons
+ids = tok(inspect.getsource(textwrap), return_tensors="pt", truncation=True, max_length=512).input_ids
+with torch.no_grad():
+    hidden = reference(ids, output_hidden_states=True).hidden_states[3][0]  # [512 tokens, 256]
+frame = transport.encode(hidden, "zstd-1+shuffle")  # a frame: header + blosc2-compressed bytes
+assert torch.equal(transport.decode(frame), hidden)  # lossless: bit for bit
+print(f"{hidden.numel() * 4 / 1024:.0f} KiB of fp32 hidden states → {len(frame) / 1024:.0f} KiB compressed")"""),
+    ("md", """The mantissa bytes of hidden states are close to random; what compresses is the high byte
+of each value (sign and exponent), which varies little. It is one byte in four for fp32 and one in
+two for bf16 (fp16's also carries mantissa bits). So ratios are modest: ~1.2× for fp32 and fp16,
+~1.45× for bf16, the dtype large checkpoints ship in.
+
+`transport.calibrate_sizes` measures each candidate codec (and raw) on frames of growing size cut
+from a real sample — ratio, compress and decompress time, every round trip checked bit for bit.
+From those numbers `transport.break_even_bandwidth_Bps` gives the link speed below which a codec
+saves more transfer time than it costs: with `E`, `D` the encode and decode times and `w` the
+bytes on the wire, compressing with `c` pays when
+
+    β  <  β*_c = (w_raw − w_c) / (E_c + D_c − E_raw − D_raw)"""),
+    ("code", """stats = {"fp32": transport.calibrate_sizes(hidden),                      # this model
+         "bf16": transport.calibrate_sizes(hidden.to(torch.bfloat16))}   # as large checkpoints ship
+print(f"{'':5s} {'codec':18s} {'ratio':>6s} {'compress':>10s} {'decompress':>11s}   pays on links below")
+for dtype, per_size in stats.items():
+    prefill = per_size[3]                         # a 512-token frame
+    raw = next(c for c in prefill if c.codec.is_raw)
+    for c in prefill:
+        if not c.codec.is_raw:
+            beta = transport.break_even_bandwidth_Bps(c, raw)
+            print(f"{dtype:5s} {str(c.codec):18s} {c.ratio:5.2f}× {c.encode_Bps / 1e6:6.0f} MB/s {c.decode_Bps / 1e6:7.0f} MB/s"
+                  f"   {beta * 8 / 1e6:6.0f} Mbit/s")"""),
+    ("md", """The same numbers as a picture: how much faster a 512-token frame crosses a link when
+compressed (encode + transfer + decode against raw), by link bandwidth. Above 1 compressing pays;
+each curve crosses 1 at its break-even bandwidth."""),
+    ("code", """fig = go.Figure()
+mbits = np.logspace(0, 4, 81)
+for (dtype, per_size), dash in zip(stats.items(), ("solid", "dash")):
+    prefill = per_size[3]
+    raw = next(c for c in prefill if c.codec.is_raw)
+    for c in prefill:
+        if not c.codec.is_raw:
+            gain = [raw.time_s(m * 1e6 / 8) / c.time_s(m * 1e6 / 8) for m in mbits]
+            fig.add_scatter(x=mbits, y=gain, name=f"{dtype} {c.codec}", line=dict(dash=dash))
+fig.add_hline(y=1, line_dash="dot")
+fig.update_layout(title="compressed vs raw, one 512-token frame", width=640, height=360,
+                  xaxis=dict(type="log", title="link bandwidth (Mbit/s)"), yaxis=dict(title="speed-up (×)"))
+show_figure(fig)"""),
+    ("md", """A sender does not pick one codec for a link, but one per frame size: a one-token decode
+frame is too small to gain (the compressed block's header costs more than it saves) while a
+prefill frame gains. `CodecPolicy.choose` makes that choice for a link's bandwidth:"""),
+    ("code", """for mbit in (10_000, 1_000, 100, 10):
+    print(f"{mbit:>6} Mbit/s   fp32: {transport.CodecPolicy.choose(stats['fp32'], mbit * 1e6 / 8)}")
+    print(f"{'':>13}   bf16: {transport.CodecPolicy.choose(stats['bf16'], mbit * 1e6 / 8)}")"""),
+    ("md", """## Each link chooses its own codec
+
+With `compression="auto"` (which `--compression auto` above passed on to
+`DistributedModelForCausalLM.from_pretrained`), every sender — the client and each stage —
+calibrates the candidates on its own machine and picks, per link, the policy for that link's
+measured bandwidth. To see a slow link switch compression on, edit a copy of the measured profile
+(profiles are plain values): say the notebook sits behind a 10 Mbit/s, 40 ms home link, then let
+the model choose again with `choose_compression`."""),
+    ("code", """from bloombee_nb.generate.model import choose_compression
+
+names = [str(cluster.workers()[st.worker]["name"]) for st in model.placement.stages]  # profiles name workers by str
+slow = (profile.with_link("client", names[0], bandwidth_bytes_per_s=10e6 / 8, rtt_s=0.040)
+               .with_link(names[-1], "client", bandwidth_bytes_per_s=10e6 / 8, rtt_s=0.040))
+choose_compression(model.chain, cluster, model.embed_tokens, slow)
+model.link_codecs()"""),
+    ("md", """Only the client's two links compress (large frames; decode-sized frames stay raw), the
+stage-to-stage links stay raw. The link map with the model's chain drawn on it (an even split of
+the 6 layers, which is how the model was placed) labels each hop with its codec:"""),
+    ("code", """from bloombee_nb.notebook import figures
+from bloombee_nb.plan import Workload, even_split
+
+placed = even_split(slow, Workload(), micro_batches=(1,), offloads=(0.0,))  # describes the placement
+assert placed.layer_spans == [(st.start, st.end) for st in model.placement.stages]
+show_figure(figures.link_map(slow, placed, model.link_codecs()))"""),
+    ("md", """**Bit-exactness survives it.** Generate from a longer prompt — its prefill frame is large
+enough to be compressed on the client's link — and compare with plain `transformers`:"""),
+    ("code", """import json.decoder
+prompt = tok(inspect.getsource(json.decoder), return_tensors="pt", truncation=True, max_length=300)
+with model.inference_session(max_length=300 + 16) as sess:
+    got = model.generate(**prompt, session=sess, max_new_tokens=16, do_sample=False)
+    first = sess.traces[0]  # the prefill step
+want = reference.generate(**prompt, max_new_tokens=16, do_sample=False)
+assert torch.equal(got, want), "distributed output differs from transformers"
+print(f"prefill of {first.tokens} tokens: {first.raw_bytes / 1024:.0f} KiB of hidden states over "
+      f"{len(first.hop_wire_bytes)} hops, {first.wire_bytes / 1024:.0f} KiB on the wire; "
+      "16 new tokens identical to transformers")"""),
+    ("md", """## Chain vs star on a slow link
+
+How hidden states travel decides how many times a token pays the link's latency. With `N` stages:
+
+- **star** (Petals-style): the client sends to stage 1, gets the result back, sends it to stage 2,
+  … — `N` round trips, `2N` one-way hops per token;
+- **chain** (ours): the client sends to stage 1, each stage forwards to the next, the last one
+  answers the client — `N + 1` one-way hops per token.
+
+Three stages: 4 one-way hops instead of 6. To see it on this machine, the links get an emulated
+round-trip time: `set_rtt(ms, client)` makes the client and every worker hold each message they
+send for `ms / 2` (this kernel has no `netem`, so latency lives in the send path; see
+`bloombee_nb/transport/emulation.py`). A second model, relaying as a star with raw frames, shares
+the cluster with ours."""),
+    ("code", """import statistics
+import bloombee_nb as bb
+from bloombee_nb.cluster.linkemu import set_rtt
+
+star = bb.DistributedModelForCausalLM.from_pretrained(path, cluster=cluster, relay="star")  # Petals-style, raw
+
+def measure(m, prompt_ids, new_tokens=8):
+    \"\"\"Time to first token and the median decode step of one generation, from the session's traces.\"\"\"
+    with m.inference_session(max_length=prompt_ids.shape[1] + new_tokens) as sess:
+        m.generate(prompt_ids, session=sess, max_new_tokens=new_tokens, do_sample=False)
+        prefill, *steps = sess.traces
+    def median(of):
+        return statistics.median(of(t) for t in steps)
+    return dict(ttft_ms=prefill.wall_s * 1e3, token_ms=median(lambda t: t.wall_s) * 1e3,
+                compute_ms=median(lambda t: sum(t.stage_compute_s)) * 1e3,
+                token_wire_bytes=median(lambda t: t.wire_bytes), prefill_wire_bytes=prefill.wire_bytes,
+                prefill_raw_bytes=prefill.raw_bytes)
+
+RTT_MS, N = 20, len(model.placement.stages)
+short = ids[:, :32]
+set_rtt(RTT_MS, cluster.client)
+try:
+    rtt_only = {"chain (ours)": measure(model, short), "star (Petals-style)": measure(star, short)}
+finally:
+    set_rtt(0, cluster.client)  # back to plain loopback
+for (name, r), hops in zip(rtt_only.items(), (N + 1, 2 * N)):
+    print(f"{name:20s} {r['token_ms']:6.1f} ms per token; links alone: {hops} hops × {RTT_MS / 2:.0f} ms = "
+          f"{hops * RTT_MS / 2:.0f} ms, stages' compute {r['compute_ms']:.1f} ms")"""),
+    ("code", """fig = go.Figure()
+labels = list(rtt_only)
+floor = [(N + 1) * RTT_MS / 2, 2 * N * RTT_MS / 2]
+fig.add_bar(x=labels, y=floor, name="one-way hops × RTT/2", marker_color="#8c9fb3")
+fig.add_bar(x=labels, y=[r["compute_ms"] for r in rtt_only.values()], name="stages' compute", marker_color="#2a9d8f")
+fig.add_bar(x=labels, y=[r["token_ms"] - f - r["compute_ms"] for r, f in zip(rtt_only.values(), floor)],
+            name="runtime (messages, hand-offs)", marker_color="#e9c46a")
+fig.update_layout(barmode="stack", title=f"per-token decode latency, {N} stages, every link {RTT_MS} ms RTT",
+                  yaxis=dict(title="ms"), width=560, height=340)
+show_figure(fig)"""),
+    ("md", """Now bandwidth too. `BLOOMBEE_EMULATED_MBIT` adds `bytes × 8 / rate` to the same send-path
+hold: an **in-process** bandwidth shaping that serialises each frame's time on the wire but does
+not model a link shared by concurrent transfers. With every link at 20 Mbit/s and 20 ms, our
+model measures its chain's links again (no profile given: it probes them now) and chooses codecs
+for what it measured; then a 300-token prompt goes through both models."""),
+    ("code", """import os
+from bloombee_nb.transport.emulation import ENV_MBIT
+
+def set_mbit(mbit, client):
+    \"\"\"In-process bandwidth shaping of every participant's sends (0: off).\"\"\"
+    def setenv(value=str(mbit)):
+        os.environ[ENV_MBIT] = value
+    setenv()
+    client.run(setenv)
+
+set_rtt(RTT_MS, cluster.client)
+set_mbit(20, cluster.client)
+try:
+    choose_compression(model.chain, cluster, model.embed_tokens)  # measures the chain's links as they are now
+    codecs = model.link_codecs()
+    shaped = {"chain (ours)": measure(model, prompt.input_ids), "star (Petals-style)": measure(star, prompt.input_ids)}
+finally:
+    set_mbit(0, cluster.client)
+    set_rtt(0, cluster.client)
+for hop, codec in codecs.items():
+    print(f"{' → '.join(hop):14s} {codec}")
+for name, r in shaped.items():
+    print(f"{name:20s} time to first token {r['ttft_ms']:5.0f} ms "
+          f"({r['prefill_raw_bytes'] / 1024:.0f} KiB of hidden states → {r['prefill_wire_bytes'] / 1024:.0f} KiB on the wire), "
+          f"{r['token_ms']:5.1f} ms per token")"""),
+    ("md", """The chain wins twice on the prompt: the hidden states cross 4 hops instead of 6, and the
+client's and stages' large frames go compressed. On decode the gain is the hops alone (1 KiB
+frames stay raw).
+
+**The real thing.** In-process holds are an approximation. `bloombee_nb/cluster/linkemu.py` builds
+an emulated WAN with the kernel's own shaping (root only): each worker in its own network
+namespace on a veth pair to a bridge, bandwidth shaped by `tc … tbf` on both ends, RTT held in
+the send path. `python benchmarks/bench_network.py` runs a grid on it with three stages — chain +
+`compression="auto"` against the Petals-style star with raw frames and against the physical bound
+(compute + one traversal of the links); the README's performance section has the table. Two of
+its rows, per-token latency ours / Petals / bound: 100 Mbit/s · 100 ms, 128-token prompt,
+batch 1: 221.9 / 322.2 / 207.5 ms; 12.5 Mbit/s · 50 ms, 512 tokens × batch 8: time to first
+token 10.5 s vs 17.8 s for the star.
+
+Clean up: free the second model's spans, and disconnect (which frees ours and stops the cluster)."""),
+    ("code", """star.close()
+%bloombee disconnect"""),
+]
+
+MULTI = [
+    ("md", f"""# 05 · Several machines: a scheduler, workers that join, and TLS
+
+So far every worker ran on this machine. A real deployment spreads them over machines that
+lend memory and compute — lab boxes, spare desktops with a GPU, cloud VMs — and drives them from
+a notebook anywhere. Three roles, all plain Dask:
+
+- the **scheduler**: the directory of who is alive and who hosts what (one per cluster, on a
+  machine everyone can reach);
+- **workers**: one per lending machine (`bloombee-nb worker`), each hosting spans of layers;
+- the **client**: this notebook, which holds the embeddings and the LM head and drives generation.
+
+On real machines you type:
+
+```bash
+# machine A, reachable by everyone (port 8786 for Dask, 8787 for its dashboard):
+dask scheduler                                   # prints: Scheduler at: tcp://<A>:8786
+# every machine that lends memory/compute (the same bloombee_nb and transformers versions everywhere):
+pip install "bloombee_nb[notebook] @ git+https://github.com/{COLAB_REPO}"
+bloombee-nb worker tcp://<A>:8786 --name lab-gpu-1
+```
+
+`bloombee-nb worker` is a Dask worker with one thread that leaves cleanly on Ctrl-C or SIGTERM.
+Its options: `--name` (how the planner and the link map call it), `--host` (the address it listens
+on, default: the one facing the scheduler), `--nthreads`, `--memory-limit`. Workers must reach
+the scheduler *and each other* (stages forward hidden states straight to the next stage).
+
+Below, the same commands run for real on this machine, on 127.0.0.1, started from the notebook."""),
+    ("code", COLAB_INSTALL),
+    ("code", """import atexit, json, os, shutil, subprocess, sys, tempfile, time
+from pathlib import Path
+
+work = Path(tempfile.mkdtemp(prefix="bloombee-05-"))  # logs, scheduler file, certificates
+
+def cli(name):
+    \"\"\"The console script `name` (dask, bloombee-nb) installed with this Python.\"\"\"
+    return shutil.which(name, path=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
+
+started = []
+
+def start(*cmd, log):
+    \"\"\"Run a command in the background, as in its own terminal; its output goes to a log file.\"\"\"
+    started.append(subprocess.Popen([str(c) for c in cmd], stdout=open(work / log, "w"), stderr=subprocess.STDOUT))
+    return started[-1]
+
+atexit.register(lambda: [p.kill() for p in started if p.poll() is None])  # if the kernel stops first
+
+def wait_for_file(path, timeout_s=60):
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear; see the logs in {work}")
+        time.sleep(0.2)
+    return json.loads(path.read_text())"""),
+    ("md", """Start the scheduler. Here it takes any free port (`--port 0`) and writes its address to a
+file, so this notebook never collides with something else on port 8786."""),
+    ("code", """scheduler = start(cli("dask"), "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                  "--scheduler-file", work / "scheduler.json", log="scheduler.log")
+address = wait_for_file(work / "scheduler.json")["address"]
+address"""),
+    ("md", """Join two workers, as two other machines would:"""),
+    ("code", """workers = [start(cli("bloombee-nb"), "worker", address, "--name", f"box-{i}", "--host", "127.0.0.1",
+                 log=f"worker-{i}.log") for i in range(2)]"""),
+    ("md", """Connect the notebook. `direct_to_workers=False` sends every call through the scheduler:
+that is what a notebook behind NAT needs — a Colab runtime, a laptop on home Wi-Fi — since the
+workers cannot open connections back to it; it only has to reach the scheduler's port. (Such a
+notebook can be the client, not a worker.) Where the notebook can reach the workers directly,
+leave the default (`True`): each call then skips a hop through the scheduler."""),
+    ("code", """import bloombee_nb as bb
+
+cluster = bb.connect(address, direct_to_workers=False)
+cluster.wait_for_workers(2, timeout_s=120)
+cluster"""),
+    ("md", """Place the shipped model on them — an even split, 3 layers per worker — and generate.
+Each worker reads only its own span from its own copy of the checkpoint (here the same folder;
+on real machines a path that exists on each, or a Hub id)."""),
+    ("code", """import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+from bloombee_nb.shipped import default_model_path
+
+path = default_model_path()
+tok = AutoTokenizer.from_pretrained(path)
+model = bb.DistributedModelForCausalLM.from_pretrained(path, cluster=cluster)
+ids = tok("class Stack:\\n    def __init__(self):\\n", return_tensors="pt")
+out = model.generate(**ids, max_new_tokens=24, do_sample=False, streamer=TextStreamer(tok, skip_special_tokens=True))
+local = AutoModelForCausalLM.from_pretrained(path).generate(**ids, max_new_tokens=24, do_sample=False)
+assert torch.equal(out, local)  # token for token what one process computes
+model"""),
+    ("md", """The cluster's panel now shows which worker hosts which layers (in Jupyter it is a table;
+the Dask dashboard, when `bokeh` is installed, shows the same workers live):"""),
+    ("code", """cluster"""),
+    ("md", """The `%bloombee` magics connect to a running scheduler the same way
+(`--through-scheduler` is `direct_to_workers=False`, automatic on Colab), place the model, and
+show the status panel:"""),
+    ("code", """%load_ext bloombee_nb
+%bloombee connect {address} --through-scheduler"""),
+    ("code", "%%bloombee generate --max-new-tokens 16\ndef parse_args(argv):"),
+    ("code", "%bloombee status"),
+    ("code", "%bloombee disconnect"),
+    ("md", """`disconnect` frees the magics' model and closes their client; the scheduler and workers
+keep running — they are not the notebook's to stop.
+
+## A model from the Hugging Face Hub
+
+When the machines have internet, pass a Hub id instead of a folder. The notebook and each worker
+download the checkpoint's files into their own Hugging Face cache (set `HF_TOKEN` on every machine
+for gated models); each worker then reads only the tensors of its own span. Llama, Mistral, Qwen2 and Qwen3
+checkpoints are supported. Set `HUB_MODEL` to try it — it is left unset here, where nothing may
+be downloaded:"""),
+    ("code", """HUB_MODEL = None  # e.g. "Qwen/Qwen2.5-0.5B-Instruct" (or "Qwen/Qwen3-0.6B")
+
+if HUB_MODEL:
+    hub = bb.DistributedModelForCausalLM.from_pretrained(HUB_MODEL, cluster=cluster, compression="auto")
+    hub_tok = AutoTokenizer.from_pretrained(HUB_MODEL)
+    chat = hub_tok.apply_chat_template([{"role": "user", "content": "Explain a Dask actor in two sentences."}],
+                                       add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    hub.generate(**chat, max_new_tokens=64, do_sample=False,
+                 streamer=TextStreamer(hub_tok, skip_prompt=True, skip_special_tokens=True))
+    hub.close()
+else:
+    print("HUB_MODEL is not set: skipped (no downloads here)")"""),
+    ("md", """Shut down: free the spans, close the client, then stop the workers and the scheduler the
+way you would stop them on their machines (SIGTERM, i.e. Ctrl-C; a worker leaves cleanly and
+exits with 0)."""),
+    ("code", """model.close()
+cluster.close()
+for w in workers:
+    w.terminate()
+print("workers exited with", [w.wait(60) for w in workers])
+scheduler.terminate()
+print("scheduler exited with", scheduler.wait(60))
+print(next(line for line in (work / "worker-0.log").read_text().splitlines() if "joined" in line))"""),
+    ("md", """## Who can do what in a cluster — and TLS
+
+Be clear about the trust model before opening a port to the internet. **A Dask cluster is one
+trust domain:**
+
+- anyone whose client can connect to the scheduler can run any Python code on every worker
+  (`client.run`, `client.submit`), with the rights of the user the worker runs as — read its
+  files, use its GPU, reach its network;
+- the scheduler makes workers run code: that is its job;
+- a worker sees the hidden states of the layers it hosts (prompts can largely be recovered from
+  them) and could return wrong results; nothing in Dask stops a member from lying.
+
+So: join only machines you trust, let only people you trust connect, run workers as an
+unprivileged user, and never expose a plain `tcp://` scheduler on an open network. TLS with
+mutual authentication keeps everyone else out and encrypts every link; it does not protect the
+members from each other.
+
+Dask has TLS built in (`distributed.security.Security`). One private certificate authority (CA)
+signs a certificate for the members; every connection must present a certificate signed by it,
+in both directions. `Security.temporary()` makes throw-away credentials in one line when the
+`cryptography` package is installed; here `openssl` makes real files, as you would for machines:"""),
+    ("code", """def openssl(*args):
+    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
+
+tls = work / "tls"
+tls.mkdir()
+openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30", "-subj", "/CN=bloombee-demo-ca",
+        "-keyout", tls / "ca.key", "-out", tls / "ca.pem")                      # the CA: keep ca.key private
+openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=bloombee-member",
+        "-keyout", tls / "member.key", "-out", tls / "member.csr")               # a member's key and request
+openssl("x509", "-req", "-days", "30", "-in", tls / "member.csr", "-CA", tls / "ca.pem", "-CAkey", tls / "ca.key",
+        "-CAcreateserial", "-out", tls / "member.pem")                          # … signed by the CA
+sorted(p.name for p in tls.iterdir())"""),
+    ("md", """Copy `ca.pem`, `member.pem` and `member.key` to each machine (or sign one certificate per
+machine). The scheduler and workers then take the Dask CLI's TLS options:
+
+```bash
+dask scheduler --protocol tls --tls-ca-file ca.pem --tls-cert member.pem --tls-key member.key
+dask worker tls://<A>:8786 --nthreads 1 --tls-ca-file ca.pem --tls-cert member.pem --tls-key member.key
+```
+
+`bloombee-nb worker` has no TLS options yet — its TLS commands (and one that generates the
+credentials) arrive with the reliability and security issue. Until then a plain `dask worker`
+serves as well: any Dask worker with `bloombee_nb` installed can host spans. Here both run for
+real:"""),
+    ("code", """member = ["--tls-ca-file", tls / "ca.pem", "--tls-cert", tls / "member.pem", "--tls-key", tls / "member.key"]
+tls_scheduler = start(cli("dask"), "scheduler", "--protocol", "tls", "--host", "127.0.0.1", "--port", "0",
+                      "--no-dashboard", "--scheduler-file", work / "tls-scheduler.json", *member, log="tls-scheduler.log")
+tls_address = wait_for_file(work / "tls-scheduler.json")["address"]
+tls_workers = [start(cli("dask"), "worker", tls_address, "--nthreads", "1", "--name", f"secure-{i}",
+                     "--host", "127.0.0.1", *member, log=f"tls-worker-{i}.log") for i in range(2)]
+tls_address"""),
+    ("md", """The notebook connects with the same credentials as a `Security` object, and everything —
+the notebook's calls, the stages forwarding hidden states to each other — goes over TLS:"""),
+    ("code", """from distributed.security import Security
+
+security = Security(tls_ca_file=str(tls / "ca.pem"), tls_client_cert=str(tls / "member.pem"),
+                    tls_client_key=str(tls / "member.key"), require_encryption=True)
+secure = bb.connect(tls_address, security=security)
+secure.wait_for_workers(2, timeout_s=120)
+model = bb.DistributedModelForCausalLM.from_pretrained(path, cluster=secure)
+out = model.generate(**ids, max_new_tokens=24, do_sample=False)
+assert torch.equal(out, local)
+print(secure, "→", repr(tok.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True)))"""),
+    ("md", """A stranger is refused — even one who has the CA's public certificate (so it trusts the
+cluster) but holds a certificate the CA never signed:"""),
+    ("code", """from distributed import Client
+
+openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=stranger",
+        "-keyout", tls / "stranger.key", "-out", tls / "stranger.pem")
+stranger = Security(tls_ca_file=str(tls / "ca.pem"), tls_client_cert=str(tls / "stranger.pem"),
+                    tls_client_key=str(tls / "stranger.key"), require_encryption=True)
+try:
+    Client(tls_address, security=stranger, timeout="10s").close()
+    raise AssertionError("a client without a member certificate got in")
+except OSError as exc:
+    print("refused:", type(exc).__name__, str(exc)[:160])"""),
+    ("code", """model.close()
+secure.close()
+for w in tls_workers:
+    w.terminate()
+print("workers exited with", [w.wait(60) for w in tls_workers])
+tls_scheduler.terminate()
+print("scheduler exited with", tls_scheduler.wait(60))
+shutil.rmtree(work)  # logs, and the demo's keys"""),
+    ("md", """Next: `02_planning.ipynb` measures such a cluster and places the layers where the links
+and the machines make them fastest; `03_compression_and_links.ipynb` shows what slow links
+cost and how the chain and compression win some of it back."""),
+]
+
+NOTEBOOKS = {"01_quickstart.ipynb": QUICKSTART, "02_planning.ipynb": PLANNING,
+             "03_compression_and_links.ipynb": LINKS, "05_multi_machine.ipynb": MULTI}
+
+#: The README's table, in order: (file, what it shows, None when the notebook exists, else when it arrives).
+TABLE = [
+    ("01_quickstart.ipynb", "connect a local cluster, generate with the shipped model, check it against `transformers`",
+     None),
+    ("02_planning.ipynb", "profile, plan for latency and throughput, what if a link were 10× slower (DP vs even "
+     "split vs Petals-style greedy), apply a plan, predicted vs measured", None),
+    ("03_compression_and_links.ipynb", "why the link dominates, the link map, lossless compression of real hidden "
+     "states and its break-even bandwidth, per-link codec choice, bit-exactness, chain vs star on emulated slow "
+     "links", None),
+    ("04_speculative_decoding.ipynb", "draft + target, acceptance, speedup vs link latency",
+     "arrives with speculative decoding"),
+    ("05_multi_machine.ipynb", "a scheduler and `bloombee-nb worker` processes started for real, connecting "
+     "from behind NAT, a Hub model, who can do what in a cluster, TLS with mutual authentication", None),
+]
+TABLE_START, TABLE_END = "<!-- tutorials:start -->", "<!-- tutorials:end -->"
+
+
+def colab_url(name: str) -> str:
+    return f"https://colab.research.google.com/github/{COLAB_REPO}/blob/{COLAB_BRANCH}/tutorials/{name}"
+
+
+def readme_table() -> str:
+    """The README's tutorials table (between the two markers), generated from ``TABLE``."""
+    rows = ["| notebook | what it shows | Colab |", "|---|---|---|"]
+    for name, what, pending in TABLE:
+        if pending:
+            rows.append(f"| `tutorials/{name}` | {what} | *{pending}* |")
+        else:
+            badge = "[![Open in Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+            rows.append(f"| [`tutorials/{name}`](tutorials/{name}) | {what} | {badge}({colab_url(name)}) |")
+    note = (f"The Colab links (and the notebooks' install cell) assume the project is published on GitHub as "
+            f"`{COLAB_REPO}`, branch `{COLAB_BRANCH}`; set `COLAB_REPO` in `tutorials/make_notebooks.py` and rerun "
+            "it if it is published elsewhere.")
+    return "\n".join([TABLE_START, *rows, "", note, TABLE_END])
+
+
+def with_table(readme: str) -> str:
+    """``readme`` with the text between the markers replaced by :func:`readme_table`."""
+    head, sep, rest = readme.partition(TABLE_START)
+    _, sep2, tail = rest.partition(TABLE_END)
+    if not (sep and sep2):
+        raise SystemExit(f"README.md needs the markers {TABLE_START} and {TABLE_END} around the tutorials table")
+    return head + readme_table() + tail
 
 
 def build(cells) -> nbformat.NotebookNode:
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_markdown_cell(src) if kind == "md" else nbformat.v4.new_code_cell(src)
                 for kind, src in cells]
+    for i, cell in enumerate(nb.cells):
+        cell.id = f"cell-{i:02d}"  # stable ids: regenerating an unchanged notebook changes no byte
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata["colab"] = {"provenance": []}
     return nb
 
 
 if __name__ == "__main__":
+    assert {name for name, _, pending in TABLE if not pending} == set(NOTEBOOKS), "TABLE and NOTEBOOKS disagree"
     for name, cells in NOTEBOOKS.items():
         nbformat.write(build(cells), HERE / name)
         print("wrote", HERE / name)
+    README.write_text(with_table(README.read_text()))
+    print("wrote the tutorials table in", README)
