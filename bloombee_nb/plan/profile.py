@@ -289,6 +289,7 @@ class ClusterProfile(_JsonValue):
         return tuple(w for w in self.workers if w.include)
 
     def worker(self, name: str) -> WorkerProfile:
+        name = str(name)  # Dask names LocalCluster workers 0, 1, …; profiles name them "0", "1", …
         for w in self.workers:
             if w.name == name:
                 return w
@@ -296,7 +297,7 @@ class ClusterProfile(_JsonValue):
 
     def link(self, src: str, dst: str) -> LinkProfile | None:
         """The measured link ``src → dst``, or None when the two cannot talk directly."""
-        return self._link_index.get((src, dst))
+        return self._link_index.get((str(src), str(dst)))
 
     @cached_property  # frozen dataclasses have a __dict__; replace() makes a fresh copy
     def _link_index(self) -> dict[tuple[str, str], LinkProfile]:
@@ -305,12 +306,13 @@ class ClusterProfile(_JsonValue):
     # -- edited copies --
     def with_worker(self, name: str, **changes) -> "ClusterProfile":
         """A copy where worker ``name`` has the given fields changed (e.g. ``include=False``)."""
-        self.worker(name)  # raises on an unknown name
+        name = self.worker(name).name  # raises on an unknown name
         workers = tuple(dataclasses.replace(w, **changes) if w.name == name else w for w in self.workers)
         return dataclasses.replace(self, workers=workers)
 
     def with_link(self, src: str, dst: str, **changes) -> "ClusterProfile":
         """A copy with link ``src → dst`` changed, or added (then give bandwidth and RTT)."""
+        src, dst = str(src), str(dst)
         old = self.link(src, dst)
         if old is None:
             if set(changes) != {"bandwidth_bytes_per_s", "rtt_s"}:

@@ -177,7 +177,16 @@ class CodecPolicy:
         neighbouring sizes is at their geometric mean. Neighbouring equal choices merge."""
         ordered = sorted(stats_by_size, key=lambda st: st[0].raw_nbytes)
         sizes = [st[0].raw_nbytes for st in ordered]
-        chosen = [choose_codec(st, bandwidth_Bps, margin) for st in ordered]
+        chosen: list[Codec] = []
+        for st in ordered:
+            best = choose_codec(st, bandwidth_Bps, margin)
+            # near-ties flip with measurement noise: keep the smaller size's codec when it is
+            # within ``margin`` of the best here too (fewer classes, the same time within noise)
+            prev = next((s for s in st if chosen and s.codec == chosen[-1]), None)
+            if prev is not None and not best.is_raw and not prev.codec.is_raw and \
+                    prev.time_s(bandwidth_Bps) <= (1 + margin) * next(s for s in st if s.codec == best).time_s(bandwidth_Bps):
+                best = prev.codec
+            chosen.append(best)
         bounds = [math.sqrt(a * b) for a, b in zip(sizes, sizes[1:])] + [math.inf]
         classes: list[tuple[float, Codec]] = []
         for upto, codec in zip(bounds, chosen):

@@ -119,3 +119,13 @@ def test_calibrate_sizes_measures_growing_frames_of_a_real_sample():
     stats = transport.calibrate_sizes(sample, rows=(1, 8, 64), repeats=1)
     assert [st[0].raw_nbytes for st in stats] == [128, 1024, 8192]  # rows repeated past the sample's 8
     assert all(s.codec in (RAW, *transport.DEFAULT_CANDIDATES) for st in stats for s in st)
+
+
+def test_policy_keeps_the_smaller_sizes_codec_on_near_ties():
+    small = (CodecStats(RAW, 100_000, 100_048, 5e-6, 5e-6), CodecStats(LZ4, 100_000, 50_060, 30e-6, 30e-6),
+             CodecStats(ZSTD, 100_000, 60_060, 200e-6, 100e-6))          # lz4 best on 100 KB frames
+    close = (RAW_S, ZSTD_S, CodecStats(LZ4, 1_000_000, 520_060, 2.0e-3, 0.9e-3))  # zstd best by 4% on 1 MB
+    policy = transport.CodecPolicy.choose([small, close], 1e6)
+    assert policy.classes == ((math.inf, LZ4),), policy                      # no flip on a near tie
+    clear = (RAW_S, ZSTD_S, CodecStats(LZ4, 1_000_000, 800_060, 0.3e-3, 0.3e-3))   # zstd best by 37%
+    assert transport.CodecPolicy.choose([small, clear], 1e6).codec_for(1_000_000) == ZSTD
