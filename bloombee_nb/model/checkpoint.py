@@ -19,8 +19,18 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 
-def resolve_checkpoint(name_or_path: str | Path) -> Path:
-    """A local folder with ``config.json`` + safetensors, or a Hub id fetched into the HF cache."""
+#: Hub snapshot folder -> (repo id, revision): shards are fetched on first use, one file at a time.
+_HUB_SOURCES: dict[Path, tuple[str, str | None]] = {}
+META_PATTERNS = ["*.json", "*.model", "*.txt", "*.jinja"]
+
+
+def resolve_checkpoint(name_or_path: str | Path, revision: str | None = None) -> Path:
+    """A local folder with ``config.json`` + safetensors, or a Hub id fetched into the HF cache.
+
+    For a Hub id only the metadata (config, index, tokenizer) is fetched here; a process then
+    downloads just the safetensors shards holding the tensors it reads (:func:`load_tensors`), so a
+    worker hosting 8 layers of a 70B model fetches its shards, not 140 GB.
+    """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         _check_folder(path)
@@ -28,16 +38,39 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
     if path.exists():
         raise CheckpointNotFoundError(f"{path} is a file; pass the checkpoint *folder* (with config.json)")
     try:  # a Hub id such as "meta-llama/Llama-3.2-1B"; works offline if it is already cached
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import hf_hub_download, snapshot_download
 
-        folder = Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        folder = Path(snapshot_download(str(name_or_path), revision=revision, allow_patterns=META_PATTERNS))
+        if not (folder / INDEX_NAME).is_file():  # one-file checkpoint: its header is the weight map
+            hf_hub_download(str(name_or_path), SINGLE_NAME, revision=revision)
     except Exception as exc:  # noqa: BLE001 - any hub failure means "not found" to the user
         raise CheckpointNotFoundError(
             f"{name_or_path!r} is neither a local checkpoint folder nor a Hub model id that could be fetched "
             f"({type(exc).__name__}: {exc}). Pass the path of a folder saved with save_pretrained "
             "(config.json + *.safetensors), or check the model id and your network.") from None
+    _HUB_SOURCES[folder] = (str(name_or_path), revision)
     _check_folder(folder)
     return folder
+
+
+def ensure_files(path: Path, fnames, download=None) -> None:
+    """Fetch the shards among ``fnames`` missing from a Hub snapshot folder (local folders: no-op).
+
+    ``download(repo_id, filename, revision)`` defaults to ``huggingface_hub.hf_hub_download``,
+    which places the file in the same snapshot folder.
+    """
+    source = _HUB_SOURCES.get(path)
+    missing = [f for f in dict.fromkeys(fnames) if not (path / f).is_file()]
+    if source is None or not missing:
+        return
+    if download is None:
+        from huggingface_hub import hf_hub_download as download
+    for fname in missing:
+        try:
+            download(source[0], fname, revision=source[1])
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointNotFoundError(f"could not fetch {fname} of {source[0]!r} from the Hub "
+                                          f"({type(exc).__name__}: {exc}); check the network or the cache") from None
 
 
 def _check_folder(path: Path) -> None:
@@ -63,6 +96,7 @@ def load_tensors(path: Path, names: list[str], wmap: dict[str, str], dtype: torc
     by_file: dict[str, list[str]] = defaultdict(list)
     for name in names:
         by_file[wmap[name]].append(name)
+    ensure_files(path, by_file)  # a Hub checkpoint: fetch only these shards
     out = {}
     for fname, file_names in by_file.items():
         with safe_open(path / fname, framework="pt") as f:

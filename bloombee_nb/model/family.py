@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from ..errors import SpanError, UnsupportedArchitectureError
-from .checkpoint import load_tensors, weight_map
+from .checkpoint import ensure_files, load_tensors, weight_map
 
 #: Families whose ``*Model.forward`` is exactly embed -> layers(mask, rotary) -> norm, tested token-exact.
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -134,7 +134,11 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch
 
 def _stored_dtype(path: Path, wmap: dict[str, str], config: PreTrainedConfig) -> torch.dtype:
     """The config's dtype, else the dtype the first weight is stored in (read from the header only)."""
+    dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(getattr(torch, dt, None) if isinstance(dt, str) else dt, torch.dtype):
+        return checkpoint_dtype(config, torch.float32)  # the config says: no shard needs opening
     name = next(k for k in wmap if k.endswith("weight"))
+    ensure_files(path, [wmap[name]])
     with safe_open(path / wmap[name], framework="pt") as f:
         stored = _SAFETENSORS_DTYPES.get(f.get_slice(name).get_dtype(), torch.float32)
     return checkpoint_dtype(config, stored)

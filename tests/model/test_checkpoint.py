@@ -98,3 +98,35 @@ def test_unsupported_architecture_is_named(tmp_path):
     cfg = load_config(tmp_path / "gpt2", allow_unverified=True)
     with pytest.raises(UnsupportedArchitectureError, match="layers"):
         load_span(tmp_path / "gpt2", cfg, 0, 1)
+
+
+def test_a_hub_checkpoint_fetches_only_the_shards_of_the_span(tmp_path, monkeypatch):
+    """The Hub itself is out of reach here: its download function copies from a local 'origin'
+    and records what was asked for; everything else is the real code path."""
+    import shutil
+
+    import huggingface_hub
+
+    from bloombee_nb.model import checkpoint
+
+    origin = make_checkpoint(tmp_path / "origin", "llama", seed=0, max_shard_size="60KB")
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    for f in ("config.json", "model.safetensors.index.json"):
+        shutil.copy(origin / f, snapshot / f)
+    fetched = []
+
+    def hub_download(repo_id, filename, revision=None):
+        assert repo_id == "someone/tiny-llama"
+        fetched.append(filename)
+        return str(shutil.copy(origin / filename, snapshot / filename))
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub_download)
+    monkeypatch.setitem(checkpoint._HUB_SOURCES, snapshot, ("someone/tiny-llama", None))
+    wmap = weight_map(snapshot)
+    _, layers, _, _ = load_span(snapshot, load_config(snapshot), 2, 4)
+    need = {wmap[n] for n in wmap if n.startswith(("model.layers.2.", "model.layers.3."))}
+    assert set(fetched) == need and len(need) < len(set(wmap.values()))  # its shards, not the model
+    _, want, _, _ = load_span(origin, load_config(origin), 2, 4)
+    for x, y in zip(layers.parameters(), want.parameters()):
+        assert torch.equal(x, y)
