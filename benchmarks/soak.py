@@ -55,7 +55,8 @@ def main():
         model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False)  # warm up
         time.sleep(1)
         baseline = worker_rss(cluster)
-        deadline = time.monotonic() + 60 * args.minutes
+        t_start = time.monotonic()
+        deadline = t_start + 60 * args.minutes
         stats = {"sessions": 0, "tokens": 0, "mismatches": 0, "errors": []}
         latencies, peak = [], dict(baseline)
         lock = threading.Lock()
@@ -82,13 +83,16 @@ def main():
                     stats["mismatches"] += int(not torch.equal(got, want))
                     latencies.append(dt / new)
 
+        series = []  # (seconds since start, {worker: RSS MB}): growth with sessions, or a plateau?
+
         def sample_memory():
             while time.monotonic() < deadline:
-                for k, v in worker_rss(cluster).items():
+                now = worker_rss(cluster)
+                series.append((round(time.monotonic() - t_start, 1), {k: round(v / 2**20, 1) for k, v in now.items()}))
+                for k, v in now.items():
                     peak[k] = max(peak[k], v)
                 time.sleep(5)
 
-        t_start = time.monotonic()
         with ThreadPoolExecutor(args.users + 1) as pool:
             futures = [pool.submit(user, u) for u in range(args.users)] + [pool.submit(sample_memory)]
             for f in futures:
@@ -107,18 +111,22 @@ def main():
         "per_token_s_median": statistics.median(latencies) if latencies else None,
         "open_sessions_after": [s["sessions"] for s in stages],
         "reserved_kv_bytes_after": [s["reserved_kv_bytes"] for s in stages],
-        "worker_rss_mb": {k: {"baseline": baseline[k] / 2**20, "peak": peak[k] / 2**20, "after": after[k] / 2**20}
+        "worker_rss_mb": {k: {"baseline": baseline[k] / 2**20, "peak": peak[k] / 2**20, "after": after[k] / 2**20,
+                              "first_minute_max": max(v[k] for t, v in series if t <= 60),
+                              "last_minute_max": max(v[k] for t, v in series if t >= elapsed - 60)}
                           for k in baseline},
+        "worker_rss_series_mb": series,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "soak.json").write_text(json.dumps(result, indent=2))
-    rows = "\n".join(f"| {k} | {v['baseline']:.0f} | {v['peak']:.0f} | {v['after']:.0f} |"
-                     for k, v in result["worker_rss_mb"].items())
+    rows = "\n".join(f"| {k} | {v['baseline']:.0f} | {v['first_minute_max']:.0f} | {v['last_minute_max']:.0f} | "
+                     f"{v['peak']:.0f} | {v['after']:.0f} |" for k, v in result["worker_rss_mb"].items())
     (RESULTS / "soak.md").write_text(
         f"{args.users} users for {elapsed / 60:.1f} min: {result['sessions']} sessions, {result['tokens']} tokens, "
         f"{result['errors']} errors, {result['mismatches']} mismatches vs transformers; open sessions after: "
         f"{result['open_sessions_after']}, reserved KV bytes after: {result['reserved_kv_bytes_after']}\n\n"
-        f"| worker | RSS baseline MB | peak MB | after MB |\n|---|---:|---:|---:|\n{rows}\n")
+        f"| worker | RSS baseline MB | max in first minute | max in last minute | peak MB | after MB |\n"
+        f"|---|---:|---:|---:|---:|---:|\n{rows}\n")
     print(json.dumps(result, indent=2))
 
 
