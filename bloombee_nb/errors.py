@@ -32,6 +32,10 @@ class TreeError(BloombeeError, ValueError):
     """A speculative token tree, or the path kept from it, is malformed or does not match the session."""
 
 
+class DraftModelError(BloombeeError, ValueError):
+    """A speculative-decoding draft model cannot serve this target (e.g. another vocabulary)."""
+
+
 class SessionLimitError(BloombeeError, RuntimeError):
     """A stage cannot reserve memory for another session."""
 

@@ -23,7 +23,7 @@ from .. import transport
 from ..errors import BloombeeError, StageUnavailableError
 from ..transport.emulation import hold
 from .placement import Placement, StageSpec
-from .stage import StageActor
+from .stage import StageActor, extra_nbytes
 
 #: Seconds an actor call may take before its worker counts as gone. Dask never resolves a call
 #: whose arguments fail to serialise, so every call carries a timeout.
@@ -149,46 +149,61 @@ class RemoteChain:
         return results
 
     def forward(self, session_id: str, hidden: torch.Tensor, position_ids: torch.Tensor,
-                attention_mask: torch.Tensor) -> tuple[torch.Tensor, StepTrace]:
+                attention_mask: torch.Tensor, tree_parents: torch.Tensor | None = None,
+                keep: tuple[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, StepTrace]:
         """Run ``hidden`` through every stage in order; returns the last stage's output.
+
+        ``tree_parents [T]`` (int64) makes the step's T positions a token tree; ``keep`` =
+        ``(past_len, paths [B, K])`` has every stage keep the accepted path of the previous tree step
+        first (see :meth:`keep_path`), riding on this step instead of costing a round trip.
 
         The relay runs as one coroutine on the client's event loop: one thread hand-off per step
         (each hand-off costs ~0.5 ms on a busy 2-core machine).
         """
         pos, mask = transport.encode(position_ids), transport.encode(attention_mask)
+        spec = _speculation_frames(tree_parents, keep)
         nbytes = hidden.numel() * hidden.element_size()
         if self.relay == "chain" and len(self.actors) > 1:
             frame = transport.encode(hidden, self.client_policies[0].codec_for(nbytes))
-            out, walls, computes, sent, hops = self.client.sync(self._relay_chain, session_id, frame, pos, mask)
+            out, walls, computes, sent, hops = self.client.sync(self._relay_chain, session_id, frame, pos, mask, spec)
         else:
-            out, walls, computes, sent, hops = self.client.sync(self._relay_star, session_id, hidden, pos, mask)
+            out, walls, computes, sent, hops = self.client.sync(self._relay_star, session_id, hidden, pos, mask, spec)
         trace = StepTrace(hidden.shape[1], tuple(walls), tuple(c for c, _ in computes), sent, len(out), self.relay,
                           nbytes, tuple(hops))
         return transport.decode(out), trace
 
-    async def _relay_star(self, session_id: str, hidden: torch.Tensor, pos: bytes, mask: bytes):
+    def keep_path(self, session_id: str, past_len: int, keep: torch.Tensor | list) -> None:
+        """Every stage keeps only the accepted path of the session's last tree step (``keep [K]`` or
+        ``[B, K]`` node indices, root first, -1 padded; see ``SpanRunner.keep_path``)."""
+        self.broadcast("keep_path", session_id, int(past_len), torch.as_tensor(keep, dtype=torch.long).tolist())
+
+    async def _relay_star(self, session_id: str, hidden: torch.Tensor, pos: bytes, mask: bytes, spec=(None, None)):
         walls, computes, sent, into, back = [], [], 0, [], []
+        extra = extra_nbytes(*spec)
         for i, actor in enumerate(self.actors):
             t0 = time.perf_counter()
             if i == 0 or self.client_policies[i] != self.stage_policies[i - 1]:  # else relay the bytes as they are
                 hidden = hidden if i == 0 else transport.decode(frame)
                 frame = transport.encode(hidden, self.client_policies[i].codec_for(hidden.numel() * hidden.element_size()))
-            sent += len(frame) + len(pos) + len(mask)
+            sent += len(frame) + len(pos) + len(mask) + extra
             into.append(len(frame))
-            await hold(len(frame) + len(pos) + len(mask))  # emulated client link (benchmarks only)
-            frame, ((compute_s, out_bytes),) = await self._await(i, actor.forward(session_id, frame, pos, mask))
+            await hold(len(frame) + len(pos) + len(mask) + extra)  # emulated client link (benchmarks only)
+            frame, ((compute_s, out_bytes),) = await self._await(i, actor.forward(session_id, frame, pos, mask,
+                                                                                  None, (), *spec))
             walls.append(time.perf_counter() - t0)
             computes.append((compute_s, out_bytes))
             back.append(len(frame))
         return frame, walls, computes, sent, into + back
 
-    async def _relay_chain(self, session_id: str, frame: bytes, pos: bytes, mask: bytes):
+    async def _relay_chain(self, session_id: str, frame: bytes, pos: bytes, mask: bytes, spec=(None, None)):
         await self._check_acks()
         step, t0 = next(self._steps), time.perf_counter()
         collect = asyncio.ensure_future(self._await(len(self.actors) - 1, self.actors[-1].collect(
             session_id, step, self.timeout_s)))
-        await hold(len(frame) + len(pos) + len(mask))  # emulated client link (benchmarks only)
-        ack = asyncio.ensure_future(self._await(0, self.actors[0].forward(session_id, frame, pos, mask, step)))
+        sent = len(frame) + len(pos) + len(mask) + extra_nbytes(*spec)
+        await hold(sent)  # emulated client link (benchmarks only)
+        ack = asyncio.ensure_future(self._await(0, self.actors[0].forward(session_id, frame, pos, mask, step, (),
+                                                                          *spec)))
         await asyncio.wait({collect, ack}, return_when=asyncio.FIRST_COMPLETED)
         if ack.done() and ack.exception() is not None:  # a stage refused the step: say which error
             collect.cancel()
@@ -197,7 +212,7 @@ class RemoteChain:
         if not ack.done():
             self._acks.append(ack)  # the first stage's answer is still on its way; checked next step
         hops = [len(frame), *(b for _, b in computes)]
-        return out, [time.perf_counter() - t0], list(computes), len(frame) + len(pos) + len(mask), hops
+        return out, [time.perf_counter() - t0], list(computes), sent, hops
 
     async def _check_acks(self):
         done = [a for a in self._acks if a.done()]
@@ -234,3 +249,12 @@ def unavailable_message(stage: StageSpec) -> str:
 
 def _unavailable(stage: StageSpec, exc: BaseException) -> StageUnavailableError:
     return StageUnavailableError(f"{unavailable_message(stage)} [{type(exc).__name__}: {exc}]")
+
+
+def _speculation_frames(tree_parents: torch.Tensor | None,
+                        keep: tuple[int, torch.Tensor] | None) -> tuple[bytes | None, tuple[int, bytes] | None]:
+    """A step's tree and kept path as frames (``(None, None)`` for a plain step)."""
+    tree = None if tree_parents is None else transport.encode(tree_parents.to(torch.long).cpu().contiguous())
+    if keep is not None:
+        keep = (int(keep[0]), transport.encode(torch.as_tensor(keep[1], dtype=torch.long).cpu().contiguous()))
+    return tree, keep

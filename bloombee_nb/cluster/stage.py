@@ -13,6 +13,11 @@ Two ways to run a step:
   link once, and nothing travels back along the chain: a stage that fails reports its typed
   error to the last stage, which delivers it to ``collect`` instead of an output.
 
+Speculative decoding: a step may carry a token tree (``tree``: its parents ``[T]`` as a frame) and
+the accepted path of the previous tree step (``keep``: ``(past_len, frame of [B, K] node indices)``),
+which is compacted before the step runs, so keeping a path costs no round trip of its own. Both
+travel with the hidden states along the chain. Without them a step is exactly as before.
+
 Every tensor is a frame (``bytes``) decoded here; every error raised is a typed
 :mod:`bloombee_nb.errors` exception that reaches the caller with its type, and leaves every
 other session on this stage untouched.
@@ -83,25 +88,35 @@ class StageActor:
         """Speculation: keep only the accepted path of the last tree step (see ``SpanRunner.keep_path``)."""
         await self._run(self.runner.keep_path, session_id, past_len, keep)
 
-    def _compute(self, session_id: str, hidden: bytes, position_ids: bytes, attention_mask: bytes):
+    def _compute(self, session_id: str, hidden: bytes, position_ids: bytes, attention_mask: bytes,
+                 tree: bytes | None = None, keep: tuple[int, bytes] | None = None):
         h = transport.decode(hidden, self.max_frame_bytes)
         pos = transport.decode(position_ids, self.max_frame_bytes)
         mask = transport.decode(attention_mask, self.max_frame_bytes)
+        parents = None if tree is None else transport.decode(tree, self.max_frame_bytes)
         t0 = time.perf_counter()
-        out = self.runner.forward(session_id, h, pos, mask)
+        if keep is not None:  # the accepted path of the previous tree step, before this step runs
+            self.runner.keep_path(session_id, keep[0], transport.decode(keep[1], self.max_frame_bytes))
+        out = self.runner.forward(session_id, h, pos, mask, parents)
         compute_s = time.perf_counter() - t0
         return transport.encode(out, self.out_policy.codec_for(out.numel() * out.element_size())), compute_s
 
     async def forward(self, session_id: str, hidden: bytes, position_ids: bytes, attention_mask: bytes,
-                      step: int | None = None, computes: tuple = ()) -> tuple[bytes | None, tuple]:
+                      step: int | None = None, computes: tuple = (), tree: bytes | None = None,
+                      keep: tuple[int, bytes] | None = None) -> tuple[bytes | None, tuple]:
         """One step of one session. Star: returns (output frame, ((compute seconds, output frame
         bytes) of each stage so far)).
 
         Chain: returns (None, …) as soon as this stage has computed and sent its output on; an
         error here or downstream reaches the client through the last stage's ``collect``.
+
+        ``tree`` (a frame of int64 parents ``[T]``) makes the step a token tree; ``keep``
+        (``past_len``, a frame of int64 ``[B, K]`` paths) first keeps the accepted path of the last
+        tree step (see :meth:`SpanRunner.keep_path`).
         """
         try:
-            out, compute_s = await self._run(self._compute, session_id, hidden, position_ids, attention_mask)
+            out, compute_s = await self._run(self._compute, session_id, hidden, position_ids, attention_mask,
+                                             tree, keep)
         except BaseException as exc:
             if step is not None:
                 await self._report(session_id, step, exc)
@@ -114,15 +129,17 @@ class StageActor:
             await hold(len(out))
             self._output(session_id, step).set_result((out, computes))
             return None, computes
-        task = asyncio.ensure_future(self._send_on(session_id, out, position_ids, attention_mask, step, computes))
+        task = asyncio.ensure_future(self._send_on(session_id, out, position_ids, attention_mask, step, computes,
+                                                   tree, keep))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
         return None, computes
 
-    async def _send_on(self, session_id, out, position_ids, attention_mask, step, computes) -> None:
+    async def _send_on(self, session_id, out, position_ids, attention_mask, step, computes, tree=None,
+                       keep=None) -> None:
         try:
-            await hold(len(out) + len(position_ids) + len(attention_mask))
-            await self.next.forward(session_id, out, position_ids, attention_mask, step, computes)
+            await hold(len(out) + len(position_ids) + len(attention_mask) + extra_nbytes(tree, keep))
+            await self.next.forward(session_id, out, position_ids, attention_mask, step, computes, tree, keep)
         except BloombeeError:
             pass  # the stage that raised it has reported it to the last stage
         except (OSError, RuntimeError, TimeoutError) as exc:  # the next worker is gone
@@ -166,3 +183,8 @@ class StageActor:
 
     async def info(self) -> dict:
         return await self._run(self.runner.info)
+
+
+def extra_nbytes(tree: bytes | None, keep: tuple[int, bytes] | None) -> int:
+    """Bytes a step's speculation frames add to the message that carries it."""
+    return (len(tree) if tree is not None else 0) + (len(keep[1]) + 8 if keep is not None else 0)

@@ -24,6 +24,7 @@ from ..model.family import load_client_parts, load_config
 from ..cluster.planning import runtime_plan
 from ..plan import ClusterProfile, Plan, Workload
 from .session import InferenceSession
+from .tree_size import tree_size
 
 
 class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
@@ -31,6 +32,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     _supports_sdpa = True  # the stages run sdpa; the client itself has no attention
+    _tree_policy = None    # set for the duration of a speculative generate() (see _assisted_decoding)
 
     def __init__(self, config, embed_tokens, norm, lm_head, chain: RemoteChain, cluster: BloombeeCluster):
         super().__init__(config)
@@ -181,8 +183,36 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden[:, keep, :])
         return CausalLMOutputWithPast(logits=logits, cache=cache)
 
-    def generate(self, inputs: torch.Tensor | None = None, *, session: InferenceSession | None = None, **kwargs):
-        """transformers' ``generate``; opens a session sized for prompt + new tokens unless one is given."""
+    def generate(self, inputs: torch.Tensor | None = None, *, session: InferenceSession | None = None,
+                 assistant_model=None, tree_widths: tuple[int, ...] | str = "auto", **kwargs):
+        """transformers' ``generate``; opens a session sized for prompt + new tokens unless one is given.
+
+        ``assistant_model=draft`` (transformers' convention for assisted generation) runs our tree
+        speculation (:mod:`.speculative`): the draft proposes a token tree, the chain verifies it in
+        one traversal. ``tree_widths``: children per node at each depth, e.g. ``(2, 2, 1)``; ``(1,) *
+        k`` is a linear draft of k tokens; ``"auto"`` chooses per round from the measured link,
+        compute and acceptance (and decodes plainly where speculation does not pay).
+        """
+        if assistant_model is None:
+            if tree_widths != "auto":
+                raise ValueError("tree_widths applies to speculative decoding: pass assistant_model=<draft model>")
+            return self._generate(inputs, session, None, kwargs)
+        from .speculative import check_draft
+        from .tree_size import MAX_NODES, TreePolicy
+
+        check_draft(self, assistant_model, kwargs.get("tokenizer"), kwargs.get("assistant_tokenizer"))
+        if (kwargs.get("num_beams") or 1) > 1:
+            raise ValueError("speculative decoding works with greedy decoding and sampling, not beam search "
+                             "(num_beams=1)")
+        policy = TreePolicy(widths=tuple(tree_widths) if tree_widths != "auto" else "auto")
+        room = MAX_NODES if policy.widths == "auto" else tree_size(policy.widths)
+        self._tree_policy = policy
+        try:
+            return self._generate(inputs, session, room, dict(kwargs, assistant_model=assistant_model))
+        finally:
+            self._tree_policy = None
+
+    def _generate(self, inputs, session, tree_room: int | None, kwargs):
         if session is not None or kwargs.get("cache") is not None:
             kwargs.setdefault("cache", session)
             return super().generate(inputs, **kwargs)
@@ -191,8 +221,21 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         cfg = kwargs.get("generation_config") or self.generation_config
         new = kwargs.get("max_new_tokens", cfg.max_new_tokens)
         max_length = prompt_len + new if new is not None else kwargs.get("max_length", cfg.max_length)
+        if tree_room is not None:  # the tree's tokens, and (batch > 1) room for rows that run ahead
+            batch = ids.shape[0] if ids is not None else kwargs["inputs_embeds"].shape[0]
+            max_length += tree_room + (max_length - prompt_len if batch > 1 else 0)
         with self.inference_session(max_length=max_length) as s:
             return super().generate(inputs, cache=s, **kwargs)
+
+    def _assisted_decoding(self, input_ids, logits_processor, stopping_criteria, generation_config,
+                           synced_gpus=False, streamer=None, inputs_tensor=None, assistant_model=None,
+                           assistant_tokenizer=None, tokenizer=None, **model_kwargs):
+        """Where transformers' ``generate`` dispatches assisted generation: our token-tree speculation."""
+        from .speculative import speculative_decoding
+
+        return speculative_decoding(self, input_ids, logits_processor, stopping_criteria, generation_config,
+                                    draft=assistant_model, streamer=streamer,
+                                    policy=getattr(self, "_tree_policy", None), **model_kwargs)
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def close(self) -> None:

@@ -3,6 +3,11 @@
 ``generate()`` only ever asks a cache for its length and, for assisted generation, to ``crop``
 itself; both map onto the stages (``crop`` is a rollback on every stage). Beam search would
 need a KV reorder on the stages and is refused with a clear error.
+
+Speculative decoding (``generate/speculative.py``) sends token trees with ``step(...,
+tree_parents=...)`` and then :meth:`InferenceSession.keep_path`. The kept path is not a call of its
+own: it rides on the next step (every stage compacts before computing), so a round costs one
+traversal of the chain; :meth:`flush` sends it alone when no step follows.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from ..cluster.chain import StepTrace
-from ..errors import BloombeeError, SessionLengthError, ShapeMismatchError, UnknownSessionError
+from ..errors import BloombeeError, SessionLengthError, ShapeMismatchError, TreeError, UnknownSessionError
 
 
 class InferenceSession(Cache):
@@ -29,21 +34,58 @@ class InferenceSession(Cache):
         self.batch: int | None = None   # fixed by the first step
         self.length = 0                 # positions held by the stages' KV caches
         self.closed = False
+        self.ragged = False             # rows hold different numbers of positions (batched speculation)
         self.traces: deque[StepTrace] = deque(maxlen=4096)
+        self.rounds: deque = deque(maxlen=4096)  # speculation: a RoundTrace per tree verified (speculative.py)
+        self._tree: tuple[int, int] | None = None          # (past_len, nodes) of a tree step not kept yet
+        self._keep: tuple[int, torch.Tensor] | None = None  # (past_len, paths [B, K]) for the next step
 
     # ---- the stages' side -------------------------------------------------------------------
-    def step(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Send ``hidden [B, T, D]`` through the chain; the stages append T positions to their KV."""
+    def step(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+             tree_parents: torch.Tensor | None = None) -> torch.Tensor:
+        """Send ``hidden [B, T, D]`` through the chain; the stages append T positions to their KV.
+
+        ``tree_parents [T]`` makes the T positions a token tree (follow with :meth:`keep_path`).
+        """
         B, T = hidden.shape[:2]
         self._ensure_open(B)
+        if self.ragged:
+            raise SessionLengthError("this session's rows hold different numbers of positions after a batched "
+                                     "speculative generation; open a new session for the next turn")
+        if self._tree is not None:
+            raise TreeError("the last step was a token tree and no path of it was kept; call keep_path() "
+                            "(or rollback()) before the next step")
         if self.length + T > self.max_length:
             raise SessionLengthError(
                 f"this step would hold {self.length + T} positions but the session was opened with "
                 f"max_length={self.max_length}; open it with a larger max_length (prompt + new tokens)")
-        out, trace = self.chain.forward(self.session_id, hidden, position_ids, attention_mask)
+        out, trace = self.chain.forward(self.session_id, hidden, position_ids, attention_mask, tree_parents, self._keep)
+        self._keep = None
+        self._tree = None if tree_parents is None else (self.length, T)
         self.length += T
         self.traces.append(trace)
         return out
+
+    def keep_path(self, past_len: int, keep: torch.Tensor) -> None:
+        """After a tree step from ``past_len``, keep only the accepted path: ``keep [B, K]`` node
+        indices, root first, -1 padded where a row accepted fewer. Sent with the next step."""
+        keep = torch.as_tensor(keep, dtype=torch.long)
+        keep = keep.expand(self.batch, -1) if keep.dim() == 1 else keep
+        if self._tree is None or self._tree[0] != past_len:
+            raise TreeError(f"no tree step of this session started at position {past_len}; "
+                            "keep_path follows step(..., tree_parents=...) with the length from before it")
+        if keep.dim() != 2 or keep.shape[0] != self.batch or not 1 <= keep.shape[1] <= self._tree[1]:
+            raise TreeError(f"keep must be [{self.batch}, K] node indices with 1 <= K <= {self._tree[1]}, "
+                            f"got {list(keep.shape)}")
+        self._keep, self._tree = (past_len, keep.clone()), None
+        self.length = past_len + keep.shape[1]
+
+    def flush(self) -> None:
+        """Send a kept path that is still waiting for the next step to every stage now."""
+        if self._keep is not None:
+            past_len, keep = self._keep
+            self.chain.keep_path(self.session_id, past_len, keep)
+            self._keep = None
 
     def _ensure_open(self, batch: int) -> None:
         if self.closed:
@@ -56,6 +98,18 @@ class InferenceSession(Cache):
 
     def rollback(self, length: int) -> None:
         """Keep the first ``length`` positions on every stage."""
+        if self._keep is not None:
+            past, keep = self._keep
+            if past < length <= past + keep.shape[1]:  # keep less of the path: still no call of its own
+                self._keep, self.length = (past, keep[:, :length - past]), length
+                return
+            if length <= past:
+                self._keep = None  # what the path would keep is rolled back anyway
+        self.flush()
+        if self._tree is not None and length <= self._tree[0]:
+            self._tree = None
+        if self._tree is not None:
+            raise TreeError("roll back a tree step to at most its start, or keep a path of it first")
         if length != self.length:
             self.chain.broadcast("rollback", self.session_id, length)
             self.length = length

@@ -7,6 +7,10 @@ printed as it comes and a summary follows::
 
     result = generate_text(model, tokenizer, "def fibonacci(n):", max_new_tokens=32)
     result.text, result.tokens_per_s, result.trace          # a GenerationResult (renders as HTML)
+
+With ``speculative=True`` a draft model on the client proposes token trees that the chain verifies
+(``model.generate(..., assistant_model=draft)``); the panel then shows the acceptance rate, tokens
+per traversal of the chain and the tree size chosen for the link.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from transformers import TextStreamer
 
 from ..cluster.chain import StepTrace
 
-NOT_YET = "not enabled yet"
+PLAIN = "— (plain decoding; speculative: %%bloombee generate --speculative)"
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,7 @@ class GenerationResult:
     stage_names: tuple[str, ...]
     trace: TraceSummary
     compression: str = "off"   # the chain's codec for hidden-state frames
+    speculation: object = None  # a SpeculationSummary when a draft proposed token trees
 
     @property
     def tokens_per_s(self) -> float:
@@ -74,14 +79,26 @@ class GenerationResult:
                 f"({self.tokens_per_s:.1f} tokens/s): {self.text[:60]!r}>")
 
     def _repr_html_(self):
+        stats = stats_html(self.new_tokens, self.elapsed_s, self.stage_names, self.trace, self.compression,
+                           speculation=self.speculation)
         return (f"<div class='bloombee-result'><pre class='bloombee-gen-text'><b>{html.escape(self.prompt)}</b>"
-                f"{html.escape(self.text)}</pre>"
-                f"{stats_html(self.new_tokens, self.elapsed_s, self.stage_names, self.trace, self.compression)}</div>")
+                f"{html.escape(self.text)}</pre>{stats}</div>")
+
+
+def speculation_html(spec) -> str:
+    """Acceptance rate, tokens per traversal and the tree, of a SpeculationSummary (None: plain decoding)."""
+    if spec is None or not spec.rounds:
+        return f"acceptance rate: {PLAIN}"
+    depth = " / ".join(f"{a:.0%}" for a in spec.acceptance_by_depth) or "—"
+    tree = ",".join(map(str, spec.last_widths)) or "none"
+    return (f"acceptance rate: <b>{spec.acceptance_rate:.0%}</b> (per depth {depth}) · "
+            f"<b>{spec.tokens_per_traversal:.2f} tokens per traversal</b> · {spec.speculative_rounds} of "
+            f"{spec.rounds} traversals speculative, {spec.mean_tree_tokens:.1f} tree tokens each · last tree: {tree}")
 
 
 def stats_html(new_tokens: int, elapsed_s: float, stage_names, t: TraceSummary, compression: str = "off",
-               done: bool = True) -> str:
-    """Speed, bytes on the wire and compression, a per-stage table, and what is not enabled yet."""
+               done: bool = True, speculation=None) -> str:
+    """Speed, bytes on the wire and compression, speculation, and a per-stage table."""
     rate = new_tokens / elapsed_s if elapsed_s > 0 else 0.0
     ratio = (f"{t.hidden_bytes / t.wire_bytes:.2f}× ({html.escape(compression)})"
              if compression != "off" and t.wire_bytes else "off (connect with --compression auto|CODEC)")
@@ -94,7 +111,7 @@ def stats_html(new_tokens: int, elapsed_s: float, stage_names, t: TraceSummary, 
             f"decode step {t.step_wall_s * 1e3:.2f} ms ({t.relay} relay)<br>"
             f"hidden states on the wire: {t.wire_bytes / 1024:.1f} KiB over all hops ({t.hidden_bytes / 1024:.1f} KiB "
             f"uncompressed) · client's links: {t.bytes_sent / 1024:.1f} KiB sent, {t.bytes_received / 1024:.1f} KiB "
-            f"received · compression ratio: {ratio} · acceptance rate: — (speculative decoding {NOT_YET})"
+            f"received · compression ratio: {ratio}<br>{speculation_html(speculation)}"
             f"<table><tr><th>stage</th><th>worker</th><th>compute ms/step</th><th>round trip ms/step</th></tr>"
             f"{rows}</table></div>")
 
@@ -122,10 +139,13 @@ class GenerationPanel:
             self.widget = W.VBox([self.text_view, self.stats_view, self.figure]).add_class("bloombee-generation")
 
     def run(self, model, tokenizer, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
-            top_k: int = 50, top_p: float = 1.0, seed: int | None = None) -> GenerationResult:
+            top_k: int = 50, top_p: float = 1.0, seed: int | None = None, speculative: bool = False,
+            draft=None, tree_widths: tuple[int, ...] | str = "auto") -> GenerationResult:
         """Generate from ``prompt`` on the distributed model, streaming here.
 
         ``temperature=0`` decodes greedily; otherwise samples with ``top_k``/``top_p``.
+        ``speculative``: a draft model (``draft``: a model or a path; default: the shipped draft for
+        the shipped model) proposes token trees of ``tree_widths`` ("auto": chosen for the link).
         """
         import torch
 
@@ -137,15 +157,20 @@ class GenerationPanel:
         if seed is not None:
             torch.manual_seed(seed)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        with model.inference_session(max_length=ids["input_ids"].shape[1] + max_new_tokens) as session:
+        spec = {}
+        if speculative:
+            spec = dict(assistant_model=resolve_draft(model, tokenizer, draft), tree_widths=tree_widths)
+        room = _tree_room() if speculative else 0   # a tree's tokens on top of the output
+        with model.inference_session(max_length=ids["input_ids"].shape[1] + max_new_tokens + room) as session:
             streamer = _PanelStreamer(tokenizer, self, session)
             out = model.generate(**ids, session=session, max_new_tokens=max_new_tokens, streamer=streamer,
-                                 pad_token_id=pad, **sampling)
-            traces = list(session.traces)
+                                 pad_token_id=pad, **sampling, **spec)
+            traces, rounds = list(session.traces), list(session.rounds)
         elapsed = time.perf_counter() - self.t0
         new = out[0, ids["input_ids"].shape[1]:]
         self.result = GenerationResult(prompt, tokenizer.decode(new, skip_special_tokens=True), int(new.numel()),
-                                       elapsed, tuple(self.stage_names), TraceSummary.of(traces), self.compression)
+                                       elapsed, tuple(self.stage_names), TraceSummary.of(traces), self.compression,
+                                       _speculation(rounds) if speculative else None)
         return self.result
 
     def _start(self, prompt: str, stage_names: list[str]) -> None:
@@ -160,7 +185,7 @@ class GenerationPanel:
         return (f"<pre class='bloombee-gen-text' style='white-space:pre-wrap'><b>{html.escape(self.prompt)}</b>"
                 f"{html.escape(self.text)}</pre>")
 
-    def push(self, text: str, tokens: int, traces, done: bool = False) -> None:
+    def push(self, text: str, tokens: int, traces, done: bool = False, rounds=()) -> None:
         """Add streamed text; redraw if ``interval_s`` passed since the last redraw (always when done)."""
         self.text += text
         self.new_tokens += tokens
@@ -170,16 +195,16 @@ class GenerationPanel:
         now = time.perf_counter()
         if done or now - self._last >= self.interval_s:
             self._last = now
-            self._redraw(list(traces), done)
+            self._redraw(list(traces), done, list(rounds))
 
-    def _redraw(self, traces, done: bool) -> None:
+    def _redraw(self, traces, done: bool, rounds=()) -> None:
         from . import figures
 
         self.updates += 1
         t = TraceSummary.of(traces)
         self.text_view.value = self._text_html()
         self.stats_view.value = stats_html(self.new_tokens, time.perf_counter() - self.t0, self.stage_names, t,
-                                           self.compression, done)
+                                           self.compression, done, _speculation(rounds) if rounds else None)
         if t.decode_steps:
             figures.refresh(self.figure, figures.stage_step_times(self.stage_names, t.stage_compute_s, t.stage_wall_s,
                                                                   t.step_wall_s))
@@ -201,7 +226,7 @@ class _PanelStreamer(TextStreamer):
         super().put(value)
 
     def on_finalized_text(self, text: str, stream_end: bool = False):
-        self.panel.push(text, self._pending, self.session.traces, done=stream_end)
+        self.panel.push(text, self._pending, self.session.traces, done=stream_end, rounds=self.session.rounds)
         self._pending = 0
 
 
@@ -227,14 +252,63 @@ class _Summary:
 
     def __repr__(self):
         r = self.result
+        spec = r.speculation
+        accepted = (f", acceptance rate {spec.acceptance_rate:.0%}, "
+                    f"{spec.tokens_per_traversal:.2f} tokens per traversal" if spec is not None and spec.rounds else "")
         return (f"# {r.new_tokens} tokens in {r.elapsed_s:.2f} s ({r.tokens_per_s:.1f} tokens/s), "
-                f"{r.trace.bytes_sent + r.trace.bytes_received} bytes on the wire")
+                f"{r.trace.bytes_sent + r.trace.bytes_received} bytes on the wire{accepted}")
 
     def _repr_html_(self):
         r = self.result
-        return stats_html(r.new_tokens, r.elapsed_s, r.stage_names, r.trace, r.compression)
+        return stats_html(r.new_tokens, r.elapsed_s, r.stage_names, r.trace, r.compression, speculation=r.speculation)
 
 
 def _worker_name(model, address: str) -> str:
     info = model.cluster.workers().get(address, {})
     return str(info.get("name", address))
+
+
+def _tree_room() -> int:
+    from ..generate.tree_size import MAX_NODES
+
+    return MAX_NODES
+
+
+def _speculation(rounds):
+    from ..generate.speculative import SpeculationSummary
+
+    return SpeculationSummary.of(rounds)
+
+
+def resolve_draft(model, tokenizer, draft=None):
+    """The draft model for ``model``: ``draft`` itself, a path to load, or (None) the shipped draft
+    when ``model`` is the shipped target. Checked against the target's vocabulary and tokenizer."""
+    from pathlib import Path
+
+    from ..errors import DraftModelError
+    from ..generate.speculative import check_draft, load_draft
+    from ..shipped import DRAFT_PATH, TARGET_PATH
+
+    if draft is None:
+        if Path(str(model.name_or_path)).resolve() != TARGET_PATH.resolve():
+            raise DraftModelError(f"there is no default draft for {model.name_or_path}: pass a small causal LM that "
+                                  "shares its tokenizer (%%bloombee generate --speculative --draft PATH)")
+        draft = str(DRAFT_PATH)
+    draft_tokenizer = None
+    if isinstance(draft, (str, Path)):
+        draft_tokenizer = _tokenizer_of(str(draft))
+        try:
+            draft = load_draft(str(draft))
+        except (OSError, ValueError) as exc:
+            raise DraftModelError(f"cannot load the draft model {draft}: {exc}") from None
+    check_draft(model, draft, tokenizer, draft_tokenizer)
+    return draft
+
+
+def _tokenizer_of(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        return None  # no tokenizer saved with the draft: the vocabulary size is checked instead

@@ -63,6 +63,18 @@ def _identifier(name: str) -> str:
     return name
 
 
+def _widths(text: str):
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        widths = ()
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"needs 'auto' or positive widths like 2,2,1, got {text!r}")
+    return widths
+
+
 def _codec(label: str) -> str:
     from ..transport import Codec
 
@@ -120,7 +132,12 @@ def build_parser() -> _Parser:
     g.add_argument("--top-k", type=_positive_int, default=50, help="sample among the k likeliest tokens")
     g.add_argument("--top-p", type=_fraction(0, 1), default=1.0, help="sample within this probability mass")
     g.add_argument("--seed", type=int, help="seed torch's generator for reproducible sampling")
-    g.add_argument("--speculative", action="store_true", help="speculative decoding (not enabled yet)")
+    g.add_argument("--speculative", action="store_true",
+                   help="a draft model on the client proposes token trees the chain verifies in one pass")
+    g.add_argument("--draft", metavar="PATH", help="the draft for --speculative: a small causal LM with the same "
+                                                   "tokenizer (default: the shipped draft, for the shipped model)")
+    g.add_argument("--tree", type=_widths, default="auto", metavar="WIDTHS",
+                   help="--speculative tree: children per node at each depth, e.g. 2,2,1 (default: auto, for the link)")
     g.add_argument("--out", metavar="NAME", type=_identifier, help="also store the GenerationResult in this variable")
 
     sub.add_parser("help", help="this help")
@@ -250,8 +267,8 @@ class BloombeeMagics(Magics):
 
         if cell is None:
             raise UsageError("generate is a cell magic: put `%%bloombee generate` on the first line, the prompt below")
-        if args.speculative:
-            raise UsageError("--speculative is not enabled yet: speculative decoding arrives with its own issue")
+        if not args.speculative and (args.draft or args.tree != "auto"):
+            raise UsageError("--draft and --tree go with --speculative")
         prompt = cell.strip("\n")
         if not prompt.strip():
             raise UsageError("the cell body is the prompt, and it is empty")
@@ -259,7 +276,8 @@ class BloombeeMagics(Magics):
         result = generate_text(s.require_model(), s.require_tokenizer(), prompt,
                                max_new_tokens=args.max_new_tokens or self.max_new_tokens,
                                temperature=self.temperature if args.temperature is None else args.temperature,
-                               top_k=args.top_k, top_p=args.top_p, seed=args.seed, live=self.live)
+                               top_k=args.top_k, top_p=args.top_p, seed=args.seed, live=self.live,
+                               speculative=args.speculative, draft=args.draft, tree_widths=args.tree)
         s.last_generation = result
         self._store(args.out, result)
 

@@ -52,6 +52,29 @@ def test_generate_streams_the_same_tokens_as_transformers(ip, capsys):
     assert session().last_generation is result
 
 
+def test_speculative_generate_is_exact_and_reports_acceptance(ip, capsys):
+    ip.run_cell_magic("bloombee", "generate --speculative --max-new-tokens 16 --out spec", PROMPT + "\n")
+    printed = capsys.readouterr().out
+    result = ip.user_ns["spec"]
+    assert result.text == transformers_greedy(PROMPT, 16) and result.new_tokens == 16
+    s = result.speculation
+    assert s.rounds < 16 and s.tokens_per_traversal > 1 and s.speculative_rounds >= 1
+    assert "acceptance rate" in printed and "tokens per traversal" in printed         # the static summary line
+    assert f"{s.acceptance_rate:.0%}</b>" in result._repr_html_()
+    ip.run_cell_magic("bloombee", "generate --speculative --tree 1,1,1 --max-new-tokens 8 --out linear", PROMPT)
+    assert ip.user_ns["linear"].speculation.last_widths in ((1, 1, 1), (1, 1), (1,))  # trimmed near the end
+    assert ip.user_ns["linear"].text == transformers_greedy(PROMPT, 8)
+
+
+def transformers_greedy(prompt: str, n: int) -> str:
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    ref = AutoModelForCausalLM.from_pretrained(default_model_path()).eval()
+    ids = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = ref.generate(**ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
 def test_profile_then_static_plan(ip, capsys):
     ip.run_line_magic("bloombee", "profile --out prof")
     assert ip.user_ns["prof"] is session().profile and len(session().profile.workers) == 2
@@ -87,6 +110,7 @@ def test_plan_widget_when_widgets_are_live(ip):
     ("connect local --compression zip-9", "unknown compressor"),
     ("plan --out 1x", "variable name"),
     ("generate --temperature -1", "must be in"),
+    ("generate --speculative --tree 2,0", "positive widths"),
 ])
 def test_wrong_arguments_are_usage_errors(ip, line, match):
     with pytest.raises(UsageError, match=match):
@@ -96,8 +120,10 @@ def test_wrong_arguments_are_usage_errors(ip, line, match):
 def test_cell_errors_are_usage_errors(ip):
     with pytest.raises(UsageError, match="prompt, and it is empty"):
         ip.run_cell_magic("bloombee", "generate", "\n  \n")
-    with pytest.raises(UsageError, match="not enabled yet"):
-        ip.run_cell_magic("bloombee", "generate --speculative", "hi")
+    with pytest.raises(UsageError, match="go with --speculative"):
+        ip.run_cell_magic("bloombee", "generate --tree 2,2", "hi")
+    with pytest.raises(UsageError, match="cannot load the draft model"):
+        ip.run_cell_magic("bloombee", "generate --speculative --draft /nonexistent/draft", "hi")
     with pytest.raises(UsageError, match="only `%%bloombee generate` takes a cell body"):
         ip.run_cell_magic("bloombee", "status", "x")
 

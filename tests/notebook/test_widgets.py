@@ -172,7 +172,7 @@ def test_generation_panel_streams_in_batches(model, tokenizer, capsys):
     result = live.run(model, tokenizer, prompt, max_new_tokens=10)
     assert result.text == reference_text(tokenizer, prompt, 10) and live.text == result.text
     assert live.updates >= 3 and result.text.strip().split()[0] in live.text_view.value
-    assert "tokens/s" in live.stats_view.value and "not enabled yet" in live.stats_view.value
+    assert "tokens/s" in live.stats_view.value and "acceptance rate: — (plain decoding" in live.stats_view.value
     compute, wall = live.figure.data                        # per stage + the whole step
     assert len(compute.x) == len(model.placement.stages) + 1 and min(compute.y) > 0 and wall.y[-1] >= compute.y[-1]
     batched = GenerationPanel(live=True, interval_s=60.0)  # no redraw until the stream ends
@@ -180,6 +180,18 @@ def test_generation_panel_streams_in_batches(model, tokenizer, capsys):
     assert batched.updates == 1 and batched.text == result.text
     GenerationPanel(live=False).run(model, tokenizer, prompt, max_new_tokens=4)
     assert capsys.readouterr().out.startswith(prompt + result.text[:3])     # plain streamed text
+
+
+def test_generation_panel_shows_speculation(model, tokenizer):
+    prompt = "def fibonacci(n):"
+    live = GenerationPanel(live=True, interval_s=0.0)
+    result = live.run(model, tokenizer, prompt, max_new_tokens=12, speculative=True, tree_widths=(2, 2, 1))
+    assert result.text == reference_text(tokenizer, prompt, 12)
+    spec = result.speculation
+    assert spec.rounds < 12 and spec.tokens_per_traversal > 1 and 0 < spec.acceptance_rate <= 1
+    assert f"{spec.tokens_per_traversal:.2f} tokens per traversal" in live.stats_view.value
+    assert "acceptance rate: <b>" in live.stats_view.value and spec.last_widths[0] == 2
+    assert f"last tree: {','.join(map(str, spec.last_widths))}" in live.stats_view.value
 
 
 def test_link_map_labels_the_codec_chosen_per_link():
