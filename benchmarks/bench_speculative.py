@@ -1,6 +1,8 @@
 """Speculative decoding across the chain on emulated slow links: the shipped target/draft pair.
 
     python benchmarks/bench_speculative.py            # RTT 5, 50, 100 ms; ~3-5 minutes on 2 cores
+    python benchmarks/bench_speculative.py --wan      # root: the namespace link emulator and the four
+                                                      # link settings of bench_network.py
 
 An embedded 3-worker cluster hosts the shipped ``tiny-llama`` (3 stages of 2 layers, chain relay);
 the client holds the draft (``tiny-llama-draft``). Every participant holds each message it sends
@@ -18,6 +20,7 @@ benchmarks/results/speculative.json, .png and .md.
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
@@ -29,6 +32,7 @@ import torch
 from transformers import AutoTokenizer
 
 import bloombee_nb as bb
+from bloombee_nb.cluster import linkemu
 from bloombee_nb.cluster.linkemu import set_rtt
 from bloombee_nb.generate.speculative import SpeculationSummary, load_draft
 from bloombee_nb.shipped import DRAFT_PATH, default_model_path
@@ -81,42 +85,66 @@ def aggregate(rows: list[dict]) -> dict:
                 trees=dict(sum((r["trees"] for r in rows), Counter()).most_common()))
 
 
+WAN_LINKS = [(1000, 5), (100, 5), (100, 100), (12.5, 50)]  # (Mbit/s, RTT ms), as bench_network.py
+
+
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--wan", action="store_true", help="workers in network namespaces, tbf-shaped links (root)")
+    args = ap.parse_args()
+    emu = None
+    if args.wan:
+        if (why := linkemu.available()) is not None:
+            raise SystemExit(f"--wan needs the link emulator: {why}")
+        emu = linkemu.LinkEmulator(n_workers=3).__enter__()
+    settings = WAN_LINKS if emu is not None else [(None, r) for r in RTTS_MS]
+    stem = "speculative_wan" if emu is not None else "speculative"
     tok = AutoTokenizer.from_pretrained(default_model_path())
     draft = load_draft(str(DRAFT_PATH))
     result = {"model": "tiny-llama (6 layers, 4.4M params) + tiny-llama-draft (2 layers, 0.8M)",
               "prompts": PROMPTS, "new_tokens": NEW_TOKENS, "decoding": "greedy", "rtts_ms": list(RTTS_MS),
               "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads available, "
                          f"Python {platform.python_version()}, torch {torch.__version__}",
-              "link_emulation": "in-process send-path hold of RTT/2 on every participant (client and workers); "
-                                "no bandwidth shaping; loopback underneath",
-              "command": "python benchmarks/bench_speculative.py", "settings": {}}
+              "link_emulation": ("workers in network namespaces, bandwidth shaped by tc tbf on veth pairs, RTT/2 "
+                                 "held in every participant's send path" if emu is not None else
+                                 "in-process send-path hold of RTT/2 on every participant (client and workers); "
+                                 "no bandwidth shaping; loopback underneath"),
+              "command": "python benchmarks/bench_speculative.py" + (" --wan" if emu is not None else ""),
+              "settings": {}}
     t_start = time.perf_counter()
-    with bb.connect(n_workers=3) as cluster:
+    cluster = bb.connect(emu.scheduler_address) if emu is not None else bb.connect(n_workers=3)
+    with cluster:
+        cluster.wait_for_workers(3, 60)
         model = bb.DistributedModelForCausalLM.from_pretrained(default_model_path(), cluster=cluster)
         result["spans"] = model.placement.spans
         try:
-            for rtt in RTTS_MS:
-                set_rtt(rtt, cluster.client)
+            for rate, rtt in settings:
+                if emu is not None:
+                    emu.shape(rate, rtt, cluster.client)
+                else:
+                    set_rtt(rtt, cluster.client)
+                key = f"{rate:g} Mbit/s · {rtt}" if rate else str(rtt)
                 run_variant(model, tok, draft, "auto")  # warm-up (and the draft's first call)
                 setting = {name: run_variant(model, tok, draft, w) for name, w in VARIANTS.items()}
                 plain = [r["tokens"] for r in setting["plain"]]
-                result["settings"][str(rtt)] = {
+                result["settings"][key] = {
                     name: {**aggregate(rows), "exact": [r["tokens"] for r in rows] == plain}
                     for name, rows in setting.items()}
                 print(rtt, "ms:", json.dumps({k: round(v["per_token_ms"], 1) for k, v in
-                                              result["settings"][str(rtt)].items()}), flush=True)
+                                              result["settings"][key].items()}), flush=True)
         finally:
             set_rtt(0, cluster.client)
             model.close()
+    if emu is not None:
+        emu.__exit__(None, None, None)
     result["wall_s"] = time.perf_counter() - t_start
     for rtt, setting in result["settings"].items():
         for v in setting.values():
             v["speedup_vs_plain"] = setting["plain"]["per_token_ms"] / v["per_token_ms"]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "speculative.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / "speculative.md").write_text(markdown(result))
-    plot(result, RESULTS / "speculative.png")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"{stem}.md").write_text(markdown(result))
+    plot(result, RESULTS / f"{stem}.png")
     print(markdown(result))
 
 
@@ -152,16 +180,17 @@ def plot(result, out: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rtts = [int(r) for r in result["settings"]]
+    labels = list(result["settings"])
+    rtts = list(range(len(labels)))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     colors = {"plain": "#888", "linear": "#d8893b", "tree": "#3b7dd8", "auto": "#2a9d4b"}
     for name in VARIANTS:
         for ax, key in zip(axes, ["per_token_ms", "tokens_per_s", "tokens_per_traversal"]):
-            ax.plot(rtts, [result["settings"][str(r)][name][key] for r in rtts], "o-", color=colors[name], label=name)
+            ax.plot(rtts, [result["settings"][r][name][key] for r in labels], "o-", color=colors[name], label=name)
     for ax, title in zip(axes, ["per-token latency (ms, lower is better)", "tokens/s", "tokens per chain traversal"]):
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("emulated RTT per link (ms)")
-        ax.set_xticks(rtts)
+        ax.set_xlabel("emulated link (RTT ms)")
+        ax.set_xticks(rtts, [f"{x} ms" for x in labels], fontsize=8)
         ax.legend(fontsize=8)
     fig.suptitle(f"Speculative decoding across a 3-stage chain: {result['model']}, greedy, exact", fontsize=10)
     fig.tight_layout()
