@@ -20,6 +20,8 @@ EXPECTED = {
     "02_planning.ipynb": ["predicted", "measured"],
     "03_compression_and_links.ipynb": ["pays on links below", "identical to transformers", "ms per token",
                                        "time to first token"],
+    "04_speculative_decoding.ipynb": ["identical to transformers' greedy", "tokens per traversal", "speculation off",
+                                      "ms per token", "max |frequency − p|"],
     "05_multi_machine.ipynb": ["workers exited with [0, 0]", "scheduler exited with 0", "refused:"],
 }
 
