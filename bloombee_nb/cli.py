@@ -1,6 +1,7 @@
 """``bloombee-nb``: join a cluster as a worker, or run one generation.
 
     bloombee-nb worker tcp://host:8786          # serve whatever span the scheduler's clients place here
+                                                # (SIGTERM / Ctrl-C: hand the spans over, then exit; twice: exit now)
     bloombee-nb credentials ./creds             # TLS credentials; then `scheduler --tls ./creds`, `worker … --tls ./creds`
     bloombee-nb generate "def fibonacci(n):"    # embedded local cluster + the shipped model
 """
@@ -53,14 +54,51 @@ def _worker(args) -> int:
         async with Worker(args.scheduler, nthreads=args.nthreads, name=args.name, host=args.host,
                           memory_limit=args.memory_limit, security=_security(args),
                           protocol="tls" if args.tls else None) as worker:
+            leave = _Leave(worker, args.leave_grace_s)
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, lambda: asyncio.ensure_future(worker.close()))
+                loop.add_signal_handler(sig, leave.signal)
             print(f"bloombee-nb worker {worker.address} joined {args.scheduler}", flush=True)
             await worker.finished()
 
     asyncio.run(serve())
     return 0
+
+
+class _Leave:
+    """The first SIGTERM/SIGINT: leave gracefully. Every stage here refuses new steps (its clients
+    replay their sessions on other workers: a pause, nothing lost), the scheduler stops placing work
+    here (status ``closing_gracefully``), and the worker exits once no session is open on its stages
+    or after ``grace_s``. A second signal exits at once."""
+
+    def __init__(self, worker, grace_s: float):
+        self.worker, self.grace_s, self.task = worker, grace_s, None
+
+    def signal(self) -> None:
+        if self.task is None:
+            self.task = asyncio.ensure_future(self.leave())
+            return
+        print("bloombee-nb worker: second signal, closing now", flush=True)
+        self.task.cancel()
+        asyncio.ensure_future(self.worker.close())
+
+    async def leave(self) -> None:
+        from distributed.core import Status
+
+        from .cluster.stage import begin_leaving, open_sessions
+
+        stages = begin_leaving(self.worker)
+        self.worker.status = Status.closing_gracefully
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.grace_s
+        print(f"bloombee-nb worker {self.worker.address} leaving: {open_sessions(self.worker)} sessions open on "
+              f"{len(stages)} stages, waiting up to {self.grace_s:.0f}s for them to move", flush=True)
+        while open_sessions(self.worker) and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        left = open_sessions(self.worker)
+        print(f"bloombee-nb worker {self.worker.address} left" + (f" ({left} sessions still open)" if left else ""),
+              flush=True)
+        await self.worker.close()
 
 
 def _generate(args) -> int:
@@ -105,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--memory-limit", default="auto")
     w.add_argument("--tls", metavar="FOLDER", default=None,
                    help="credentials folder (bloombee-nb credentials): mutual TLS, tls:// scheduler address")
+    w.add_argument("--leave-grace-s", type=float, default=30.0,
+                   help="on SIGTERM, wait at most this long for sessions to move off this worker before exiting")
     w.set_defaults(run=_worker)
 
     c = sub.add_parser("credentials", help="write TLS credentials (key + self-signed certificate) for a cluster")

@@ -53,7 +53,40 @@ class UnsupportedArchitectureError(BloombeeError, ValueError):
 
 
 class StageUnavailableError(BloombeeError, ConnectionError):
-    """A worker hosting a stage is gone or did not answer in time."""
+    """A worker hosting a stage is gone or did not answer in time.
+
+    ``workers``: the Dask addresses of the workers it is about (empty when the failing worker is
+    not known, e.g. a step that did not reach the last stage in time). A session that hits it
+    replays its history onto live workers (see ``InferenceSession``); it reaches the caller only
+    where that is impossible or switched off.
+    """
+
+    def __init__(self, message: str = "", workers=()):
+        super().__init__(message)
+        self.workers = tuple(workers)
+
+    def __reduce__(self):  # crosses Dask (pickled) with its workers
+        return type(self), (str(self), self.workers)
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
+
+
+class StageHungError(StageUnavailableError):
+    """A stage's worker is still connected but does not answer: a ping or a call timed out."""
+
+
+class StageLeavingError(StageUnavailableError):
+    """The worker hosting a stage is leaving (``bloombee-nb worker`` got SIGTERM) and takes no new steps:
+    sessions move their spans to other workers (a pause, nothing lost)."""
+
+
+class RecoveryError(BloombeeError, RuntimeError):
+    """Workers were lost and the live ones cannot host the model: nothing to re-place the spans on.
+
+    The session keeps its history: once workers join (``bloombee-nb worker <scheduler>``), the next
+    step on it recovers and continues exactly.
+    """
 
 
 class NotEnoughWorkersError(BloombeeError, RuntimeError):

@@ -7,6 +7,21 @@ Two relays, same results:
   ``collect`` call. Per token: one traversal of the chain (N+1 one-way hops).
 - ``"star"`` (Petals-style, kept for comparison): the client calls each stage in turn and relays
   every intermediate result itself. Per token: N round trips through the client.
+
+Failures are noticed within bounded time and name the worker(s) they are about
+(:class:`~bloombee_nb.errors.StageUnavailableError` ``.workers``):
+
+- a worker process that dies closes its connections: calls on it fail at once;
+- every call also has a timeout (``timeout_s``): Dask never resolves a call whose arguments fail to
+  serialise, and a hung worker never answers;
+- while a call waits longer than ``liveness_interval_s``, a watchdog asks the scheduler which
+  workers it still has (a killed worker is gone from it at once, while a call to its address would
+  retry connecting for Dask's 30 s connect timeout) and pings every stage on its worker's event loop
+  (:meth:`StageActor.ping`, answered even while a long step computes): a stage silent for
+  ``ping_timeout_s`` fails the call as hung.
+
+What to do about a failure (replay the session on live workers) is the session's business
+(``generate/session.py``); a chain never retries by itself.
 """
 
 from __future__ import annotations
@@ -17,10 +32,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-from distributed import Client
+from distributed import Client, wait
 
 from .. import transport
-from ..errors import BloombeeError, StageUnavailableError
+from ..errors import BloombeeError, StageHungError, StageLeavingError, StageUnavailableError
 from ..transport.emulation import hold
 from .placement import Placement, StageSpec
 from .stage import StageActor, extra_nbytes
@@ -28,6 +43,10 @@ from .stage import StageActor, extra_nbytes
 #: Seconds an actor call may take before its worker counts as gone. Dask never resolves a call
 #: whose arguments fail to serialise, so every call carries a timeout.
 DEFAULT_CALL_TIMEOUT_S = 120.0
+#: A call that waits longer than this starts the watchdog (scheduler membership + stage pings).
+DEFAULT_LIVENESS_INTERVAL_S = 1.0
+#: A stage whose worker does not answer a ping for this long counts as hung.
+DEFAULT_PING_TIMEOUT_S = 10.0
 
 
 RELAYS = ("chain", "star")
@@ -65,14 +84,18 @@ class RemoteChain:
     """Actor handles for a :class:`Placement`, with calls that time out and name the lost worker."""
 
     def __init__(self, client: Client, placement: Placement, futures: list, timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
-                 relay: str = "chain", compression: str | None = None, min_compress_bytes: int = 64 << 10):
+                 relay: str = "chain", compression: str | None = None, min_compress_bytes: int = 64 << 10,
+                 liveness_interval_s: float | None = DEFAULT_LIVENESS_INTERVAL_S,
+                 ping_timeout_s: float = DEFAULT_PING_TIMEOUT_S):
         if relay not in RELAYS:
             raise ValueError(f"relay must be one of {RELAYS}, got {relay!r}")
         self.client, self.placement, self.timeout_s, self.relay = client, placement, timeout_s, relay
+        self.liveness_interval_s, self.ping_timeout_s = liveness_interval_s, ping_timeout_s
+        self.released = False
         self._futures = futures  # an actor lives as long as its future is held
-        self.actors = client.gather(futures)
-        for a, b, spec in zip(self.actors, self.actors[1:], placement.stages[1:]):
-            a.set_next(b, unavailable_message(spec), self.actors[-1]).result(timeout=timeout_s)
+        self.actors = gather_actors(client, futures, placement)
+        for a, b, st, spec in zip(self.actors, self.actors[1:], placement.stages, placement.stages[1:]):
+            _settle(st, a, "set_next", b, unavailable_message(spec), self.actors[-1], spec.worker, timeout_s=timeout_s)
         # the codec each sender uses on each of its links: the client's per stage it sends to
         # (chain: only the first), each stage's for its one outgoing link
         n = len(self.actors)
@@ -89,14 +112,17 @@ class RemoteChain:
 
     @classmethod
     def create(cls, client: Client, placement: Placement, path: str, timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
-               relay: str = "chain", compression: str | None = None, **stage_kwargs) -> "RemoteChain":
+               relay: str = "chain", compression: str | None = None,
+               liveness_interval_s: float | None = DEFAULT_LIVENESS_INTERVAL_S,
+               ping_timeout_s: float = DEFAULT_PING_TIMEOUT_S, **stage_kwargs) -> "RemoteChain":
         """Start one StageActor per stage, all loading in parallel, each pinned to its worker."""
         futures = [
             client.submit(StageActor, path, st.start, st.end, actor=True, pure=False,
                           workers=[st.worker], allow_other_workers=False, **stage_kwargs)
             for st in placement.stages
         ]
-        return cls(client, placement, futures, timeout_s, relay, compression)
+        return cls(client, placement, futures, timeout_s, relay, compression,
+                   liveness_interval_s=liveness_interval_s, ping_timeout_s=ping_timeout_s)
 
     def hops(self) -> list[tuple[int, int]]:
         """The links hidden states cross, as (sender, receiver) with -1 for the client."""
@@ -108,9 +134,8 @@ class RemoteChain:
     def set_policies(self, client_policies: list, stage_policies: list) -> None:
         """Install who encodes what: the client's policy per destination stage, each stage's own."""
         self.client_policies, self.stage_policies = list(client_policies), list(stage_policies)
-        futures = [a.set_compression(p.to_dict()) for a, p in zip(self.actors, stage_policies)]
-        for f in futures:
-            f.result(timeout=self.timeout_s)
+        for st, a, p in zip(self.placement.stages, self.actors, stage_policies):
+            _settle(st, a, "set_compression", p.to_dict(), timeout_s=self.timeout_s)
 
     def choose_compression(self, bandwidth_Bps: dict[tuple[int, int], float], sample: torch.Tensor) -> None:
         """Per link, the codec that pays for itself: each sender calibrates every candidate on
@@ -134,18 +159,17 @@ class RemoteChain:
         return [(s, d, self.client_policies[d] if s == -1 else self.stage_policies[s]) for s, d in self.hops()]
 
     def broadcast(self, method: str, *args) -> list:
-        """Call ``method`` on every stage concurrently; the first failure is raised after all answered."""
-        futures = [getattr(a, method)(*args) for a in self.actors]
-        results, first_error = [], None
-        for st, fut in zip(self.placement.stages, futures):
-            try:
-                results.append(fut.result(timeout=self.timeout_s))
-            except BloombeeError as exc:
-                first_error = first_error or exc
-            except (OSError, TimeoutError, KeyError, RuntimeError) as exc:
-                first_error = first_error or _unavailable(st, exc)
-        if first_error is not None:
-            raise first_error
+        """Call ``method`` on every stage concurrently; the first failure is raised after all answered
+        (or as soon as the watchdog finds a stage's worker gone or hung)."""
+        self._check_usable()
+        return self.client.sync(self._watched, self._broadcast(method, args))
+
+    async def _broadcast(self, method: str, args: tuple) -> list:
+        calls = [self._call(i, method, *args) for i in range(len(self.actors))]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise next((e for e in errors if isinstance(e, StageUnavailableError)), errors[0])  # recoverable first
         return results
 
     def forward(self, session_id: str, hidden: torch.Tensor, position_ids: torch.Tensor,
@@ -160,14 +184,16 @@ class RemoteChain:
         The relay runs as one coroutine on the client's event loop: one thread hand-off per step
         (each hand-off costs ~0.5 ms on a busy 2-core machine).
         """
+        self._check_usable()
         pos, mask = transport.encode(position_ids), transport.encode(attention_mask)
         spec = _speculation_frames(tree_parents, keep)
         nbytes = hidden.numel() * hidden.element_size()
         if self.relay == "chain" and len(self.actors) > 1:
             frame = transport.encode(hidden, self.client_policies[0].codec_for(nbytes))
-            out, walls, computes, sent, hops = self.client.sync(self._relay_chain, session_id, frame, pos, mask, spec)
+            relay = self._relay_chain(session_id, frame, pos, mask, spec)
         else:
-            out, walls, computes, sent, hops = self.client.sync(self._relay_star, session_id, hidden, pos, mask, spec)
+            relay = self._relay_star(session_id, hidden, pos, mask, spec)
+        out, walls, computes, sent, hops = self.client.sync(self._watched, relay)
         trace = StepTrace(hidden.shape[1], tuple(walls), tuple(c for c, _ in computes), sent, len(out), self.relay,
                           nbytes, tuple(hops))
         return transport.decode(out), trace
@@ -180,7 +206,7 @@ class RemoteChain:
     async def _relay_star(self, session_id: str, hidden: torch.Tensor, pos: bytes, mask: bytes, spec=(None, None)):
         walls, computes, sent, into, back = [], [], 0, [], []
         extra = extra_nbytes(*spec)
-        for i, actor in enumerate(self.actors):
+        for i in range(len(self.actors)):
             t0 = time.perf_counter()
             if i == 0 or self.client_policies[i] != self.stage_policies[i - 1]:  # else relay the bytes as they are
                 hidden = hidden if i == 0 else transport.decode(frame)
@@ -188,8 +214,8 @@ class RemoteChain:
             sent += len(frame) + len(pos) + len(mask) + extra
             into.append(len(frame))
             await hold(len(frame) + len(pos) + len(mask) + extra)  # emulated client link (benchmarks only)
-            frame, ((compute_s, out_bytes),) = await self._await(i, actor.forward(session_id, frame, pos, mask,
-                                                                                  None, (), *spec))
+            frame, ((compute_s, out_bytes),) = await self._call(i, "forward", session_id, frame, pos, mask,
+                                                                 None, (), *spec)
             walls.append(time.perf_counter() - t0)
             computes.append((compute_s, out_bytes))
             back.append(len(frame))
@@ -198,13 +224,16 @@ class RemoteChain:
     async def _relay_chain(self, session_id: str, frame: bytes, pos: bytes, mask: bytes, spec=(None, None)):
         await self._check_acks()
         step, t0 = next(self._steps), time.perf_counter()
-        collect = asyncio.ensure_future(self._await(len(self.actors) - 1, self.actors[-1].collect(
-            session_id, step, self.timeout_s)))
+        collect = asyncio.ensure_future(self._call(len(self.actors) - 1, "collect", session_id, step, self.timeout_s))
         sent = len(frame) + len(pos) + len(mask) + extra_nbytes(*spec)
         await hold(sent)  # emulated client link (benchmarks only)
-        ack = asyncio.ensure_future(self._await(0, self.actors[0].forward(session_id, frame, pos, mask, step, (),
-                                                                          *spec)))
-        await asyncio.wait({collect, ack}, return_when=asyncio.FIRST_COMPLETED)
+        ack = asyncio.ensure_future(self._call(0, "forward", session_id, frame, pos, mask, step, (), *spec))
+        try:
+            await asyncio.wait({collect, ack}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the watchdog gave up on this step
+            collect.cancel()
+            ack.cancel()
+            raise
         if ack.done() and ack.exception() is not None:  # a stage refused the step: say which error
             collect.cancel()
             raise ack.exception()
@@ -221,20 +250,108 @@ class RemoteChain:
             if a.exception() is not None:
                 raise a.exception()
 
-    async def _await(self, i: int, future):
+    async def _call(self, i: int, method: str, *args):
+        """``method(*args)`` on stage ``i`` within ``timeout_s``; any way it cannot be reached (closed
+        connection, timeout, an actor Dask says is lost) becomes a typed error naming the worker."""
         try:
-            return await asyncio.wait_for(_awaitable(future), self.timeout_s)
+            return await asyncio.wait_for(_awaitable(getattr(self.actors[i], method)(*args)), self.timeout_s)
         except BloombeeError:
             raise
         except (OSError, asyncio.TimeoutError, TimeoutError, KeyError, RuntimeError) as exc:
             raise _unavailable(self.placement.stages[i], exc) from exc
 
+    # ---- liveness -------------------------------------------------------------------------------
+    async def _watched(self, call):
+        """Await ``call`` (a step or a broadcast); once it has waited ``liveness_interval_s``, a
+        watchdog runs beside it and fails it as soon as a stage's worker is found lost."""
+        task = asyncio.ensure_future(call)
+        watch = None
+        try:
+            if self.liveness_interval_s is not None:
+                await asyncio.wait({task}, timeout=self.liveness_interval_s)  # a fast call costs no watchdog
+                if not task.done():
+                    watch = asyncio.ensure_future(self._watch())
+                    await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done() and watch is not None:
+                task.cancel()
+                return watch.result()  # raises what the watchdog found
+            return await task
+        finally:
+            for t in (task, watch):
+                if t is not None and not t.done():
+                    t.cancel()
+
+    async def _watch(self):
+        """Raises once a stage's worker is gone from the scheduler (checked every
+        ``liveness_interval_s``) or has not answered a ping for ``ping_timeout_s``."""
+        pings, since = None, 0.0
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                gone = await self._gone_from_scheduler()
+                if gone:
+                    raise StageUnavailableError(_lost_message(self.placement, gone, "left the cluster "
+                                                "(the scheduler lost it)"), workers=gone)
+                if pings is None:
+                    pings, since = {i: asyncio.ensure_future(self._call(i, "ping"))
+                                    for i in range(len(self.actors))}, loop.time()
+                else:
+                    silent = [self.placement.stages[i].worker for i, p in pings.items()
+                              if not p.done() or p.cancelled() or p.exception() is not None]
+                    if not silent:
+                        pings = None
+                    elif loop.time() - since >= self.ping_timeout_s or all(p.done() for p in pings.values()):
+                        raise StageHungError(_lost_message(self.placement, silent, f"did not answer a ping "
+                                             f"within {self.ping_timeout_s:.0f}s (hung)"), workers=silent)
+                await asyncio.sleep(self.liveness_interval_s)
+        finally:
+            for p in (pings or {}).values():
+                p.cancel()
+
+    async def _gone_from_scheduler(self) -> list[str]:
+        try:
+            present = (await self.client.scheduler.identity(n_workers=-1))["workers"]
+        except (OSError, KeyError, TypeError):
+            return []  # the scheduler did not answer: only our own calls can tell
+        return [w for w in dict.fromkeys(self.placement.workers) if w not in present]
+
+    def ping(self, timeout_s: float | None = None, skip=()) -> dict[str, dict | None]:
+        """worker address -> its stage's :meth:`StageActor.ping` answer, ``None`` where the worker
+        did not answer within ``timeout_s`` (default: ``ping_timeout_s``) or its call failed.
+        Workers in ``skip`` are not pinged."""
+        timeout_s = self.ping_timeout_s if timeout_s is None else timeout_s
+
+        async def one(actor):
+            try:
+                return await asyncio.wait_for(_awaitable(actor.ping()), timeout_s)
+            except (OSError, asyncio.TimeoutError, TimeoutError, KeyError, RuntimeError, BloombeeError):
+                return None
+
+        asked = [(w, a) for w, a in zip(self.placement.workers, self.actors) if w not in skip]
+
+        async def every():
+            return await asyncio.gather(*(one(a) for _, a in asked))
+
+        if self.released:
+            return {w: None for w, _ in asked}
+        return dict(zip([w for w, _ in asked], self.client.sync(every)))
+
     def info(self) -> list[dict]:
         return self.broadcast("info")
 
     def release(self) -> None:
-        """Drop the actors: their workers free the spans' memory."""
-        self.actors, self._futures = [], []
+        """Drop the actors: their workers free the spans' memory. Calls on a released chain raise
+        :class:`StageUnavailableError` (a session on it then recovers onto its model's chain)."""
+        held = [*self._futures, *(getattr(a, "_future", None) for a in self.actors)]
+        self.actors, self._futures, self.released = [], [], True
+        for future in held:  # now, not when (or if) the garbage collector gets to them
+            if future is not None:
+                future.release()
+
+    def _check_usable(self) -> None:
+        if self.released:
+            raise StageUnavailableError("this chain of stages was released (the model was closed, or its spans "
+                                        "were re-placed after a failure); sessions move to the model's current chain")
 
 
 async def _awaitable(future):
@@ -248,7 +365,48 @@ def unavailable_message(stage: StageSpec) -> str:
 
 
 def _unavailable(stage: StageSpec, exc: BaseException) -> StageUnavailableError:
-    return StageUnavailableError(f"{unavailable_message(stage)} [{type(exc).__name__}: {exc}]")
+    error = StageHungError if isinstance(exc, (asyncio.TimeoutError, TimeoutError)) else StageUnavailableError
+    return error(f"{unavailable_message(stage)} [{type(exc).__name__}: {exc}]", workers=(stage.worker,))
+
+
+def _settle(stage: StageSpec, actor, method: str, *args, timeout_s: float):
+    """A set-up call on one stage, waited for; a stage that cannot be reached raises typed."""
+    try:
+        return getattr(actor, method)(*args).result(timeout=timeout_s)
+    except BloombeeError:
+        raise
+    except (OSError, TimeoutError, KeyError, RuntimeError) as exc:
+        raise _unavailable(stage, exc) from exc
+
+
+def _lost_message(placement: Placement, workers: list[str], what: str) -> str:
+    spans = ", ".join(f"{s.worker} (layers {s.start}–{s.end - 1})" for s in placement.stages if s.worker in workers)
+    return f"{spans} {what}"
+
+
+def gather_actors(client: Client, futures: list, placement: Placement, poll_s: float = 1.0) -> list:
+    """The actor handles of ``futures`` once every stage has loaded its span.
+
+    Loading may take long (a real span is gigabytes), so there is no overall timeout; instead a
+    stage whose worker leaves the cluster or stops taking work (``closing_gracefully``: it is
+    leaving) while loading fails the whole chain at once, naming it — Dask itself would wait forever
+    for a task pinned to a worker that is gone.
+    """
+    while True:
+        try:
+            wait(futures, timeout=poll_s)
+            return client.gather(futures)
+        except TimeoutError:
+            pass
+        workers = client.sync(client.scheduler.identity, n_workers=-1)["workers"]
+        for fut, st in zip(futures, placement.stages):
+            state = workers.get(st.worker, {}).get("status")
+            if not fut.done() and state != "running":
+                for f in futures:
+                    f.cancel()
+                error = StageLeavingError if state == "closing_gracefully" else StageUnavailableError
+                raise error(f"{st.worker} cannot load layers {st.start}–{st.end - 1}: "
+                            f"{'it is leaving' if state else 'it left the cluster'}", workers=(st.worker,))
 
 
 def _speculation_frames(tree_parents: torch.Tensor | None,

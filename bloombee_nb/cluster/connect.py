@@ -6,6 +6,7 @@ import html
 import importlib.util
 import logging
 import socket
+import time
 import weakref
 from urllib.parse import urlsplit
 
@@ -37,7 +38,8 @@ class BloombeeCluster:
 
     def workers(self) -> dict[str, dict]:
         """address -> Dask's worker info (name, nthreads, memory_limit, …), in a stable order."""
-        info = self.client.scheduler_info(n_workers=-1)["workers"]
+        # asked directly: the client's cached scheduler_info() is refreshed without workers in the background
+        info = self.client.sync(self.client.scheduler.identity, n_workers=-1)["workers"]
         return dict(sorted(info.items(), key=lambda kv: (str(kv[1].get("name")), kv[0])))
 
     def worker_addresses(self) -> list[str]:
@@ -61,6 +63,11 @@ class BloombeeCluster:
         except OSError:
             pass
         return any(urlsplit(a).hostname in local for a in self.workers())
+
+    def recovery_events(self, last: int = 8) -> list:
+        """The latest recoveries of the models placed here (``RecoveryEvent``), oldest first."""
+        events = [e for model in list(self._models) for e in getattr(model, "events", ())]
+        return sorted(events, key=lambda e: e.at)[-last:]
 
     def hosted_spans(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
@@ -87,7 +94,7 @@ class BloombeeCluster:
     def _repr_html_(self):
         spans = self.hosted_spans()
         rows = "".join(
-            f"<tr><td>{html.escape(str(w.get('name')))}</td><td><code>{html.escape(a)}</code></td>"
+            f"<tr><td>{html.escape(str(w.get('name')))}{_status_note(w)}</td><td><code>{html.escape(a)}</code></td>"
             f"<td>{w.get('nthreads')}</td><td>{(w.get('memory_limit') or 0) / 2**30:.1f} GiB</td>"
             f"<td>{'<br>'.join(map(html.escape, spans.get(a, []))) or '—'}</td></tr>"
             for a, w in self.workers().items())
@@ -96,7 +103,21 @@ class BloombeeCluster:
         kind = "embedded LocalCluster" if self.local is not None else "remote scheduler"
         return (f"<div><b>bloombee_nb cluster</b> <code>{html.escape(self.address)}</code> ({kind}){link}"
                 "<table><tr><th>worker</th><th>address</th><th>threads</th><th>memory</th><th>hosts</th></tr>"
-                f"{rows}</table></div>")
+                f"{rows}</table>{_events_html(self.recovery_events())}</div>")
+
+
+def _status_note(worker: dict) -> str:
+    status = worker.get("status", "running")
+    return "" if status == "running" else f" <i>({'leaving' if status == 'closing_gracefully' else status})</i>"
+
+
+def _events_html(events) -> str:
+    """Workers lost and spans re-placed, newest last (a RecoveryEvent per recovered session)."""
+    if not events:
+        return ""
+    lines = "".join(f"<li>{time.strftime('%H:%M:%S', time.localtime(e.at))} {html.escape(e.describe())}</li>"
+                    for e in events)
+    return f"<div class='bloombee-recoveries'><b>recoveries</b><ul>{lines}</ul></div>"
 
 
 def connect(address: str | None = None, *, n_workers: int = DEFAULT_WORKERS, threads_per_worker: int = 1,

@@ -21,6 +21,11 @@ travel with the hidden states along the chain. Without them a step is exactly as
 Every tensor is a frame (``bytes``) decoded here; every error raised is a typed
 :mod:`bloombee_nb.errors` exception that reaches the caller with its type, and leaves every
 other session on this stage untouched.
+
+Leaving: when its worker is asked to leave (``bloombee-nb worker`` gets SIGTERM,
+:func:`begin_leaving`), a stage answers new steps and sessions with :class:`StageLeavingError`
+— its clients replay their sessions elsewhere — and still closes sessions and answers pings, so
+the worker can exit once no session is left on it.
 """
 
 from __future__ import annotations
@@ -32,21 +37,31 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from .. import transport
-from ..errors import BloombeeError, StageUnavailableError
+from ..errors import BloombeeError, StageHungError, StageLeavingError, StageUnavailableError
 from ..model.span import SpanRunner
 from ..transport.emulation import hold
+
+
+#: Set in a worker process that is leaving: no new stage loads there.
+_LEAVING = False
 
 
 class StageActor:
     def __init__(self, path: str, start: int, end: int, dtype: str | None = None, num_threads: int = 1,
                  max_kv_bytes: int | None = None, max_sessions: int | None = None,
-                 allow_unverified_architecture: bool = False):
+                 allow_unverified_architecture: bool = False, weight_offload: float = 0.0, kv_offload: float = 0.0):
+        self.address = _worker_address()
+        if _LEAVING:
+            raise StageLeavingError(f"the worker {self.address} is leaving and takes no new spans; place the "
+                                    "model on other workers", workers=(self.address,))
+        self.leaving = False
         torch.set_num_threads(num_threads)  # workers otherwise run torch single-threaded
         kw = {k: v for k, v in dict(max_kv_bytes=max_kv_bytes, max_sessions=max_sessions).items() if v is not None}
         self.runner = SpanRunner(path, start, end, getattr(torch, dtype) if dtype else None,
-                                 allow_unverified_architecture=allow_unverified_architecture, **kw)
+                                 allow_unverified_architecture=allow_unverified_architecture,
+                                 weight_offload=weight_offload, kv_offload=kv_offload, **kw)
         self.max_frame_bytes = transport.frame.DEFAULT_MAX_BYTES
-        self.next = self.last = None  # chain mode: the next and the last stage's actor handles
+        self.next = self.last = self._next_worker = None  # chain mode: the next and the last stage's actor handles
         self._sending: set[asyncio.Task] = set()  # outputs on their way to the next stage
         self.out_policy = transport.CodecPolicy()  # which codec this stage's outgoing frames use, by size
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="bloombee-stage")
@@ -55,10 +70,11 @@ class StageActor:
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    def set_next(self, actor, unavailable_message: str, last=None) -> None:
-        """Chain mode: where this stage's output goes, what to say if it cannot get there, and the
-        last stage (where failures are reported)."""
+    def set_next(self, actor, unavailable_message: str, last=None, next_worker: str | None = None) -> None:
+        """Chain mode: where this stage's output goes (``next_worker``: its address), what to say if it
+        cannot get there, and the last stage (where failures are reported)."""
         self.next, self._next_unavailable, self.last = actor, unavailable_message, last
+        self._next_worker = next_worker
 
     def set_compression(self, policy: dict) -> None:
         """How to encode outgoing frames: a :class:`~bloombee_nb.transport.CodecPolicy` as a dict."""
@@ -74,7 +90,18 @@ class StageActor:
         return await self._run(run)
 
     async def open_session(self, session_id: str, batch: int, max_length: int) -> None:
+        self._check_staying()
         await self._run(self.runner.open, session_id, batch, max_length)
+
+    async def ping(self) -> dict:
+        """Answered on the worker's event loop, even while a step computes: alive, leaving, sessions."""
+        return {"leaving": self.leaving, "sessions": len(self.runner.sessions)}
+
+    def _check_staying(self) -> None:
+        if self.leaving:
+            raise StageLeavingError(f"the worker {self.address} hosting layers {self.runner.start}–"
+                                    f"{self.runner.end - 1} is leaving the cluster; the session moves to other "
+                                    "workers", workers=(self.address,))
 
     async def close_session(self, session_id: str) -> None:
         for key in [k for k in self._outputs if k[0] == session_id]:
@@ -115,6 +142,7 @@ class StageActor:
         tree step (see :meth:`SpanRunner.keep_path`).
         """
         try:
+            self._check_staying()
             out, compute_s = await self._run(self._compute, session_id, hidden, position_ids, attention_mask,
                                              tree, keep)
         except BaseException as exc:
@@ -143,8 +171,9 @@ class StageActor:
         except BloombeeError:
             pass  # the stage that raised it has reported it to the last stage
         except (OSError, RuntimeError, TimeoutError) as exc:  # the next worker is gone
+            named = (self._next_worker,) if self._next_worker else ()
             await self._report(session_id, step, StageUnavailableError(
-                f"{self._next_unavailable} [{type(exc).__name__}: {exc}]"))
+                f"{self._next_unavailable} [{type(exc).__name__}: {exc}]", workers=named))
 
     async def _report(self, session_id: str, step: int, exc: BaseException) -> None:
         """Chain mode: make the client's ``collect`` of ``step`` raise ``exc``."""
@@ -174,7 +203,7 @@ class StageActor:
         try:
             return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
         except asyncio.TimeoutError:
-            raise StageUnavailableError(
+            raise StageHungError(
                 f"step {step} of session {session_id!r} did not reach the last stage within {timeout_s:.0f}s; "
                 "an earlier stage is overloaded or gone") from None
         finally:
@@ -183,6 +212,36 @@ class StageActor:
 
     async def info(self) -> dict:
         return await self._run(self.runner.info)
+
+
+def _worker_address() -> str:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except ValueError:  # constructed outside a worker (tests of the class itself)
+        return "local"
+
+
+def begin_leaving(worker) -> list[StageActor]:
+    """This worker process is leaving: every stage it hosts refuses new steps and sessions
+    (:class:`StageLeavingError`), and no new stage loads here. Returns the stages."""
+    global _LEAVING
+    _LEAVING = True
+    stages = hosted_stages(worker)
+    for st in stages:
+        st.leaving = True
+    return stages
+
+
+def hosted_stages(worker) -> list[StageActor]:
+    """The stage actors a Dask worker hosts now (its actor registry)."""
+    return [a for a in list(worker.state.actors.values()) if isinstance(a, StageActor)]
+
+
+def open_sessions(worker) -> int:
+    """Sessions still open on the stages this worker hosts."""
+    return sum(len(st.runner.sessions) for st in hosted_stages(worker))
 
 
 def extra_nbytes(tree: bytes | None, keep: tuple[int, bytes] | None) -> int:

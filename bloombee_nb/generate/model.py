@@ -9,6 +9,7 @@ criteria, left-padded batches) drives it unchanged.
 from __future__ import annotations
 
 import html
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,12 +18,14 @@ from transformers import GenerationConfig, GenerationMixin, PreTrainedConfig, Pr
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..cluster import BloombeeCluster, Placement, connect, place
-from ..cluster.chain import DEFAULT_CALL_TIMEOUT_S, RemoteChain
+from ..cluster.chain import DEFAULT_CALL_TIMEOUT_S, DEFAULT_LIVENESS_INTERVAL_S, DEFAULT_PING_TIMEOUT_S, RemoteChain
+from ..errors import RecoveryError, StageUnavailableError
 from ..cluster.profiling import measure_links, profile_cluster
 from ..model.checkpoint import resolve_checkpoint
 from ..model.family import load_client_parts, load_config
 from ..cluster.planning import runtime_plan
 from ..plan import ClusterProfile, Plan, Workload
+from .recovery import find_lost, live_workers, recovery_error, replacement_placement
 from .session import InferenceSession
 from .tree_size import tree_size
 
@@ -39,6 +42,12 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.embed_tokens, self.norm, self.lm_head = embed_tokens, norm, lm_head
         self.chain, self.cluster = chain, cluster
         self._owns_cluster = False
+        self.auto_recover = True     # sessions replay onto live workers when a stage is lost (session.py)
+        self.events: list = []       # RecoveryEvents, oldest first (status and generation panels)
+        self._worker_names: dict[str, str] = {}  # address -> Dask name, also of workers that are gone
+        self._recovery_lock = threading.RLock()
+        self._lost: dict = {}        # what the last recovery found lost (address -> LostWorker)
+        self._closed = False
 
     # ---- construction -----------------------------------------------------------------------
     @classmethod
@@ -48,7 +57,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                         dtype: torch.dtype | str | None = None, num_threads: int = 1,
                         allow_unverified_architecture: bool = False,
                         call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S, client_threads: int | str | None = "auto",
-                        relay: str = "chain", compression: str | None = None,
+                        relay: str = "chain", compression: str | None = None, recover: bool = True,
+                        ping_timeout_s: float = DEFAULT_PING_TIMEOUT_S,
+                        liveness_interval_s: float | None = DEFAULT_LIVENESS_INTERVAL_S,
                         **stage_kwargs) -> "DistributedModelForCausalLM":
         """Load the client parts here and place the decoder layers on the cluster's workers.
 
@@ -69,6 +80,11 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
           with the workers' made a batch-8 LM head 50x slower.
         - ``cluster=None`` starts an embedded LocalCluster that this model owns and closes in
           :meth:`close`.
+        - Failures: a call fails after ``call_timeout_s`` at the latest; while it waits, the scheduler
+          is asked every ``liveness_interval_s`` whether the stages' workers are still there, and
+          each stage is pinged — silent for ``ping_timeout_s`` counts as hung. ``recover=True``:
+          a session that loses a stage re-places the spans on live workers and replays its history
+          there (exact; ``model.events`` records each recovery); ``False``: the error is raised.
 
         Each worker reads only its own span from its own copy of the checkpoint (a local path
         that exists there, or a Hub id).
@@ -83,6 +99,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         worker_path = str(name_or_path if not Path(name_or_path).expanduser().exists() else path.resolve())
         stage_kwargs.update(num_threads=num_threads, allow_unverified_architecture=allow_unverified_architecture,
                             dtype=str(dtype).removeprefix("torch."))
+        chain_kwargs = dict(timeout_s=call_timeout_s, relay=relay, compression=compression,
+                            liveness_interval_s=liveness_interval_s, ping_timeout_s=ping_timeout_s)
         try:
             profile = None
             if plan == "auto":
@@ -91,8 +109,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             if plan is not None:
                 workers, spans = plan.workers, plan.layer_spans
             placement = place(workers or cluster.worker_addresses(), config.num_hidden_layers, spans)
-            chain = RemoteChain.create(cluster.client, placement, worker_path, timeout_s=call_timeout_s, relay=relay,
-                                       compression=compression, **stage_kwargs)
+            chain = RemoteChain.create(cluster.client, placement, worker_path, **chain_kwargs, **stage_kwargs)
             if compression == "auto":
                 choose_compression(chain, cluster, embed, profile)
         except BaseException:
@@ -102,7 +119,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         config._name_or_path = str(name_or_path)
         model = cls(config, embed, norm, head, chain, cluster)
         model._owns_cluster, model.plan, model.profile = owns, plan, profile
-        model._worker_path, model._stage_kwargs = worker_path, stage_kwargs
+        model._worker_path, model._stage_kwargs, model._chain_kwargs = worker_path, stage_kwargs, chain_kwargs
+        model.auto_recover = recover
+        model._remember_names(cluster.workers())
         model.client_threads = (1 if cluster.shares_host() else None) if client_threads == "auto" else client_threads
         model.generation_config = _generation_config(path, config)
         cluster._models.add(model)
@@ -125,13 +144,59 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         plan = plan or runtime_plan(profile, workload, relay=self.chain.relay)
         placement = place(plan.workers, self.config.num_hidden_layers, plan.layer_spans)
         if placement != self.placement:
-            self.chain = RemoteChain.create(self.cluster.client, placement, self._worker_path,
-                                            timeout_s=self.chain.timeout_s, relay=self.chain.relay,
-                                            compression=self.chain.compression, **self._stage_kwargs)
-            if self.chain.compression == "auto":
-                choose_compression(self.chain, self.cluster, self.embed_tokens, profile)
+            self.chain = self._new_chain(placement, profile)
         self.plan, self.profile = plan, profile
         return plan
+
+    def _new_chain(self, placement: Placement, profile: ClusterProfile | None = None) -> RemoteChain:
+        """Stages for ``placement`` with this model's settings (relay, compression, timeouts)."""
+        chain = RemoteChain.create(self.cluster.client, placement, self._worker_path, **self._chain_kwargs,
+                                   **self._stage_kwargs)
+        if chain.compression == "auto":
+            choose_compression(chain, self.cluster, self.embed_tokens, profile)
+        return chain
+
+    # ---- recovery -----------------------------------------------------------------------------
+    def _replacement_chain(self, old: RemoteChain, exc: StageUnavailableError):
+        """``(chain, lost workers, reused)``: where a session that failed on ``old`` goes on.
+
+        One recovery at a time; every session of the model moves to the same chain: the first to
+        fail re-places the spans (see :mod:`.recovery`), the others find the model's chain healthy
+        and reuse it. The failed chains are released first, freeing their spans' memory on the
+        workers that stay before the new spans load there.
+        """
+        with self._recovery_lock:
+            if self._closed:
+                raise RecoveryError("the model was closed; load it again with from_pretrained and open a new session")
+            workers = self.cluster.workers()
+            self._remember_names(workers)
+            current = self.chain
+            lost = find_lost(old, exc, workers, self._worker_names)
+            if old.released:  # a recovery of it failed before: what it found lost then cannot be pinged now
+                lost = {**{a: w for a, w in self._lost.items() if a in workers}, **lost}
+            if current is not old:
+                lost.update(find_lost(current, exc, workers, self._worker_names))
+                if not current.released and not set(current.placement.workers) & set(lost):
+                    old.release()
+                    return current, tuple(lost.values()), True
+            placement, plan = replacement_placement(
+                current.placement, lost, live_workers(workers, lost), self.config.num_hidden_layers,
+                profile=self.profile, workload=self.plan.workload if self.plan is not None else None,
+                relay=current.relay, names=self._worker_names)
+            self._lost = lost
+            old.release()
+            current.release()
+            try:
+                self.chain = self._new_chain(placement, self.profile)
+            except StageUnavailableError:
+                raise  # another worker went while loading: the session tries again without it
+            except Exception as cause:
+                raise recovery_error(lost, placement, cause) from cause
+            self.plan = plan if plan is not None else self.plan
+            return self.chain, tuple(lost.values()), False
+
+    def _remember_names(self, workers: dict[str, dict]) -> None:
+        self._worker_names.update({a: str(w.get("name", a)) for a, w in workers.items()})
 
     def link_codecs(self, client_name: str | None = None) -> dict[tuple[str, str], str]:
         """``(sender, receiver) -> codec`` for every link the hidden states cross, by worker name
@@ -240,6 +305,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     # ---- lifecycle ----------------------------------------------------------------------------
     def close(self) -> None:
         """Free the spans on the workers (and stop the embedded cluster if this model started it)."""
+        self._closed = True
         self.chain.release()
         self.cluster._models.discard(self)
         if self._owns_cluster:

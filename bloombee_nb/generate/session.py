@@ -8,19 +8,54 @@ Speculative decoding (``generate/speculative.py``) sends token trees with ``step
 tree_parents=...)`` and then :meth:`InferenceSession.keep_path`. The kept path is not a call of its
 own: it rides on the next step (every stage compacts before computing), so a round costs one
 traversal of the chain; :meth:`flush` sends it alone when no step follows.
+
+Fault tolerance. A session keeps its *history*: every call that changed the stages' KV caches,
+exactly as sent — each step's hidden states, position ids and attention-mask columns (with its
+token tree and the kept path that rode on it), kept paths flushed alone, rollbacks. When a call
+fails with :class:`~bloombee_nb.errors.StageUnavailableError` (a worker died, hung or is
+leaving), the session asks its model for a chain of live workers (re-placed spans, shared by every
+session of the model), opens itself there, replays the history call by call — the same shapes in
+the same order, so the new stages hold bit-identical KV — and sends the failed call again. Greedy
+output equals an uninterrupted run's; the pause is recorded as a
+:class:`~bloombee_nb.generate.recovery.RecoveryEvent` (``session.recoveries``, ``model.events``).
+
+The history's memory is bounded by ``max_length``: a rollback drops every call whose positions it
+rolled back entirely, so what is kept is one input row of ``hidden_size`` values per position the
+stages hold (≤ ``max_length``), plus, with speculation, the rejected nodes of each kept tree step
+(at most ``MAX_NODES`` = 96 per round, each round keeping ≥ 1 position). Plain decoding of batch B:
+``B · max_length · hidden_size`` values in the model's dtype — e.g. 32 MiB for 2048 positions of a
+4096-wide bf16 model. ``from_pretrained(recover=False)`` keeps no history and raises instead.
 """
 
 from __future__ import annotations
 
 import html
+import time
 import uuid
 from collections import deque
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache
 
 from ..cluster.chain import StepTrace
-from ..errors import BloombeeError, SessionLengthError, ShapeMismatchError, TreeError, UnknownSessionError
+from ..errors import (BloombeeError, SessionLengthError, ShapeMismatchError, StageUnavailableError, TreeError,
+                      UnknownSessionError)
+from .recovery import RecoveryEvent, spans_of
+
+#: Recoveries one call may go through before its StageUnavailableError reaches the caller.
+MAX_RECOVERIES = 3
+
+
+@dataclass(frozen=True)
+class SentCall:
+    """One call that changed the stages' KV caches, as sent: what a session replays after a failure."""
+
+    kind: str    # "step" | "keep" | "rollback"
+    base: int    # the first position it changed: a rollback to <= base undoes it entirely
+    after: int   # positions the stages held after it
+    args: tuple  # step: (hidden, position_ids, attention_mask, tree_parents, keep);
+                 # keep: (past_len, keep); rollback: (length,)
 
 
 class InferenceSession(Cache):
@@ -37,8 +72,11 @@ class InferenceSession(Cache):
         self.ragged = False             # rows hold different numbers of positions (batched speculation)
         self.traces: deque[StepTrace] = deque(maxlen=4096)
         self.rounds: deque = deque(maxlen=4096)  # speculation: a RoundTrace per tree verified (speculative.py)
+        self.history: list[SentCall] = []        # replayed onto live workers after a failure (module doc)
+        self.recoveries: list[RecoveryEvent] = []
         self._tree: tuple[int, int] | None = None          # (past_len, nodes) of a tree step not kept yet
         self._keep: tuple[int, torch.Tensor] | None = None  # (past_len, paths [B, K]) for the next step
+        self._opened_on = None                               # the chain this session is open on
 
     # ---- the stages' side -------------------------------------------------------------------
     def step(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -59,7 +97,9 @@ class InferenceSession(Cache):
             raise SessionLengthError(
                 f"this step would hold {self.length + T} positions but the session was opened with "
                 f"max_length={self.max_length}; open it with a larger max_length (prompt + new tokens)")
-        out, trace = self.chain.forward(self.session_id, hidden, position_ids, attention_mask, tree_parents, self._keep)
+        args = (hidden, position_ids, attention_mask, tree_parents, self._keep)
+        out, trace = self._send(lambda chain: chain.forward(self.session_id, *args))
+        self._record("step", self._keep[0] if self._keep is not None else self.length, self.length + T, args)
         self._keep = None
         self._tree = None if tree_parents is None else (self.length, T)
         self.length += T
@@ -84,17 +124,27 @@ class InferenceSession(Cache):
         """Send a kept path that is still waiting for the next step to every stage now."""
         if self._keep is not None:
             past_len, keep = self._keep
-            self.chain.keep_path(self.session_id, past_len, keep)
+            self._send(lambda chain: chain.keep_path(self.session_id, past_len, keep))
+            self._record("keep", past_len, past_len + keep.shape[1], self._keep)
             self._keep = None
 
     def _ensure_open(self, batch: int) -> None:
         if self.closed:
             raise UnknownSessionError(f"session {self.session_id} is closed; open a new one with model.inference_session()")
         if self.batch is None:
-            self.chain.broadcast("open_session", self.session_id, batch, self.max_length)
             self.batch = batch
+            try:
+                self._send(self._open_on)
+            except BaseException:
+                self.batch = None
+                raise
         elif batch != self.batch:
             raise ShapeMismatchError(f"session was opened for batch {self.batch}, got a step of batch {batch}")
+
+    def _open_on(self, chain) -> None:
+        if self._opened_on is not chain:
+            chain.broadcast("open_session", self.session_id, self.batch, self.max_length)
+            self._opened_on = chain
 
     def rollback(self, length: int) -> None:
         """Keep the first ``length`` positions on every stage."""
@@ -111,16 +161,80 @@ class InferenceSession(Cache):
         if self._tree is not None:
             raise TreeError("roll back a tree step to at most its start, or keep a path of it first")
         if length != self.length:
-            self.chain.broadcast("rollback", self.session_id, length)
+            self._send(lambda chain: chain.broadcast("rollback", self.session_id, length))
             self.length = length
+            self._truncate(length)
 
     def close(self) -> None:
-        if not self.closed and self.batch is not None:
+        if not self.closed and self._opened_on is not None and not self._opened_on.released:
             try:
-                self.chain.broadcast("close_session", self.session_id)
+                self._opened_on.broadcast("close_session", self.session_id)
             except BloombeeError:
                 pass  # a stage that is gone has nothing left to free
-        self.closed = True
+        self.closed, self.history = True, []
+
+    # ---- history and recovery -----------------------------------------------------------------
+    def _record(self, kind: str, base: int, after: int, args: tuple) -> None:
+        if self.model.auto_recover:
+            self.history.append(SentCall(kind, base, after, _kept(args)))
+
+    def _truncate(self, length: int) -> None:
+        """After a rollback to ``length``: drop the calls it undid entirely, remember the rollback
+        where a kept call reaches past it (a step is replayed whole: same shapes, same KV)."""
+        while self.history and self.history[-1].base >= length:
+            self.history.pop()
+        if self.history and self.history[-1].after > length:
+            self._record("rollback", length, length, (length,))
+
+    def _send(self, call):
+        """``call(chain)`` on this session's chain; when a stage is lost, recover and send it again."""
+        for attempt in range(MAX_RECOVERIES + 1):
+            t0 = time.perf_counter()
+            try:
+                return call(self.chain)
+            except StageUnavailableError as exc:
+                if not self.model.auto_recover or attempt == MAX_RECOVERIES:
+                    raise
+                self._recover(exc, time.perf_counter() - t0)
+
+    def _recover(self, exc: StageUnavailableError, detect_s: float) -> None:
+        """Move to a chain of live workers and replay the history there (another loss while
+        replaying starts over, up to ``MAX_RECOVERIES`` times)."""
+        for attempt in range(MAX_RECOVERIES):
+            try:
+                return self._move(exc, detect_s)
+            except StageUnavailableError as again:
+                if attempt == MAX_RECOVERIES - 1:
+                    raise
+                exc, detect_s = again, 0.0
+
+    def _move(self, exc: StageUnavailableError, detect_s: float) -> None:
+        at, t0, old = time.time(), time.perf_counter(), self.chain
+        chain, lost, reused = self.model._replacement_chain(old, exc)
+        self.chain, rebuild_s = chain, time.perf_counter() - t0
+        if self._opened_on is not None and self._opened_on is not chain:
+            _close_quietly(self._opened_on, self.session_id)
+            self._opened_on = None
+        t1 = time.perf_counter()
+        replayed = self._replay() if self.batch is not None else 0
+        names = self.model._worker_names
+        event = RecoveryEvent(at, self.session_id, lost, spans_of(old.placement, names),
+                              spans_of(chain.placement, names), detect_s, 0.0 if reused else rebuild_s,
+                              time.perf_counter() - t1, replayed, reused, str(exc))
+        self.recoveries.append(event)
+        self.model.events.append(event)
+
+    def _replay(self) -> int:
+        """Open the session on the current chain and re-send every call of the history, in order."""
+        self._open_on(self.chain)
+        for call in self.history:
+            if call.kind == "step":
+                self.chain.forward(self.session_id, *call.args)
+            elif call.kind == "keep":
+                self.chain.keep_path(self.session_id, *call.args)
+            else:
+                self.chain.broadcast("rollback", self.session_id, *call.args)
+        return len(self.history)
 
     def __enter__(self):
         return self
@@ -172,8 +286,28 @@ class InferenceSession(Cache):
         return f"<InferenceSession {self.session_id[:8]} {state}, batch {self.batch}>"
 
     def _repr_html_(self):
+        moved = "".join(f"<br>⏸ {html.escape(e.describe())}" for e in self.recoveries)
         last = self.traces[-1] if self.traces else None
         step = f"{last.wall_s * 1e3:.1f} ms last step" if last else "no steps yet"
         return (f"<div><b>InferenceSession</b> <code>{self.session_id[:8]}</code> — "
                 f"{html.escape(repr(self).split(' ', 2)[2][:-1])}; {step}; "
-                f"{len(self.chain.placement.stages)} stages</div>")
+                f"{len(self.chain.placement.stages)} stages{moved}</div>")
+
+
+def _kept(args: tuple) -> tuple:
+    """The call's tensors as the history keeps them: on the CPU and never aliasing a caller's tensor."""
+    def own(x):
+        return x.detach().to("cpu", copy=True) if isinstance(x, torch.Tensor) else x
+
+    return tuple((a[0], own(a[1])) if isinstance(a, tuple) else own(a) for a in args)
+
+
+def _close_quietly(chain, session_id: str) -> None:
+    """Best effort: a stage that is gone or hung has nothing left to free (and is not waited for)."""
+    if chain.released:
+        return
+    try:
+        for actor in chain.actors:
+            actor.close_session(session_id)  # not awaited: fire and forget
+    except (BloombeeError, OSError, RuntimeError, KeyError):
+        pass

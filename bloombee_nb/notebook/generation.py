@@ -11,11 +11,15 @@ printed as it comes and a summary follows::
 With ``speculative=True`` a draft model on the client proposes token trees that the chain verifies
 (``model.generate(..., assistant_model=draft)``); the panel then shows the acceptance rate, tokens
 per traversal of the chain and the tree size chosen for the link.
+
+When a worker is lost mid-generation the session re-places the spans and replays its history
+(``generate/session.py``); the panel shows a "⏸ paused … recovered in X s" line per recovery.
 """
 
 from __future__ import annotations
 
 import html
+import sys
 import time
 from dataclasses import dataclass
 
@@ -69,6 +73,7 @@ class GenerationResult:
     trace: TraceSummary
     compression: str = "off"   # the chain's codec for hidden-state frames
     speculation: object = None  # a SpeculationSummary when a draft proposed token trees
+    recoveries: tuple = ()      # RecoveryEvents: workers lost during the generation, spans re-placed
 
     @property
     def tokens_per_s(self) -> float:
@@ -80,7 +85,7 @@ class GenerationResult:
 
     def _repr_html_(self):
         stats = stats_html(self.new_tokens, self.elapsed_s, self.stage_names, self.trace, self.compression,
-                           speculation=self.speculation)
+                           speculation=self.speculation, recoveries=self.recoveries)
         return (f"<div class='bloombee-result'><pre class='bloombee-gen-text'><b>{html.escape(self.prompt)}</b>"
                 f"{html.escape(self.text)}</pre>{stats}</div>")
 
@@ -96,8 +101,13 @@ def speculation_html(spec) -> str:
             f"{spec.rounds} traversals speculative, {spec.mean_tree_tokens:.1f} tree tokens each · last tree: {tree}")
 
 
+def recovery_html(recoveries) -> str:
+    """One line per recovery: the pause, what was lost, where the spans went."""
+    return "".join(f"<div class='bloombee-recovery'>⏸ {html.escape(e.describe())}</div>" for e in recoveries)
+
+
 def stats_html(new_tokens: int, elapsed_s: float, stage_names, t: TraceSummary, compression: str = "off",
-               done: bool = True, speculation=None) -> str:
+               done: bool = True, speculation=None, recoveries=()) -> str:
     """Speed, bytes on the wire and compression, speculation, and a per-stage table."""
     rate = new_tokens / elapsed_s if elapsed_s > 0 else 0.0
     ratio = (f"{t.hidden_bytes / t.wire_bytes:.2f}× ({html.escape(compression)})"
@@ -111,7 +121,7 @@ def stats_html(new_tokens: int, elapsed_s: float, stage_names, t: TraceSummary, 
             f"decode step {t.step_wall_s * 1e3:.2f} ms ({t.relay} relay)<br>"
             f"hidden states on the wire: {t.wire_bytes / 1024:.1f} KiB over all hops ({t.hidden_bytes / 1024:.1f} KiB "
             f"uncompressed) · client's links: {t.bytes_sent / 1024:.1f} KiB sent, {t.bytes_received / 1024:.1f} KiB "
-            f"received · compression ratio: {ratio}<br>{speculation_html(speculation)}"
+            f"received · compression ratio: {ratio}<br>{speculation_html(speculation)}{recovery_html(recoveries)}"
             f"<table><tr><th>stage</th><th>worker</th><th>compute ms/step</th><th>round trip ms/step</th></tr>"
             f"{rows}</table></div>")
 
@@ -126,7 +136,7 @@ class GenerationPanel:
     def __init__(self, *, live: bool, interval_s: float = 0.25):
         self.live, self.interval_s = live, interval_s
         self.prompt, self.text, self.stage_names, self.new_tokens, self.compression = "", "", [], 0, "off"
-        self.updates, self.result = 0, None
+        self.updates, self.result, self.recoveries = 0, None, ()
         self.t0 = self._last = 0.0
         if live:
             import ipywidgets as W
@@ -166,15 +176,17 @@ class GenerationPanel:
             out = model.generate(**ids, session=session, max_new_tokens=max_new_tokens, streamer=streamer,
                                  pad_token_id=pad, **sampling, **spec)
             traces, rounds = list(session.traces), list(session.rounds)
+            self.recoveries = tuple(session.recoveries)
         elapsed = time.perf_counter() - self.t0
         new = out[0, ids["input_ids"].shape[1]:]
         self.result = GenerationResult(prompt, tokenizer.decode(new, skip_special_tokens=True), int(new.numel()),
                                        elapsed, tuple(self.stage_names), TraceSummary.of(traces), self.compression,
-                                       _speculation(rounds) if speculative else None)
+                                       _speculation(rounds) if speculative else None, self.recoveries)
         return self.result
 
     def _start(self, prompt: str, stage_names: list[str]) -> None:
         self.prompt, self.text, self.stage_names, self.new_tokens = prompt, "", stage_names, 0
+        self.recoveries = ()
         self.t0 = self._last = time.perf_counter()
         if self.live:
             self.text_view.value = self._text_html()
@@ -185,15 +197,23 @@ class GenerationPanel:
         return (f"<pre class='bloombee-gen-text' style='white-space:pre-wrap'><b>{html.escape(self.prompt)}</b>"
                 f"{html.escape(self.text)}</pre>")
 
-    def push(self, text: str, tokens: int, traces, done: bool = False, rounds=()) -> None:
-        """Add streamed text; redraw if ``interval_s`` passed since the last redraw (always when done)."""
+    def push(self, text: str, tokens: int, traces, done: bool = False, rounds=(), recoveries=(),
+             stage_names=None) -> None:
+        """Add streamed text; redraw if ``interval_s`` passed since the last redraw (always when done).
+        A recovery since the last push redraws at once (printed on stderr without widgets)."""
         self.text += text
         self.new_tokens += tokens
+        moved = len(recoveries) > len(self.recoveries)
+        if moved:
+            fresh, self.recoveries = recoveries[len(self.recoveries):], tuple(recoveries)
+            self.stage_names = list(stage_names or self.stage_names)
+            if not self.live:
+                print("".join(f"\n⏸ {e.describe()}" for e in fresh), file=sys.stderr, flush=True)
         if not self.live:
             print(text, end="\n" if done else "", flush=True)
             return
         now = time.perf_counter()
-        if done or now - self._last >= self.interval_s:
+        if done or moved or now - self._last >= self.interval_s:
             self._last = now
             self._redraw(list(traces), done, list(rounds))
 
@@ -204,7 +224,8 @@ class GenerationPanel:
         t = TraceSummary.of(traces)
         self.text_view.value = self._text_html()
         self.stats_view.value = stats_html(self.new_tokens, time.perf_counter() - self.t0, self.stage_names, t,
-                                           self.compression, done, _speculation(rounds) if rounds else None)
+                                           self.compression, done, _speculation(rounds) if rounds else None,
+                                           self.recoveries)
         if t.decode_steps:
             figures.refresh(self.figure, figures.stage_step_times(self.stage_names, t.stage_compute_s, t.stage_wall_s,
                                                                   t.step_wall_s))
@@ -226,7 +247,11 @@ class _PanelStreamer(TextStreamer):
         super().put(value)
 
     def on_finalized_text(self, text: str, stream_end: bool = False):
-        self.panel.push(text, self._pending, self.session.traces, done=stream_end, rounds=self.session.rounds)
+        names = None
+        if len(self.session.recoveries) > len(self.panel.recoveries):  # the spans moved: new stage names
+            names = [_worker_name_or(self.session.model, st.worker) for st in self.session.chain.placement.stages]
+        self.panel.push(text, self._pending, self.session.traces, done=stream_end, rounds=self.session.rounds,
+                        recoveries=tuple(self.session.recoveries), stage_names=names)
         self._pending = 0
 
 
@@ -255,17 +280,24 @@ class _Summary:
         spec = r.speculation
         accepted = (f", acceptance rate {spec.acceptance_rate:.0%}, "
                     f"{spec.tokens_per_traversal:.2f} tokens per traversal" if spec is not None and spec.rounds else "")
+        moved = "".join(f"\n# ⏸ {e.describe()}" for e in r.recoveries)
         return (f"# {r.new_tokens} tokens in {r.elapsed_s:.2f} s ({r.tokens_per_s:.1f} tokens/s), "
-                f"{r.trace.bytes_sent + r.trace.bytes_received} bytes on the wire{accepted}")
+                f"{r.trace.bytes_sent + r.trace.bytes_received} bytes on the wire{accepted}{moved}")
 
     def _repr_html_(self):
         r = self.result
-        return stats_html(r.new_tokens, r.elapsed_s, r.stage_names, r.trace, r.compression, speculation=r.speculation)
+        return stats_html(r.new_tokens, r.elapsed_s, r.stage_names, r.trace, r.compression, speculation=r.speculation,
+                          recoveries=r.recoveries)
 
 
 def _worker_name(model, address: str) -> str:
     info = model.cluster.workers().get(address, {})
     return str(info.get("name", address))
+
+
+def _worker_name_or(model, address: str) -> str:
+    """The name the model remembers (no scheduler call while a generation streams)."""
+    return getattr(model, "_worker_names", {}).get(address) or _worker_name(model, address)
 
 
 def _tree_room() -> int:
