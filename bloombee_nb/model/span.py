@@ -16,20 +16,30 @@ Its nodes are the step's new positions. transformers builds the family's mask as
 :meth:`SpanRunner.keep_path` compacts the KV cache to the accepted path. (Handing the tree to
 ``masking_utils`` as an ``and_mask_function`` gives the same mask but switches it to a vmap
 construction: 4-21 ms per mask on CPU for 11-45 nodes after 10-2000 positions, against 0.1-0.2 ms.)
+
+Offloading (``weight_offload``, ``kv_offload``; see ``offload.py``): the last
+``round(weight_offload · n)`` layers are streamed from the checkpoint each step through two
+resident buffers, the next one read while the current one computes; a ``kv_offload`` fraction of
+each session's positions (the oldest) lives in a memory-mapped file. Outputs are bit-identical to
+the fully resident span: same tensors, same modules, same ops.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import DynamicCache
 
 from .._kernels import check_parents, compact_kv, depths, tree_attention_mask
 from ..errors import SessionLengthError, SessionLimitError, ShapeMismatchError, TreeError, UnknownSessionError
-from .checkpoint import resolve_checkpoint
-from .family import MASK_FUNCTIONS, kv_bytes_per_token, layer_attention_types, load_config, load_span
+from .checkpoint import resolve_checkpoint, weight_map
+from .family import (MASK_FUNCTIONS, _prefix, _stored_dtype, kv_bytes_per_token, layer_attention_types, load_config,
+                     load_span, meta_model)
+from .offload import ColdKVLayer, WeightStreamer, check_fraction, n_offloaded, offload_kv
 
 #: Default ceiling of KV-cache bytes all sessions together may reserve on one stage.
 DEFAULT_MAX_KV_BYTES = 2 << 30
@@ -40,10 +50,11 @@ DEFAULT_MAX_SESSIONS = 256
 class _Session:
     batch: int
     max_length: int
-    reserved_bytes: int
+    reserved_bytes: int  # KV bytes reserved in the fast tier
     cache: DynamicCache
     mask: torch.Tensor  # [batch, length] long: 1 = real token, 0 = padding
     tree: tuple[int, torch.Tensor] | None = None  # (past_len, parents [T]) when the last step was a tree
+    cold_kv_bytes: int = 0  # KV bytes reserved in the slow tier (kv_offload)
 
     @property
     def length(self) -> int:
@@ -51,14 +62,28 @@ class _Session:
 
 
 class SpanRunner:
-    """Layers ``[start, end)`` of a checkpoint, runnable for many sessions."""
+    """Layers ``[start, end)`` of a checkpoint, runnable for many sessions.
+
+    ``weight_offload``: fraction of the layers (the last ``round(f · n)``) kept out of memory and
+    streamed from the checkpoint each step; ``offload_prefetch`` reads the next one while the
+    current one computes; ``drop_page_cache`` keeps the kernel's page cache from turning the
+    "disk" tier into RAM; ``offload_reader`` is ``"pread"`` (read calls straight into the buffer)
+    or ``"mmap"`` (``load_tensors`` + copy). ``kv_offload``: fraction of each session's KV
+    positions (the oldest) kept in a memory-mapped file (``kv_offload_dir``, default the temp dir).
+    """
 
     def __init__(self, path: str | Path, start: int, end: int, dtype: torch.dtype | None = None,
                  max_kv_bytes: int = DEFAULT_MAX_KV_BYTES, max_sessions: int = DEFAULT_MAX_SESSIONS,
-                 allow_unverified_architecture: bool = False):
+                 allow_unverified_architecture: bool = False, weight_offload: float = 0.0, kv_offload: float = 0.0,
+                 offload_prefetch: bool = True, drop_page_cache: bool = True, offload_reader: str = "pread",
+                 kv_offload_dir: str | None = None):
         path = resolve_checkpoint(path)  # a Hub id resolves in *this* worker's cache
         config = load_config(path, allow_unverified_architecture)
-        self.config, self.layers, self.rotary, self.dtype = load_span(path, config, start, end, dtype)
+        check_fraction("kv_offload", kv_offload)
+        self.weight_offload, self.kv_offload, self.kv_offload_dir = weight_offload, kv_offload, kv_offload_dir
+        self.config, self.layers, self.rotary, self.dtype, self.streamer = _load(
+            path, config, start, end, dtype, n_offloaded(weight_offload, end - start),
+            dict(prefetch=offload_prefetch, drop_page_cache=drop_page_cache, reader=offload_reader))
         self.start, self.end = start, end
         self.hidden_size = self.config.hidden_size
         self.max_kv_bytes, self.max_sessions = max_kv_bytes, max_sessions
@@ -67,7 +92,9 @@ class SpanRunner:
         self.layer_kinds = kinds[start:end]
         # mask kind -> global index of the first layer of that kind in this span
         self.mask_layer_idx = {k: start + self.layer_kinds.index(k) for k in dict.fromkeys(self.layer_kinds)}
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.layers.parameters())
+        self.offloaded_weight_bytes = sum(self.streamer.layer_bytes) if self.streamer else 0
+        self.weight_bytes = self.offloaded_weight_bytes + sum(
+            p.numel() * p.element_size() for p in self.layers.parameters() if not p.is_meta)
         self.sessions: dict[str, _Session] = {}
 
     # ---- sessions ---------------------------------------------------------------------------
@@ -84,14 +111,17 @@ class SpanRunner:
             raise SessionLimitError(
                 f"layers {self.span} already serve {len(self.sessions)} sessions (limit {self.max_sessions}); "
                 "close finished sessions or add workers")
-        need = batch * max_length * self.kv_bytes_per_token
+        cache = DynamicCache(config=self.config)
+        n_cold = offload_kv(cache, self.start, self.end, self.kv_offload, max_length, self.kv_offload_dir)
+        cold = batch * int(self.kv_offload * max_length) * n_cold * self.kv_bytes_per_token // (self.end - self.start)
+        need = batch * max_length * self.kv_bytes_per_token - cold  # the fast tier's share
         if self.reserved_bytes + need > self.max_kv_bytes:
             raise SessionLimitError(
                 f"layers {self.span} cannot reserve {need / 2**20:.1f} MiB of KV cache for batch {batch} x "
                 f"max_length {max_length}: {self.reserved_bytes / 2**20:.1f} of {self.max_kv_bytes / 2**20:.1f} MiB "
                 "are taken; lower max_length or batch, close sessions, or add workers")
-        cache = DynamicCache(config=self.config)
-        self.sessions[session_id] = _Session(batch, max_length, need, cache, torch.zeros(batch, 0, dtype=torch.long))
+        self.sessions[session_id] = _Session(batch, max_length, need, cache, torch.zeros(batch, 0, dtype=torch.long),
+                                             cold_kv_bytes=cold)
 
     def close(self, session_id: str) -> None:
         self.sessions.pop(session_id, None)  # closing twice is harmless
@@ -189,10 +219,15 @@ class SpanRunner:
             allowed = tree_attention_mask(tree_parents.to(hidden.device), s.length)  # [T, past + T]
             masks = {kind: _and_tree(m, allowed, s.batch) for kind, m in masks.items()}
         pos_emb = self.rotary(hidden, position_ids)
-        for layer, kind in zip(self.layers, self.layer_kinds):
-            hidden = layer(hidden, attention_mask=masks[kind], position_ids=position_ids,
-                           cache=s.cache, use_cache=True, position_embeddings=pos_emb)
+        with self._layers() as layers:
+            for layer, kind in zip(layers, self.layer_kinds):
+                hidden = layer(hidden, attention_mask=masks[kind], position_ids=position_ids,
+                               cache=s.cache, use_cache=True, position_embeddings=pos_emb)
         return hidden
+
+    def _layers(self):
+        """The span's layers for one step: offloaded ones are filled from the checkpoint as they come."""
+        return self.streamer.run(list(self.layers)) if self.streamer else nullcontext(self.layers)
 
     @torch.inference_mode()
     def keep_path(self, session_id: str, past_len: int, keep) -> None:
@@ -210,7 +245,9 @@ class SpanRunner:
         cols = s.mask[:, past_len:].gather(1, keep.clamp(min=0)) * (keep >= 0)  # [B, K] new mask columns
         try:
             for layer in s.cache.layers[self.start:self.end]:
-                if layer.is_initialized:
+                if isinstance(layer, ColdKVLayer):  # kv_offload: its oldest positions are in a file
+                    layer.compact(past_len, idx)
+                elif layer.is_initialized:
                     layer.keys, layer.values = compact_kv(layer.keys, layer.values, past_len, idx)
                     if hasattr(layer, "cumulative_length"):  # sliding-window layers count positions themselves
                         layer.cumulative_length = past_len + keep.shape[1]
@@ -259,7 +296,33 @@ class SpanRunner:
         return {"start": self.start, "end": self.end, "dtype": str(self.dtype).removeprefix("torch."),
                 "weight_bytes": self.weight_bytes, "sessions": len(self.sessions),
                 "reserved_kv_bytes": self.reserved_bytes, "max_kv_bytes": self.max_kv_bytes,
-                "kv_bytes_per_token": self.kv_bytes_per_token}
+                "kv_bytes_per_token": self.kv_bytes_per_token,
+                "weight_offload": self.weight_offload, "offloaded_weight_bytes": self.offloaded_weight_bytes,
+                "offload_buffer_bytes": self.streamer.buffer_bytes if self.streamer else 0,
+                "kv_offload": self.kv_offload, "cold_kv_bytes": sum(s.cold_kv_bytes for s in self.sessions.values())}
+
+    def release(self) -> None:
+        """Stop the offload reader thread (the runner is being dropped)."""
+        if self.streamer:
+            self.streamer.close()
+
+
+def _load(path: Path, config, start: int, end: int, dtype, n_off: int, streamer_kw: dict):
+    """``load_span`` for the resident layers ``[start, end - n_off)``; the last ``n_off`` stay meta
+    shells of the same meta model family, streamed by a :class:`WeightStreamer`."""
+    if n_off == 0 or not 0 <= start < end <= config.num_hidden_layers:  # load_span reports a bad span
+        return (*load_span(path, config, start, end, dtype), None)
+    model = meta_model(config)
+    wmap = weight_map(path)
+    base = getattr(model, model.base_model_prefix)
+    dtype = dtype or _stored_dtype(path, wmap, config)
+    config, resident, rotary = model.config, [], type(base.rotary_emb)(config=model.config)
+    if n_off < end - start:
+        config, resident, rotary, dtype = load_span(path, config, start, end - n_off, dtype)
+    prefix = _prefix(model, wmap)
+    shells = {f"{prefix}layers.{i}.": base.layers[i].eval() for i in range(end - n_off, end)}
+    streamer = WeightStreamer(path, wmap, shells, dtype, **streamer_kw)
+    return config, nn.ModuleList([*resident, *shells.values()]).eval(), rotary, dtype, streamer
 
 
 def _and_tree(mask: torch.Tensor | None, allowed: torch.Tensor, batch: int) -> torch.Tensor:

@@ -1,0 +1,575 @@
+"""Tensor offloading for a span: weights streamed from the checkpoint, the oldest KV in a file.
+
+Two tiers: the *fast* tier is the memory layers compute from (RAM here; an accelerator where
+there is one) and the *slow* tier is what is read back every step (the checkpoint's safetensors
+files on disk; on an accelerator, CPU RAM or disk). The plan says which fraction of a stage's
+weights (``weight_offload``) and of its KV cache (``kv_offload``) leaves the fast tier.
+
+Weights (:class:`WeightStreamer`). Of a span's ``n`` layers the last ``n_off = round(f·n)``
+stay *meta* shells (no memory). Each step, just before shell ``j`` runs, its tensors are read
+from the memory-mapped checkpoint (:func:`~.checkpoint.load_tensors`), copied into one of two
+resident layer buffers and assigned to the shell (``load_state_dict(assign=True)``, as
+``family._materialise`` does); after the layer ran the shell is emptied again. A background
+thread reads layer ``j+1`` into the other buffer while ``j`` computes (one-layer lookahead)::
+
+    compute thread:  [resident layers ......][off 0][off 1][off 2]     (step ends)
+    prefetch thread: [read off 0]  [read off 1]  [read off 2]            [read off 0 for the next step]
+
+- Why the *last* layers: the read of the first offloaded layer overlaps the resident layers'
+  compute of the same step, and when a step ends it is read again for the next step while the
+  stage is idle (waiting on the network and the other stages). Offloading the first layers
+  instead would leave that read in front of the step's compute with, in a back-to-back
+  workload (a pipeline's bottleneck stage), nothing to hide it behind.
+- Memory bound: resident layers + 2 layer buffers (the one computing and the one being read),
+  whatever ``n_off`` is — plus one CPU staging layer when the checkpoint's dtype differs from the
+  serving dtype or the buffers live on an accelerator (pinned there). The page cache of a read
+  layer is dropped right after the read (below).
+- Step time ≈ max(compute, reads) while reads keep up (the cost model's ``max(t_c, t_read)``,
+  ``plan/cost.py``); with ``prefetch=False`` reads and compute add up.
+- Reading: one ``preadv`` per tensor straight into the buffer (``reader="pread"``, the default);
+  ``reader="mmap"`` goes through the memory-mapped :func:`~.checkpoint.load_tensors` and
+  ``copy_``, whose page faults read the file a readahead window at a time (measured 2-4x
+  slower here). Both read the same bytes, so both are exact.
+- Page cache: a file read stays in the kernel's page cache, so without help the "disk" tier
+  silently becomes RAM after the first step. On Linux an offloaded layer's pages are dropped with
+  ``posix_fadvise(POSIX_FADV_DONTNEED)`` right after its read (``drop_page_cache=True``, the
+  default; pages someone maps, such as the resident layers', are never dropped; between steps
+  at most one kernel readahead window stays cached; see :meth:`WeightStreamer._drop`); the
+  effect is measured in ``benchmarks/results/offload.md``.
+- Device case: the reads land in a pinned CPU staging buffer and go on with
+  ``buffer.copy_(staging, non_blocking=True)`` on a side stream; a buffer is only overwritten after
+  the compute that used it has finished (an event recorded on the compute stream and waited on by
+  the side stream). On a CPU all of that is a no-op and the reads land in the buffer itself (a
+  staging buffer is used only to cast a checkpoint stored in another dtype). The CUDA path is
+  written but has not run on a GPU yet (``tests/model/test_offload.py`` has the check, skipped
+  without one).
+
+KV (:class:`ColdKVLayer`). A full-attention layer's cache keeps its oldest
+``floor(f · length)`` positions in a memory-mapped file (one per layer, K and V, created in a
+temp dir and unlinked at once, so nothing is left behind) and the newest in memory. Attention
+gets ``cat(cold, hot)``: the very tensor a plain ``DynamicLayer`` would hold, so outputs are
+bit-identical. Memory: the hot part, plus one layer's full K/V while that layer attends.
+The file's pages are under the kernel's control (written back and evicted under memory
+pressure); they are not forcibly dropped, so while RAM is free the cold KV reads at page-cache
+speed. Sliding-window layers are bounded by their window and stay in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from torch import nn
+from transformers.cache_utils import DynamicLayer
+
+from .._kernels import compact_kv
+from ..errors import CheckpointNotFoundError, SpanError, UnsupportedArchitectureError
+from .checkpoint import ensure_files, load_tensors
+
+#: Buffer views start on this many bytes (SIMD-friendly, like a fresh allocation).
+_ALIGN_BYTES = 64
+#: The largest page-cache folio (a PMD on x86-64): page-cache drops are aligned to it.
+_FOLIO_BYTES = 2 << 20
+
+
+def n_offloaded(fraction: float, n_layers: int) -> int:
+    """Layers that ``fraction`` of ``n_layers`` leaves out of the fast tier: round half up."""
+    check_fraction("weight_offload", fraction)
+    return min(n_layers, int(math.floor(fraction * n_layers + 0.5)))
+
+
+def check_fraction(name: str, fraction: float) -> None:
+    if not 0.0 <= fraction <= 1.0:
+        raise SpanError(f"{name} must be a fraction in [0, 1] (0: all in the fast tier), got {fraction!r}")
+
+
+# ---- weights -----------------------------------------------------------------------------------
+
+@dataclass
+class StreamStats:
+    """What the last step's offloaded layers cost: bytes read, seconds reading (in the reader; the
+    first layer's read separately), seconds the compute thread waited for a read to finish."""
+
+    layers: int = 0
+    read_bytes: int = 0
+    read_s: float = 0.0
+    first_read_s: float = 0.0
+    wait_s: float = 0.0
+
+
+class _Sync:
+    """Ordering between the copy stream and the compute stream; all no-ops on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+
+    def event(self, stream=None):
+        if not self.cuda:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(stream if stream is not None else torch.cuda.current_stream())
+        return ev
+
+    def copy_stream(self):
+        return torch.cuda.stream(self.stream) if self.cuda else _null()
+
+    def flush(self) -> None:
+        """Block until the copies queued on the copy stream are done (their sources may go)."""
+        if self.cuda:
+            self.event(self.stream).synchronize()
+
+    def wait(self, event, stream=None) -> None:
+        if event is not None:
+            (stream if stream is not None else torch.cuda.current_stream()).wait_event(event)
+
+
+def _slots(module: nn.Module) -> dict[str, tuple[nn.Module, str, str]]:
+    """state-dict name -> (owning module, "_parameters" or "_buffers", attribute) for ``module``."""
+    out = {}
+    for prefix, m in module.named_modules():
+        for kind, tensors in (("_parameters", m._parameters), ("_buffers", m._buffers)):
+            for name, t in tensors.items():
+                if t is not None and (kind == "_parameters" or name not in m._non_persistent_buffers_set):
+                    out[f"{prefix}.{name}" if prefix else name] = (m, kind, name)
+    if set(out) != set(module.state_dict()):
+        raise UnsupportedArchitectureError(f"{type(module).__name__} has tensors outside its own modules' parameters "
+                                           "and buffers (shared or tied weights); it cannot be offloaded")
+    return out
+
+
+@contextmanager
+def _null():
+    yield
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """Where one tensor's bytes are in a safetensors file."""
+
+    file: str
+    offset: int          # from the start of the file
+    nbytes: int
+    dtype: torch.dtype   # as stored
+    shape: tuple[int, ...]
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def stored_tensors(path: Path, names: list[str], wmap: dict[str, str]) -> dict[str, _Stored]:
+    """File, byte offset, dtype and shape of each of ``names``, from the safetensors headers."""
+    out, headers = {}, {}
+    ensure_files(path, [wmap[n] for n in names])
+    for name in names:
+        fname = wmap[name]
+        if fname not in headers:
+            with open(path / fname, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                headers[fname] = (8 + n, json.loads(f.read(n)))
+        base, header = headers[fname]
+        h = header[name]
+        if h["dtype"] not in _ST_DTYPES:
+            raise UnsupportedArchitectureError(f"{name} is stored as {h['dtype']}; only float tensors can be offloaded")
+        a, b = h["data_offsets"]
+        out[name] = _Stored(fname, base + a, b - a, _ST_DTYPES[h["dtype"]], tuple(h["shape"]))
+    return out
+
+
+class WeightStreamer:
+    """Streams the offloaded layers of a span from the checkpoint through two resident buffers.
+
+    ``shells``: the offloaded layers' modules on the meta device, in order, keyed by their names'
+    prefix in the checkpoint (``"model.layers.7."``). ``dtype``/``device``: what the layers compute in.
+
+    ``reader``: how a layer's bytes come off the disk. ``"pread"`` (default): one vectored
+    ``preadv`` per run of adjacent tensors, in file order, straight into the buffer (or a staging
+    buffer when the stored dtype or the device differ). ``"mmap"``: :func:`~.checkpoint.load_tensors`
+    (memory-mapped) and ``copy_``, where page faults do the reading — slower here
+    (``benchmarks/results/offload.md``). Used automatically when one layer's tensors are stored in
+    several dtypes.
+    """
+
+    def __init__(self, path: Path, wmap: dict[str, str], shells: dict[str, nn.Module], dtype: torch.dtype,
+                 device: torch.device | str = "cpu", prefetch: bool = True, drop_page_cache: bool = True,
+                 reader: str = "pread"):
+        if reader not in ("pread", "mmap"):
+            raise SpanError(f"reader must be 'pread' or 'mmap', got {reader!r}")
+        self.path, self.wmap, self.dtype, self.device = path, wmap, dtype, torch.device(device)
+        self.shells, self.prefixes = list(shells.values()), list(shells)
+        self.prefetch, self.drop_page_cache, self.reader = prefetch, drop_page_cache, reader
+        self._meta = [dict(s.state_dict()) for s in self.shells]  # name -> meta tensor (shapes, dtypes)
+        self._slots = [_slots(s) for s in self.shells]             # name -> (module, "_parameters", attr)
+        self._empty = [{k: getattr(m, kind)[a] for k, (m, kind, a) in sl.items()} for sl in self._slots]
+        self._check_layout()
+        self._stored = [stored_tensors(path, [p + k for k in m], wmap) for p, m in zip(self.prefixes, self._meta)]
+        for prefix, meta, stored in zip(self.prefixes, self._meta, self._stored):
+            bad = [k for k, t in meta.items() if tuple(t.shape) != stored[prefix + k].shape]
+            if bad:
+                k = bad[0]
+                raise UnsupportedArchitectureError(f"{prefix}{k} is stored with shape {list(stored[prefix + k].shape)}, "
+                                                   f"the model expects {list(meta[k].shape)}")
+        self._extent = [{f: (min(st.offset for st in layer.values() if st.file == f),
+                             max(st.offset + st.nbytes for st in layer.values() if st.file == f))
+                         for f in {st.file for st in layer.values()}} for layer in self._stored]
+        # one unbuffered handle per file for the runner's life: the kernel's readahead state carries
+        # over from layer to layer, and a moved or deleted checkpoint keeps being readable
+        self._files = {f: open(path / f, "rb", buffering=0) for layer in self._extent for f in layer}
+        self.layer_bytes = [sum(t.numel() for t in m.values()) * dtype.itemsize for m in self._meta]
+        self._buffers = [self._allocate(dtype, self.device) for _ in range(min(2, len(self.shells)))]
+        # pread lands in a CPU buffer of the stored dtype: the layer buffer itself when that is one
+        stored = {st.dtype for layer in self._stored for st in layer.values()}
+        if len(stored) > 1:  # tensors of one layer stored in several dtypes: let load_tensors cast them
+            self.reader = "mmap"
+        direct = self.device.type == "cpu" and stored == {dtype}
+        self._staging = None if direct or self.reader == "mmap" else self._allocate(
+            stored.pop(), "cpu", pin=self.device.type == "cuda")
+        self._sync = _Sync(self.device)
+        self._done = [None] * len(self._buffers)  # event: compute that used buffer b has finished
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="bloombee-prefetch") if prefetch else None
+        self._ahead: Future | None = None  # the next step's first layer, read while the stage is idle
+        self.last = StreamStats()
+
+    # -- setup --
+    def _check_layout(self) -> None:
+        for prefix, meta in zip(self.prefixes, self._meta):
+            missing = [prefix + k for k in meta if prefix + k not in self.wmap]
+            if missing:
+                raise UnsupportedArchitectureError(f"checkpoint at {self.path} lacks {missing[:3]}; its tensor names "
+                                                   "do not follow the family's layout")
+            odd = [k for k, t in meta.items() if not t.is_floating_point()]
+            if odd:
+                raise UnsupportedArchitectureError(f"layer tensors {odd[:3]} are not floating point; such layers cannot "
+                                                   "be offloaded (use weight_offload=0)")
+
+    def _allocate(self, dtype: torch.dtype, device, pin: bool = False) -> dict[str, torch.Tensor]:
+        """One layer buffer: a flat tensor with an aligned view per tensor name (sized for the largest layer)."""
+        align = max(1, _ALIGN_BYTES // dtype.itemsize)
+        shapes = max(self._meta, key=lambda m: sum(t.numel() for t in m.values()))
+        offsets, n = {}, 0
+        for name, t in shapes.items():
+            offsets[name], n = n, n + -(-t.numel() // align) * align
+        flat = torch.empty(n, dtype=dtype, device=device, pin_memory=pin)
+        return {"_flat": flat, **{k: flat[o:o + shapes[k].numel()].view(shapes[k].shape) for k, o in offsets.items()}}
+
+    # -- one step --
+    @contextmanager
+    def run(self, layers: list[nn.Module]):
+        """Iterate the span's modules for one step: ``layers`` are the resident layers followed by
+        the offloaded shells (``self.shells``); each shell is filled from its buffer while it runs.
+
+        With prefetch, the first offloaded layer of the *next* step is read as soon as a step ends
+        (both buffers are free then, and a stage between steps waits on the network and the other
+        stages). Leaving the block by an exception waits for any read in flight and reads nothing ahead.
+        """
+        n_res = len(layers) - len(self.shells)
+        self.last = StreamStats()
+        pending: list[Future | None] = [self._ahead]
+        self._ahead = None
+        if self.shells and self.prefetch and pending[0] is None:  # overlaps the resident layers' compute
+            pending[0] = self._reader.submit(self._read, 0, 0)
+        try:
+            yield self._iterate(layers[:n_res], pending)
+        except BaseException:
+            self._settle(pending[0])
+            raise
+        finally:
+            for j in range(len(self.shells)):
+                self._bind(j, self._empty[j])
+        self._settle(pending[0])  # only if the step stopped early
+        if self.shells and self.prefetch:
+            self._ahead = self._reader.submit(self._read, 0, 0)
+
+    @staticmethod
+    def _settle(fut: Future | None) -> None:
+        if fut is not None:
+            try:
+                fut.result()
+            except Exception:  # noqa: BLE001 - a read error surfaces when its layer is needed
+                pass
+
+    def idle(self) -> None:
+        """Wait for the read ahead of the next step (diagnostics, shutdown)."""
+        self._settle(self._ahead)
+
+    def _iterate(self, resident, pending):
+        yield from resident
+        for j, shell in enumerate(self.shells):
+            b = j % len(self._buffers)
+            t0 = time.perf_counter()
+            if self.prefetch:
+                fut, pending[0] = pending[0], None
+                views, read_s = fut.result()
+            else:
+                views, read_s = self._read(j, b)
+            self.last.wait_s += time.perf_counter() - t0
+            self.last.layers, self.last.read_bytes = self.last.layers + 1, self.last.read_bytes + self.layer_bytes[j]
+            self.last.read_s += read_s
+            if j == 0:
+                self.last.first_read_s = read_s
+            if self.prefetch and j + 1 < len(self.shells):  # read the next layer while this one computes
+                pending[0] = self._reader.submit(self._read, j + 1, (j + 1) % len(self._buffers))
+            self._bind(j, views)
+            yield shell
+            self._bind(j, self._empty[j])  # the buffer is someone else's next
+            self._done[b] = self._sync.event()
+
+    def _bind(self, j: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Point shell ``j``'s parameters at ``tensors`` (its buffer's views, or the meta ones) — what
+        ``load_state_dict(assign=True)`` does, without its per-call cost (~0.3 ms a layer)."""
+        for k, (module, kind, attr) in self._slots[j].items():
+            t = tensors[k]
+            getattr(module, kind)[attr] = t if kind == "_buffers" or isinstance(t, nn.Parameter) else \
+                nn.Parameter(t, requires_grad=False)
+
+    @torch.inference_mode()  # a thread's own mode: buffers may have been made inside inference mode
+    def _read(self, j: int, b: int) -> tuple[dict[str, torch.Tensor], float]:
+        """Read offloaded layer ``j`` from the checkpoint into buffer ``b`` (runs in the reader thread);
+        returns the buffer's views and the seconds it took."""
+        t0 = time.perf_counter()
+        prefix, buf = self.prefixes[j], self._buffers[b]
+        views = {k: buf[k] for k in self._meta[j]}
+        try:
+            if self.reader == "mmap":
+                src = load_tensors(self.path, [prefix + k for k in views], self.wmap)  # mapped, nothing read yet
+                with self._sync.copy_stream():
+                    self._sync.wait(self._done[b], self._sync.stream)  # the last layer using b has finished
+                    for k in sorted(views, key=lambda k: self._stored[j][prefix + k].offset):  # file order
+                        views[k].copy_(src[prefix + k], non_blocking=True)  # the page faults read the disk here
+                    self._sync.flush()
+                del src  # unmap before dropping: mapped pages cannot be dropped
+            else:
+                land = views if self._staging is None else {k: self._staging[k] for k in views}
+                self._pread(j, land)
+                if self._staging is not None:
+                    with self._sync.copy_stream():
+                        self._sync.wait(self._done[b], self._sync.stream)
+                        for k, v in views.items():
+                            v.copy_(land[k], non_blocking=True)  # cast and/or host -> device
+                        self._sync.flush()  # the staging buffer is reused by the next read
+        except (OSError, SafetensorError) as exc:
+            raise CheckpointNotFoundError(
+                f"offloaded layer {prefix!r} could not be read from {self.path} ({type(exc).__name__}: {exc}); "
+                "a stage with weight_offload > 0 reads its checkpoint files every step: keep them in place") from None
+        if self.drop_page_cache:
+            self._drop(j)
+        return views, time.perf_counter() - t0
+
+    def _pread(self, j: int, land: dict[str, torch.Tensor]) -> None:
+        """Read layer ``j``'s stored bytes into ``land`` (CPU tensors of the stored dtype), one read per tensor."""
+        parts = []
+        for k, dst in land.items():
+            st = self._stored[j][self.prefixes[j] + k]
+            if dst.dtype != st.dtype or tuple(dst.shape) != st.shape:
+                raise UnsupportedArchitectureError(
+                    f"{self.prefixes[j]}{k} is stored as {st.dtype} {list(st.shape)}, the layer expects "
+                    f"{dst.dtype} {list(dst.shape)}")
+            parts.append((st.file, st.offset, memoryview(dst.view(torch.uint8).numpy()).cast("B")))
+        # in file order, adjacent tensors in one vectored read: the kernel sees one sequential stream
+        # (state-dict order jumps around the layer and defeats readahead: measured ~1.6x slower)
+        parts.sort(key=lambda x: x[:2])
+        run = [parts[0]]
+        for part in parts[1:] + [None]:
+            if part is not None and part[0] == run[-1][0] and part[1] == run[-1][1] + len(run[-1][2]):
+                run.append(part)
+                continue
+            _read_run(self._files[run[0][0]], [mv for _, _, mv in run], run[0][1])
+            run = [part]
+
+    def _drop(self, j: int) -> None:
+        """Evict layer ``j``'s file pages. The kernel only drops whole page-cache folios (up to 2 MiB)
+        inside the range, and never pages someone maps (the resident layers, other processes):
+        the range starts 2 MiB-aligned (the folio that straddles the previous layer's end goes now)
+        and ends at the layer's end, so readahead into the next layer survives for its read. After
+        the step's last offloaded layer the whole file goes (readahead past it included). So between
+        steps the page cache may hold what the kernel read ahead of the first layer read for the
+        next step: at most one readahead window (``/sys/block/*/queue/read_ahead_kb``)."""
+        if not hasattr(os, "posix_fadvise"):  # not Linux: the page cache keeps what was read
+            return
+        last = j == len(self.shells) - 1
+        for fname, (a, b) in self._extent[j].items():
+            a = 0 if last else a // _FOLIO_BYTES * _FOLIO_BYTES
+            os.posix_fadvise(self._files[fname].fileno(), a, 0 if last else b - a, os.POSIX_FADV_DONTNEED)
+
+    def cached_fraction(self) -> float:
+        """Share of the offloaded layers' file bytes now in the page cache (Linux; diagnostics)."""
+        self.idle()
+        total = cached = 0
+        for layer in self._stored:
+            for st in layer.values():
+                total += st.nbytes
+                cached += page_cache_fraction(self.path / st.file, st.offset, st.offset + st.nbytes) * st.nbytes
+        return cached / total if total else 0.0
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Bytes of the two layer buffers (and the staging buffer, if there is one)."""
+        bufs = self._buffers + ([self._staging] if self._staging is not None else [])
+        return sum(b["_flat"].numel() * b["_flat"].element_size() for b in bufs)
+
+    def close(self) -> None:
+        self.idle()
+        if self._reader is not None:
+            self._reader.shutdown(wait=True)
+        for f in self._files.values():
+            f.close()
+
+
+def _read_run(f, mvs: list[memoryview], offset: int) -> None:
+    """Fill the buffers ``mvs`` with the consecutive bytes of ``f`` from ``offset`` (one ``preadv``)."""
+    n = os.preadv(f.fileno(), mvs, offset) if hasattr(os, "preadv") else 0
+    for mv in mvs:  # whatever came back short, one buffer at a time
+        if n < len(mv):
+            _read_at(f, mv[n:], offset + n)
+        offset, n = offset + len(mv), max(0, n - len(mv))
+
+
+def _read_at(f, mv: memoryview, offset: int) -> None:
+    """Fill ``mv`` from ``offset`` of the unbuffered file ``f`` (reads may come back short)."""
+    got = 0
+    while got < len(mv):
+        if hasattr(os, "preadv"):
+            n = os.preadv(f.fileno(), [mv[got:]], offset + got)
+        else:
+            f.seek(offset + got)
+            n = f.readinto(mv[got:])
+        if not n:
+            raise OSError(f"{f.name} ends before the tensor at byte {offset} does (a truncated checkpoint?)")
+        got += n
+
+
+def page_cache_fraction(file: Path, start: int, end: int) -> float:
+    """Share of the pages of ``file[start:end]`` that are in the page cache (``mincore``; Linux only).
+
+    Looking does not read: the file is mapped but never touched.
+    """
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    first, last = start // page * page, -(-end // page) * page
+    with open(file, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        last = min(last, -(-size // page) * page)
+        m = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+    base = ctypes.c_char.from_buffer(m)
+    try:
+        n = (last - first) // page
+        vec = (ctypes.c_ubyte * n)()
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mincore(ctypes.c_void_p(ctypes.addressof(base) + first), ctypes.c_size_t(last - first), vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore failed")
+        return sum(v & 1 for v in vec) / max(n, 1)
+    finally:
+        del base  # no exported pointer may outlive the mapping
+        m.close()
+
+
+# ---- KV ----------------------------------------------------------------------------------------
+
+def _mapped(shape: tuple[int, ...], dtype: torch.dtype, directory: str | None) -> torch.Tensor:
+    """A zero-filled tensor backed by a fresh file (unlinked at once: the mapping keeps it alive)."""
+    numel = math.prod(shape)
+    fd, name = tempfile.mkstemp(prefix="bloombee-kv-", dir=directory)
+    try:
+        os.close(fd)
+        t = torch.from_file(name, shared=True, size=numel, dtype=dtype)
+    finally:
+        os.unlink(name)
+    return t.view(shape)
+
+
+class ColdKVLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose oldest ``floor(fraction · length)`` positions live in a mapped file.
+
+    ``keys``/``values`` hold the hot (newest) positions only; ``cold_length`` positions before them
+    are in the file. ``capacity``: the most positions the file must hold (``floor(fraction · max_length)``).
+    """
+
+    def __init__(self, fraction: float, capacity: int, directory: str | None = None):
+        super().__init__()
+        self.fraction, self.capacity, self.directory = fraction, capacity, directory
+        self.cold_length = 0
+        self._cold: tuple[torch.Tensor, torch.Tensor] | None = None  # [B, H, capacity, D] each
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        B, H, _, D = key_states.shape
+        self._cold = (_mapped((B, H, self.capacity, D), key_states.dtype, self.directory),
+                      _mapped((B, H, self.capacity, value_states.shape[-1]), value_states.dtype, self.directory))
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        c = self.cold_length
+        ck, cv = self._cold
+        keys = torch.cat([ck[:, :, :c], self.keys, key_states], dim=-2)      # what attention sees
+        values = torch.cat([cv[:, :, :c], self.values, value_states], dim=-2)
+        target = min(int(self.fraction * keys.shape[-2]), self.capacity)       # oldest positions to keep cold
+        if target > c:
+            ck[:, :, c:target].copy_(keys[:, :, c:target])
+            cv[:, :, c:target].copy_(values[:, :, c:target])
+            self.cold_length = c = target
+        self.keys, self.values = keys[:, :, c:].clone(), values[:, :, c:].clone()  # own storage: frees the rest
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.cold_length + super().get_seq_length() if self.is_initialized else 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        keep = self.get_seq_length() + tokens_to_remove
+        if keep < self.cold_length:
+            self.cold_length = max(0, keep)
+        hot = max(0, keep - self.cold_length)
+        self.keys, self.values = self.keys[:, :, :hot], self.values[:, :, :hot]
+
+    def compact(self, past_len: int, keep: torch.Tensor) -> None:
+        """Speculation: keep only the tree nodes ``keep`` of the step that started at ``past_len``
+        (``compact_kv`` on the hot part; nodes that went cold are brought back first)."""
+        if past_len < self.cold_length:
+            ck, cv = self._cold
+            self.keys = torch.cat([ck[:, :, past_len:self.cold_length], self.keys], dim=-2)
+            self.values = torch.cat([cv[:, :, past_len:self.cold_length], self.values], dim=-2)
+            self.cold_length = past_len
+        self.keys, self.values = compact_kv(self.keys, self.values, past_len - self.cold_length, keep)
+
+    def reset(self) -> None:
+        self.cold_length = 0
+        super().reset()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("offloaded KV layers do not support beam expansion")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("offloaded KV layers do not support batch selection")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("offloaded KV layers do not support beam reordering")
+
+
+def offload_kv(cache, start: int, end: int, fraction: float, max_length: int, directory: str | None = None) -> int:
+    """Replace the full-attention layers ``[start, end)`` of a fresh ``DynamicCache`` by
+    :class:`ColdKVLayer`; returns how many layers were replaced (0 when ``fraction`` is 0)."""
+    check_fraction("kv_offload", fraction)
+    capacity = int(fraction * max_length)
+    if capacity == 0:
+        return 0
+    n = 0
+    for i in range(start, end):
+        if type(cache.layers[i]) is DynamicLayer:
+            cache.layers[i] = ColdKVLayer(fraction, capacity, directory)
+            n += 1
+    return n
