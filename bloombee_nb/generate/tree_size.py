@@ -172,21 +172,33 @@ def choose_widths(cost: ChainCost, stats: AcceptanceStats, *, max_depth: int = M
 
 
 # ---- the costs, from measurements -------------------------------------------------------------
-def fit_line(xs: Sequence[float], ys: Sequence[float], *, through_origin_if_single: bool) -> tuple[float, float]:
-    """Least-squares ``y = a + b·x`` with a, b >= 0. One distinct x: all fixed (``a``), or all
+def fit_line(xs: Sequence[float], ys: Sequence[float], *, through_origin_if_single: bool,
+             robust: bool = False) -> tuple[float, float]:
+    """``y = a + b·x`` with a, b >= 0: least squares, or with ``robust`` the Theil–Sen line (b the
+    median of the slopes between samples of different x, a the median of ``y - b·x``), which a few
+    wild samples (under ~30% of them) do not move. One distinct x: all fixed (``a``), or all
     proportional (``b``) when ``through_origin_if_single``."""
     xs, ys = np.asarray(xs, float), np.asarray(ys, float)
     if len(xs) == 0:
         return 0.0, 0.0
+    centre = np.median if robust else np.mean
     if np.ptp(xs) == 0:
-        mean = float(ys.mean())
-        return (0.0, max(mean, 0.0) / max(xs[0], 1.0)) if through_origin_if_single else (max(mean, 0.0), 0.0)
-    b, a = np.polyfit(xs, ys, 1)
+        level = max(float(centre(ys)), 0.0)
+        return (0.0, level / max(xs[0], 1.0)) if through_origin_if_single else (level, 0.0)
+    if robust:
+        i, j = np.triu_indices(len(xs), 1)
+        dx = xs[j] - xs[i]
+        apart = dx != 0
+        b = float(np.median((ys[j] - ys[i])[apart] / dx[apart]))
+        a = float(np.median(ys - b * xs))
+    else:
+        b, a = (float(v) for v in np.polyfit(xs, ys, 1))
     if b < 0:
-        return max(float(ys.mean()), 0.0), 0.0
+        return max(float(centre(ys)), 0.0), 0.0
     if a < 0:
-        return 0.0, max(float((xs * ys).sum() / (xs * xs).sum()), 0.0)
-    return float(a), float(b)
+        per_x = float(np.median(ys / np.maximum(xs, 1e-12))) if robust else float((xs * ys).sum() / (xs * xs).sum())
+        return 0.0, max(per_x, 0.0)
+    return a, b
 
 
 @dataclass(frozen=True)
@@ -209,7 +221,8 @@ class LinkSample:
 def chain_cost(steps: Sequence[StepSample], draft_levels: Sequence[tuple[int, float]] = (),
                link: LinkSample | None = None) -> ChainCost:
     """A :class:`ChainCost` from measured steps (compute, and the link when there is no profile:
-    wall minus compute), the draft's measured forwards ``(nodes, seconds)``, and a profile's link."""
+    wall minus compute; least squares), the draft's measured forwards ``(nodes, seconds)`` (a
+    robust line: see below), and a profile's link."""
     xs = [s.tokens for s in steps]
     compute = fit_line(xs, [s.compute_s for s in steps], through_origin_if_single=True)
     if link is None:
@@ -217,7 +230,14 @@ def chain_cost(steps: Sequence[StepSample], draft_levels: Sequence[tuple[int, fl
                                           through_origin_if_single=False)
     else:
         link_fixed, link_token = link.latency_s, link.per_token_s
-    draft = fit_line([n for n, _ in draft_levels], [s for _, s in draft_levels], through_origin_if_single=False)
+    # The draft's forwards take a millisecond or two of the client's CPU each, so a moment the client
+    # is not scheduled (a busy machine; torch's OpenMP threads waiting for a core other processes
+    # hold) stretches a few of them a hundredfold. Least squares charged those few to every forward
+    # of every tree to come (``len(widths) + 1`` of them a round), priced speculation out, and with
+    # speculation off the draft no longer runs, so nothing re-measured it: the generation stayed
+    # plain. The median line prices a forward as the draft typically runs it.
+    draft = fit_line([n for n, _ in draft_levels], [s for _, s in draft_levels], through_origin_if_single=False,
+                     robust=True)
     return ChainCost(link_fixed, link_token, compute[0], compute[1], draft[0], draft[1])
 
 

@@ -93,3 +93,27 @@ def test_candidates_and_limits():
     assert TreePolicy().choose(off, BAD_DRAFT, rounds_off=8, max_depth=8, max_nodes=99) == (1,)  # probe now and then
     with pytest.raises(ValueError, match="positive ints"):
         TreePolicy((2, 0))
+
+
+def test_a_few_stalled_draft_forwards_do_not_turn_speculation_off():
+    # 12.5 Mbit/s · 50 ms RTT chain, 3 stages: 112 ms of link per traversal + 2.7 ms per tree token
+    # (a 1 KiB hidden state over 4 hops at 1.5625 MB/s); the stages compute 8 ms + 0.1 ms per token
+    def step(tokens):
+        compute = 8e-3 + 0.1e-3 * tokens
+        return StepSample(tokens, 112e-3 + 2.7e-3 * tokens + compute, compute)
+
+    # the prefill (17 tokens), a (2, 2, 1, 1) tree (15), then 8 plain steps and a (1,) probe
+    steps = [step(17), step(15)] + [step(1)] * 8 + [step(2)]
+    # the draft's forwards (nodes, s): 1.5-3 ms each, but the client was descheduled during two
+    # of the tree's (160 ms each: a busy 2-core machine, torch's OpenMP threads waiting for a core)
+    first_tree = [(17, 3.1e-3), (1, 1.5e-3), (2, 160e-3), (4, 1.9e-3), (4, 160e-3), (4, 1.9e-3)]
+    probe = [(9, 2.2e-3), (1, 1.5e-3)]  # the probe's draft catches up on the 8 plain tokens
+    cost = chain_cost(steps, first_tree + probe)
+    assert cost.draft_level_s < 3e-3 and cost.draft_per_token_s < 0.5e-3  # what a forward typically takes
+    chosen = choose_widths(cost, GOOD_DRAFT)
+    assert len(chosen) >= 3 and tree_size(chosen) >= 5   # speculation pays ~2x here
+    # right after the tree, before any plain step: the same
+    assert len(choose_widths(chain_cost(steps[:2], first_tree), GOOD_DRAFT)) >= 3
+    # a draft that is slow every time is priced as slow: then plain decoding wins
+    slow = [(n, 160e-3 + 1e-3 * n) for n, _ in first_tree + probe]
+    assert choose_widths(chain_cost(steps, slow), GOOD_DRAFT) == ()
