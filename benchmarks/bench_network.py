@@ -104,9 +104,10 @@ def main():
         cluster.wait_for_workers(3, 60)
         workers = cluster.worker_addresses()
         ours = bb.DistributedModelForCausalLM.from_pretrained(path, cluster=cluster, workers=workers, spans=SPANS,
-                                                              relay="chain", compression="auto")
+                                                              relay="chain", compression="auto",
+                                                              client_threads=1)  # namespaced workers share the cores
         petals = bb.DistributedModelForCausalLM.from_pretrained(path, cluster=cluster, workers=workers, spans=SPANS,
-                                                                relay="star", compression=None)
+                                                                relay="star", compression=None, client_threads=1)
         hidden_bytes = ours.config.hidden_size * ours.embed_tokens.weight.element_size()
         vocab = ours.config.vocab_size
         for rate, rtt in links:

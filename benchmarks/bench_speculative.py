@@ -115,7 +115,10 @@ def main():
     cluster = bb.connect(emu.scheduler_address) if emu is not None else bb.connect(n_workers=3)
     with cluster:
         cluster.wait_for_workers(3, 60)
-        model = bb.DistributedModelForCausalLM.from_pretrained(default_model_path(), cluster=cluster)
+        # the namespaced workers share this machine's 2 cores although their addresses are not local:
+        # the client's own torch work gets one thread, as "auto" gives it on an embedded cluster
+        model = bb.DistributedModelForCausalLM.from_pretrained(default_model_path(), cluster=cluster, client_threads=1)
+        torch.set_num_threads(1)  # … and so does the draft, which runs here
         result["spans"] = model.placement.spans
         try:
             for rate, rtt in settings:
