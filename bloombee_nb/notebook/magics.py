@@ -260,7 +260,8 @@ class BloombeeMagics(Magics):
         s = session()
         s.require_model()
         build = figures.link_map if args.view == "graph" else figures.link_heatmap
-        self._show_figure(build(s.ensure_profile(), s.plan, s.model.link_codecs()))
+        profile = s.ensure_profile()
+        self._show_figure(build(profile, s.plan or _placed_plan(s.model, profile), s.model.link_codecs()))
 
     def _generate(self, args, cell):
         from .generation import generate_text
@@ -286,3 +287,19 @@ class BloombeeMagics(Magics):
         from .frontend import show_figure
 
         show(live(fig)) if self.live else show_figure(fig)
+
+
+def _placed_plan(model, profile):
+    """The chain the model runs now (e.g. the default even split), priced as a plan, so the link
+    map can draw it; ``None`` when a stage's worker is not in the profile."""
+    from ..plan import ChainStage, Workload, evaluate_chain
+
+    names = {w.address: w.name for w in profile.workers}
+    if any(st.worker not in names for st in model.placement.stages):
+        return None
+    chain = [ChainStage(names[st.worker], st.start, st.end) for st in model.placement.stages]
+    try:
+        return evaluate_chain(profile, Workload(), chain, 1, method="current placement")
+    except Exception:  # noqa: BLE001 - a what-if profile may not fit the current spans; draw without a chain
+        return None
+

@@ -98,6 +98,19 @@ def test_plan_widget_when_widgets_are_live(ip):
         ip.run_line_magic("config", "BloombeeMagics.display = 'static'")
 
 
+def test_links_draw_the_current_placement_when_no_plan_was_made(ip):
+    from bloombee_nb.notebook import figures
+    from bloombee_nb.notebook.magics import _placed_plan
+
+    s = session()
+    profile = s.ensure_profile()
+    plan = _placed_plan(s.model, profile)
+    names = {w.address: w.name for w in profile.workers}
+    assert [st.worker for st in plan.stages] == [names[st.worker] for st in s.model.placement.stages]
+    chain = next(t for t in figures.link_map(profile, plan, s.model.link_codecs()).data if t.name == "chain")
+    assert len(chain.x) == len(plan.stages) + 2  # client → stages → client
+
+
 @pytest.mark.parametrize("line, match", [
     ("connect local --workers 0", "at least 1"),
     ("connect local --workers two", "invalid _positive_int value"),
@@ -180,3 +193,4 @@ def test_disconnect_then_commands_say_what_to_do(ip, capsys):
         ip.run_cell_magic("bloombee", "generate", "hi")
     ip.run_line_magic("bloombee", "status")
     assert "not connected" in capsys.readouterr().out
+
