@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
@@ -65,3 +73,24 @@ def padded_batch(lengths: list[int], seed: int = 0):
         ids[i, width - n:] = torch.randint(3, VOCAB, (n,), generator=g)
         mask[i, width - n:] = 1
     return ids, mask
+
+
+BIN = str(Path(sys.executable).with_name("bloombee-nb"))
+
+
+def start_process(cmd: list[str], pattern: str, timeout_s: float = 90) -> tuple[subprocess.Popen, str]:
+    """Start ``cmd`` (one torch thread) and wait for a line matching ``pattern``; its first group is
+    returned with the process, whose remaining output is drained in the background."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if m := re.search(pattern, line):
+            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep draining its output
+            return proc, m.group(1)
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    raise AssertionError(f"{cmd} did not print {pattern!r}")
+

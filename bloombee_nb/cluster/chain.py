@@ -211,9 +211,10 @@ class RemoteChain:
             if i == 0 or self.client_policies[i] != self.stage_policies[i - 1]:  # else relay the bytes as they are
                 hidden = hidden if i == 0 else transport.decode(frame)
                 frame = transport.encode(hidden, self.client_policies[i].codec_for(hidden.numel() * hidden.element_size()))
-            sent += len(frame) + len(pos) + len(mask) + extra
+            nbytes = len(frame) + len(pos) + len(mask) + extra
+            sent += nbytes
             into.append(len(frame))
-            await hold(len(frame) + len(pos) + len(mask) + extra)  # emulated client link (benchmarks only)
+            await hold(nbytes)  # emulated client link (benchmarks only)
             frame, ((compute_s, out_bytes),) = await self._call(i, "forward", session_id, frame, pos, mask,
                                                                  None, (), *spec)
             walls.append(time.perf_counter() - t0)

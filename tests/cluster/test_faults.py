@@ -11,11 +11,8 @@ equal plain transformers' token for token, and the recovery must be recorded and
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -26,26 +23,10 @@ from transformers.generation.streamers import BaseStreamer
 import bloombee_nb as bb
 from bloombee_nb.errors import RecoveryError
 from bloombee_nb.generate.recovery import GONE, HUNG, LEAVING, UNREACHABLE
-from tests.conftest import padded_batch
+from tests.conftest import BIN, padded_batch, start_process
 
-BIN = str(Path(sys.executable).with_name("bloombee-nb"))
 NEW_TOKENS = 8
 FAULT_AT = 3  # tokens streamed before the fault
-
-
-def _start(cmd: list[str], pattern: str, timeout_s: float = 90) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if m := re.search(pattern, line):
-            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep draining its output
-            return proc, m.group(1)
-        if proc.poll() is not None:
-            break
-    proc.kill()
-    raise AssertionError(f"{cmd} did not print {pattern!r}")
 
 
 class Swarm:
@@ -53,7 +34,7 @@ class Swarm:
     the file its output goes to."""
 
     def __init__(self, log_dir: Path, names=("w0", "w1", "w2", "w3")):
-        self.sched, self.address = _start([BIN, "scheduler", "--host", "127.0.0.1", "--port", "0",
+        self.sched, self.address = start_process([BIN, "scheduler", "--host", "127.0.0.1", "--port", "0",
                                            "--dashboard-address", ":0"], r"scheduler at (tcp://\S+)")
         self.log_dir, self.logs, self.procs = log_dir, {}, {}
         for n in names:

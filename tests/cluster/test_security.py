@@ -1,11 +1,7 @@
 """Mutual TLS with `bloombee-nb credentials`: members join and generate; outsiders are refused."""
 
-import os
-import re
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,23 +9,8 @@ from distributed import Client
 
 import bloombee_nb as bb
 from bloombee_nb.cluster.security import CredentialsError, load_security, make_credentials
-from tests.conftest import padded_batch
+from tests.conftest import BIN, padded_batch, start_process
 
-BIN = str(Path(sys.executable).with_name("bloombee-nb"))
-
-
-def _start(cmd: list[str], pattern: str, timeout_s: float = 60) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if m := re.search(pattern, line):
-            return proc, m.group(1)
-        if proc.poll() is not None:
-            break
-    proc.kill()
-    raise AssertionError(f"{cmd} did not print {pattern!r}")
 
 
 def _stop(*procs):
@@ -59,13 +40,13 @@ def test_credentials_are_private_files_and_incomplete_folders_say_what_to_do(cre
 
 
 def test_members_with_credentials_generate_and_outsiders_are_refused(creds, tmp_path, checkpoints, reference):
-    sched, address = _start([BIN, "scheduler", "--tls", str(creds), "--host", "127.0.0.1", "--port", "0",
+    sched, address = start_process([BIN, "scheduler", "--tls", str(creds), "--host", "127.0.0.1", "--port", "0",
                              "--dashboard-address", ":0"], r"scheduler at (tls://\S+)")
     procs = [sched]
     try:
         assert address.startswith("tls://")
         for i in range(2):
-            w, _ = _start([BIN, "worker", address, "--tls", str(creds), "--name", f"m{i}", "--host", "127.0.0.1"],
+            w, _ = start_process([BIN, "worker", address, "--tls", str(creds), "--name", f"m{i}", "--host", "127.0.0.1"],
                           r"worker (tls://\S+) joined")
             procs.append(w)
         # an outsider worker: plain TCP, and TLS with someone else's credentials — neither joins
