@@ -50,6 +50,8 @@ DEFAULT_PING_TIMEOUT_S = 10.0
 
 
 RELAYS = ("chain", "star")
+#: Prompts longer than this many tokens are sent in chunks of it (module doc: Batching).
+DEFAULT_PREFILL_CHUNK = 256
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,8 @@ class RemoteChain:
     def __init__(self, client: Client, placement: Placement, futures: list, timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
                  relay: str = "chain", compression: str | None = None, min_compress_bytes: int = 64 << 10,
                  liveness_interval_s: float | None = DEFAULT_LIVENESS_INTERVAL_S,
-                 ping_timeout_s: float = DEFAULT_PING_TIMEOUT_S):
+                 ping_timeout_s: float = DEFAULT_PING_TIMEOUT_S, micro_batch: int | None = None,
+                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
         if relay not in RELAYS:
             raise ValueError(f"relay must be one of {RELAYS}, got {relay!r}")
         self.client, self.placement, self.timeout_s, self.relay = client, placement, timeout_s, relay
@@ -109,20 +112,34 @@ class RemoteChain:
             self.set_policies([fixed] * n, [fixed] * n)
         self._steps = itertools.count()
         self._acks: list[asyncio.Future] = []  # chain mode: first-stage acceptances not yet checked
+        self.micro_batch, self.prefill_chunk = micro_batch, prefill_chunk
+        self._parts: dict[str, list[tuple[str, int, int]]] = {}  # session -> (stage session id, rows a:b)
+        self._seq: dict[str, int] = {}                            # stage session id -> its next step's seq
 
     @classmethod
     def create(cls, client: Client, placement: Placement, path: str, timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
                relay: str = "chain", compression: str | None = None,
                liveness_interval_s: float | None = DEFAULT_LIVENESS_INTERVAL_S,
-               ping_timeout_s: float = DEFAULT_PING_TIMEOUT_S, **stage_kwargs) -> "RemoteChain":
-        """Start one StageActor per stage, all loading in parallel, each pinned to its worker."""
+               ping_timeout_s: float = DEFAULT_PING_TIMEOUT_S, micro_batch: int | None = None,
+               prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, per_stage: list[dict] | None = None,
+               **stage_kwargs) -> "RemoteChain":
+        """Start one StageActor per stage, all loading in parallel, each pinned to its worker.
+
+        ``stage_kwargs`` go to every stage, ``per_stage[i]`` (e.g. a plan's offload fractions) to
+        stage i on top of them; ``micro_batch`` is both the rows a stage runs in one forward and
+        the rows a batch is split into (see :meth:`forward`)."""
+        per_stage = per_stage or [{}] * len(placement.stages)
+        if len(per_stage) != len(placement.stages):
+            raise ValueError(f"per_stage has {len(per_stage)} entries for {len(placement.stages)} stages")
         futures = [
             client.submit(StageActor, path, st.start, st.end, actor=True, pure=False,
-                          workers=[st.worker], allow_other_workers=False, **stage_kwargs)
-            for st in placement.stages
+                          workers=[st.worker], allow_other_workers=False,
+                          **{**stage_kwargs, "micro_batch": micro_batch, **own})
+            for st, own in zip(placement.stages, per_stage)
         ]
         return cls(client, placement, futures, timeout_s, relay, compression,
-                   liveness_interval_s=liveness_interval_s, ping_timeout_s=ping_timeout_s)
+                   liveness_interval_s=liveness_interval_s, ping_timeout_s=ping_timeout_s, micro_batch=micro_batch,
+                   prefill_chunk=prefill_chunk)
 
     def hops(self) -> list[tuple[int, int]]:
         """The links hidden states cross, as (sender, receiver) with -1 for the client."""
@@ -165,45 +182,108 @@ class RemoteChain:
         return self.client.sync(self._watched, self._broadcast(method, args))
 
     async def _broadcast(self, method: str, args: tuple) -> list:
-        calls = [self._call(i, method, *args) for i in range(len(self.actors))]
-        results = await asyncio.gather(*calls, return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            raise next((e for e in errors if isinstance(e, StageUnavailableError)), errors[0])  # recoverable first
-        return results
+        return await _all([self._call(i, method, *args) for i in range(len(self.actors))])
 
+    # ---- sessions -------------------------------------------------------------------------------
+    def open_session(self, session_id: str, batch: int, max_length: int) -> None:
+        """Open ``session_id`` on every stage; with a ``micro_batch`` below ``batch``, as one stage
+        session per micro-batch of rows (``<id>/<k>``)."""
+        m = self.micro_batch or batch
+        parts = [(session_id if batch <= m else f"{session_id}/{k}", a, min(a + m, batch))
+                 for k, a in enumerate(range(0, batch, m))]
+        self._gather([self._call(i, "open_session", sub, b - a, max_length)
+                      for sub, a, b in parts for i in range(len(self.actors))])
+        self._parts[session_id] = parts
+        self._seq.update({sub: 0 for sub, _, _ in parts})
+
+    def stage_sessions(self, session_id: str) -> list[str]:
+        """The ids ``session_id`` goes by on the stages (one per micro-batch)."""
+        return [sub for sub, _, _ in self._parts.get(session_id, [(session_id, 0, 0)])]
+
+    def close_session(self, session_id: str) -> None:
+        subs = self.stage_sessions(session_id)
+        self._parts.pop(session_id, None)
+        for sub in subs:
+            self._seq.pop(sub, None)
+        self._gather([self._call(i, "close_session", sub) for sub in subs for i in range(len(self.actors))])
+
+    def rollback(self, session_id: str, length: int) -> None:
+        """Keep the first ``length`` positions of the session on every stage."""
+        self._gather([self._call(i, "rollback", sub, int(length))
+                      for sub in self.stage_sessions(session_id) for i in range(len(self.actors))])
+
+    def _gather(self, calls: list) -> list:
+        """Await stage calls together (see :func:`_all`), watched like every call."""
+        self._check_usable()
+        return self.client.sync(self._watched, _all(calls))
+
+    # ---- steps ----------------------------------------------------------------------------------
     def forward(self, session_id: str, hidden: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask: torch.Tensor, tree_parents: torch.Tensor | None = None,
                 keep: tuple[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, StepTrace]:
-        """Run ``hidden`` through every stage in order; returns the last stage's output.
+        """Run ``hidden [B, T, D]`` through every stage in order; returns the last stage's output.
 
         ``tree_parents [T]`` (int64) makes the step's T positions a token tree; ``keep`` =
         ``(past_len, paths [B, K])`` has every stage keep the accepted path of the previous tree step
         first (see :meth:`keep_path`), riding on this step instead of costing a round trip.
 
-        The relay runs as one coroutine on the client's event loop: one thread hand-off per step
+        Micro-batches: a session opened with :meth:`open_session` for more rows than
+        ``micro_batch`` sends each micro-batch as its own stage session, all at once, so stage i
+        works on micro-batch k while stage i+1 works on k-1. Chunks: a plain step of more than
+        ``prefill_chunk`` positions goes as chunks sent without waiting for each other (each stage
+        keeps their order by ``seq``), so stages pipeline a long prompt and run other sessions'
+        decode steps between its chunks.
+
+        The relays run as coroutines on the client's event loop: one thread hand-off per step
         (each hand-off costs ~0.5 ms on a busy 2-core machine).
         """
         self._check_usable()
-        pos, mask = transport.encode(position_ids), transport.encode(attention_mask)
+        B, T = hidden.shape[:2]
+        parts = self._parts.get(session_id) or [(session_id, 0, B)]
+        c = self.prefill_chunk if tree_parents is None and self.prefill_chunk and T > self.prefill_chunk else T
+        relays = []
+        for sub, a, b in parts:
+            for j, c0 in enumerate(range(0, T, c)):
+                cols = slice(c0, min(c0 + c, T))
+                k = None
+                if keep is not None and j == 0:
+                    paths = torch.as_tensor(keep[1], dtype=torch.long)
+                    k = (keep[0], paths[a:b] if paths.dim() == 2 else paths)
+                seq = self._seq.get(sub)
+                if seq is not None:
+                    self._seq[sub] = seq + 1
+                relays.append(self._relay(sub, hidden[a:b, cols], position_ids[a:b, cols],
+                                          attention_mask[a:b, cols], tree_parents, k, seq))
+        t0 = time.perf_counter()
+        results = self.client.sync(self._watched, _all(relays))
+        n_chunks = -(-T // c)
+        outs = [torch.cat([transport.decode(r[0]) for r in results[p * n_chunks:(p + 1) * n_chunks]], dim=1)
+                for p in range(len(parts))]
+        trace = _merge_traces(results, self.relay, T, hidden.numel() * hidden.element_size(),
+                              time.perf_counter() - t0)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0), trace
+
+    def _relay(self, session_id, hidden, position_ids, attention_mask, tree_parents, keep, seq):
+        """One session's step through the chain, as a coroutine (frames encoded here, now)."""
+        pos, mask = transport.encode(position_ids.contiguous()), transport.encode(attention_mask.contiguous())
         spec = _speculation_frames(tree_parents, keep)
-        nbytes = hidden.numel() * hidden.element_size()
         if self.relay == "chain" and len(self.actors) > 1:
-            frame = transport.encode(hidden, self.client_policies[0].codec_for(nbytes))
-            relay = self._relay_chain(session_id, frame, pos, mask, spec)
-        else:
-            relay = self._relay_star(session_id, hidden, pos, mask, spec)
-        out, walls, computes, sent, hops = self.client.sync(self._watched, relay)
-        trace = StepTrace(hidden.shape[1], tuple(walls), tuple(c for c, _ in computes), sent, len(out), self.relay,
-                          nbytes, tuple(hops))
-        return transport.decode(out), trace
+            nbytes = hidden.numel() * hidden.element_size()
+            frame = transport.encode(hidden.contiguous(), self.client_policies[0].codec_for(nbytes))
+            return self._relay_chain(session_id, frame, pos, mask, spec, seq)
+        return self._relay_star(session_id, hidden.contiguous(), pos, mask, spec, seq)
 
     def keep_path(self, session_id: str, past_len: int, keep: torch.Tensor | list) -> None:
         """Every stage keeps only the accepted path of the session's last tree step (``keep [K]`` or
         ``[B, K]`` node indices, root first, -1 padded; see ``SpanRunner.keep_path``)."""
-        self.broadcast("keep_path", session_id, int(past_len), torch.as_tensor(keep, dtype=torch.long).tolist())
+        keep = torch.as_tensor(keep, dtype=torch.long)
+        calls = [self._call(i, "keep_path", sub, int(past_len), (keep[a:b] if keep.dim() == 2 else keep).tolist())
+                 for sub, a, b in self._parts.get(session_id) or [(session_id, 0, None)]
+                 for i in range(len(self.actors))]
+        self._gather(calls)
 
-    async def _relay_star(self, session_id: str, hidden: torch.Tensor, pos: bytes, mask: bytes, spec=(None, None)):
+    async def _relay_star(self, session_id: str, hidden: torch.Tensor, pos: bytes, mask: bytes, spec=(None, None),
+                          seq: int | None = None):
         walls, computes, sent, into, back = [], [], 0, [], []
         extra = extra_nbytes(*spec)
         for i in range(len(self.actors)):
@@ -216,19 +296,20 @@ class RemoteChain:
             into.append(len(frame))
             await hold(nbytes)  # emulated client link (benchmarks only)
             frame, ((compute_s, out_bytes),) = await self._call(i, "forward", session_id, frame, pos, mask,
-                                                                 None, (), *spec)
+                                                                 None, (), *spec, seq)
             walls.append(time.perf_counter() - t0)
             computes.append((compute_s, out_bytes))
             back.append(len(frame))
         return frame, walls, computes, sent, into + back
 
-    async def _relay_chain(self, session_id: str, frame: bytes, pos: bytes, mask: bytes, spec=(None, None)):
+    async def _relay_chain(self, session_id: str, frame: bytes, pos: bytes, mask: bytes, spec=(None, None),
+                           seq: int | None = None):
         await self._check_acks()
         step, t0 = next(self._steps), time.perf_counter()
         collect = asyncio.ensure_future(self._call(len(self.actors) - 1, "collect", session_id, step, self.timeout_s))
         sent = len(frame) + len(pos) + len(mask) + extra_nbytes(*spec)
         await hold(sent)  # emulated client link (benchmarks only)
-        ack = asyncio.ensure_future(self._call(0, "forward", session_id, frame, pos, mask, step, (), *spec))
+        ack = asyncio.ensure_future(self._call(0, "forward", session_id, frame, pos, mask, step, (), *spec, seq))
         try:
             await asyncio.wait({collect, ack}, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:  # the watchdog gave up on this step
@@ -353,6 +434,27 @@ class RemoteChain:
         if self.released:
             raise StageUnavailableError("this chain of stages was released (the model was closed, or its spans "
                                         "were re-placed after a failure); sessions move to the model's current chain")
+
+
+async def _all(relays: list) -> list:
+    """Await calls together; the first failure is raised after all finished (a recoverable one first)."""
+    results = await asyncio.gather(*relays, return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        raise next((e for e in errors if isinstance(e, StageUnavailableError)), errors[0])
+    return results
+
+
+def _merge_traces(results: list, relay: str, tokens: int, hidden_bytes: int, wall_s: float) -> StepTrace:
+    """One step's trace from the relays it took (one, or one per micro-batch and chunk)."""
+    if len(results) == 1:
+        out, walls, computes, sent, hops = results[0]
+        return StepTrace(tokens, tuple(walls), tuple(c for c, _ in computes), sent, len(out), relay, hidden_bytes,
+                         tuple(hops))
+    computes = [sum(c[i][0] for _, _, c, _, _ in results) for i in range(len(results[0][2]))]
+    hops = [sum(r[4][i] for r in results) for i in range(len(results[0][4]))]
+    return StepTrace(tokens, (wall_s,), tuple(computes), sum(r[3] for r in results), sum(len(r[0]) for r in results),
+                     relay, hidden_bytes, tuple(hops))
 
 
 async def _awaitable(future):

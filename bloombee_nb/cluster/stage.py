@@ -18,6 +18,19 @@ the accepted path of the previous tree step (``keep``: ``(past_len, frame of [B,
 which is compacted before the step runs, so keeping a path costs no round trip of its own. Both
 travel with the hidden states along the chain. Without them a step is exactly as before.
 
+Batching (``micro_batch``, ``merge``): steps wait in one queue and run one batch at a time on the
+private thread. Plain steps of different sessions with the same number of new positions that are
+waiting together run as one forward of at most ``micro_batch`` rows (``model/merge.py``: the
+layers run once on the stacked rows, attention per session against its own cache). Decode steps
+and long steps (prefill chunks) take turns: after a long step, the decode steps waiting go first,
+so a long prompt, sent in chunks, never stalls other sessions' decoding for its whole length.
+``merge=False`` runs one step at a time in arrival order (the Petals-style server).
+
+Order within a session: a step may carry ``seq``, its index among the session's steps. Chunks of
+one prompt are sent without waiting for each other and may overtake each other between stages;
+a stage runs a session's step ``seq`` only after ``seq - 1``. A step that fails on a stage is
+passed on as a skip (:meth:`skip`), so the stages after it do not wait for it.
+
 Every tensor is a frame (``bytes``) decoded here; every error raised is a typed
 :mod:`bloombee_nb.errors` exception that reaches the caller with its type, and leaves every
 other session on this stage untouched.
@@ -33,11 +46,13 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import torch
 
 from .. import transport
 from ..errors import BloombeeError, StageHungError, StageLeavingError, StageUnavailableError
+from ..model.merge import forward_many
 from ..model.span import SpanRunner
 from ..transport.emulation import hold
 
@@ -46,17 +61,38 @@ from ..transport.emulation import hold
 _LEAVING = False
 
 
+@dataclass(eq=False)
+class _Job:
+    """One step waiting in a stage's queue."""
+
+    session_id: str
+    frames: tuple                 # (hidden, position_ids, attention_mask) frames
+    tree: bytes | None
+    keep: tuple | None
+    seq: int | None               # index among the session's steps (None: no order to keep)
+    rows: int                     # batch rows (from the hidden frame's header; 0 if unreadable)
+    tokens: int                   # new positions per row
+    done: asyncio.Future = field(repr=False, default=None)
+    skip: bool = False            # only advances the session's order (a step that failed upstream)
+
+    @property
+    def plain(self) -> bool:
+        return self.tree is None and self.keep is None and self.rows > 0 and not self.skip
+
+
 class StageActor:
     def __init__(self, path: str, start: int, end: int, dtype: str | None = None, num_threads: int = 1,
                  max_kv_bytes: int | None = None, max_sessions: int | None = None,
-                 allow_unverified_architecture: bool = False, weight_offload: float = 0.0, kv_offload: float = 0.0):
+                 allow_unverified_architecture: bool = False, weight_offload: float = 0.0, kv_offload: float = 0.0,
+                 micro_batch: int | None = None, merge: bool = True, device: str | None = None):
         self.address = _worker_address()
         if _LEAVING:
             raise StageLeavingError(f"the worker {self.address} is leaving and takes no new spans; place the "
                                     "model on other workers", workers=(self.address,))
         self.leaving = False
         torch.set_num_threads(num_threads)  # workers otherwise run torch single-threaded
-        kw = {k: v for k, v in dict(max_kv_bytes=max_kv_bytes, max_sessions=max_sessions).items() if v is not None}
+        kw = {k: v for k, v in dict(max_kv_bytes=max_kv_bytes, max_sessions=max_sessions, device=device).items()
+              if v is not None}
         self.runner = SpanRunner(path, start, end, getattr(torch, dtype) if dtype else None,
                                  allow_unverified_architecture=allow_unverified_architecture,
                                  weight_offload=weight_offload, kv_offload=kv_offload, **kw)
@@ -66,6 +102,13 @@ class StageActor:
         self.out_policy = transport.CodecPolicy()  # which codec this stage's outgoing frames use, by size
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="bloombee-stage")
         self._outputs: dict[tuple[str, int], asyncio.Future] = {}  # last stage: outputs awaiting collect()
+        self.micro_batch, self.merge = None, True
+        self.set_batching(micro_batch, merge)
+        self._queue: list[_Job] = []               # steps waiting to run (module doc: Batching)
+        self._pump: asyncio.Task | None = None     # the coroutine running them
+        self._after_long = False                   # the last batch was a long step: decode steps go next
+        self._next_seq: dict[str, int] = {}        # session -> seq of its next step
+        self.merged_steps = self.batches = 0       # counters (info): steps run, forwards they took
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -75,6 +118,12 @@ class StageActor:
         cannot get there, and the last stage (where failures are reported)."""
         self.next, self._next_unavailable, self.last = actor, unavailable_message, last
         self._next_worker = next_worker
+
+    def set_batching(self, micro_batch: int | None = None, merge: bool = True) -> None:
+        """At most ``micro_batch`` rows per forward (None: no limit); ``merge=False`` runs every step alone."""
+        if micro_batch is not None and int(micro_batch) < 1:
+            raise ValueError(f"micro_batch must be a positive number of rows or None, got {micro_batch}")
+        self.micro_batch, self.merge = (None if micro_batch is None else int(micro_batch)), bool(merge)
 
     def set_compression(self, policy: dict) -> None:
         """How to encode outgoing frames: a :class:`~bloombee_nb.transport.CodecPolicy` as a dict."""
@@ -92,6 +141,7 @@ class StageActor:
     async def open_session(self, session_id: str, batch: int, max_length: int) -> None:
         self._check_staying()
         await self._run(self.runner.open, session_id, batch, max_length)
+        self._next_seq[session_id] = 0
 
     async def ping(self) -> dict:
         """Answered on the worker's event loop, even while a step computes: alive, leaving, sessions."""
@@ -107,6 +157,7 @@ class StageActor:
         for key in [k for k in self._outputs if k[0] == session_id]:
             self._outputs.pop(key).cancel()
         await self._run(self.runner.close, session_id)
+        self._next_seq.pop(session_id, None)
 
     async def rollback(self, session_id: str, length: int) -> None:
         await self._run(self.runner.rollback, session_id, length)
@@ -130,7 +181,7 @@ class StageActor:
 
     async def forward(self, session_id: str, hidden: bytes, position_ids: bytes, attention_mask: bytes,
                       step: int | None = None, computes: tuple = (), tree: bytes | None = None,
-                      keep: tuple[int, bytes] | None = None) -> tuple[bytes | None, tuple]:
+                      keep: tuple[int, bytes] | None = None, seq: int | None = None) -> tuple[bytes | None, tuple]:
         """One step of one session. Star: returns (output frame, ((compute seconds, output frame
         bytes) of each stage so far)).
 
@@ -139,15 +190,18 @@ class StageActor:
 
         ``tree`` (a frame of int64 parents ``[T]``) makes the step a token tree; ``keep``
         (``past_len``, a frame of int64 ``[B, K]`` paths) first keeps the accepted path of the last
-        tree step (see :meth:`SpanRunner.keep_path`).
+        tree step (see :meth:`SpanRunner.keep_path`). ``seq``: the step's index among the session's
+        steps; it runs after step ``seq - 1`` (module doc).
         """
         try:
             self._check_staying()
-            out, compute_s = await self._run(self._compute, session_id, hidden, position_ids, attention_mask,
-                                             tree, keep)
+            out, compute_s = await self._submit(_job(session_id, (hidden, position_ids, attention_mask), tree, keep,
+                                                      seq, self.max_frame_bytes))
         except BaseException as exc:
             if step is not None:
                 await self._report(session_id, step, exc)
+                if seq is not None and self.next is not None:
+                    self._spawn(self._skip_on(session_id, seq))
             raise
         computes = (*computes, (compute_s, len(out)))
         if step is None:
@@ -157,17 +211,108 @@ class StageActor:
             await hold(len(out))
             self._output(session_id, step).set_result((out, computes))
             return None, computes
-        task = asyncio.ensure_future(self._send_on(session_id, out, position_ids, attention_mask, step, computes,
-                                                   tree, keep))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
+        self._spawn(self._send_on(session_id, out, position_ids, attention_mask, step, computes, tree, keep, seq))
         return None, computes
 
+    async def skip(self, session_id: str, seq: int) -> None:
+        """Step ``seq`` of the session failed before it got here: stop waiting for it, and tell the
+        stages after this one."""
+        await self._submit(_Job(session_id, (), None, None, seq, 0, 0, skip=True))
+        if self.next is not None:
+            await self._skip_on(session_id, seq)
+
+    async def _skip_on(self, session_id: str, seq: int) -> None:
+        try:
+            await self.next.skip(session_id, seq)
+        except (BloombeeError, OSError, RuntimeError, TimeoutError):
+            pass  # the next stage is gone: its sessions recover elsewhere anyway
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    # ---- the queue ----------------------------------------------------------------------------
+    async def _submit(self, job: _Job):
+        """Queue ``job``; returns its (output frame, compute seconds) once a batch ran it."""
+        job.done = asyncio.get_running_loop().create_future()
+        self._queue.append(job)
+        if self._pump is None or self._pump.done():
+            self._pump = asyncio.ensure_future(self._drain())
+        return await job.done
+
+    async def _drain(self) -> None:
+        """Run batches while steps are ready (a step waiting for its session's earlier step is not)."""
+        while batch := self._next_batch():
+            try:
+                results = await self._run(self._compute_jobs, batch)
+            except BaseException as exc:  # noqa: BLE001 — the thread itself failed: every step of the batch fails
+                results = [exc] * len(batch)
+            self.batches += 1
+            self.merged_steps += len(batch)
+            for job, res in zip(batch, results):
+                if job.seq is not None and job.session_id in self._next_seq:
+                    self._next_seq[job.session_id] = max(self._next_seq[job.session_id], job.seq + 1)
+                if not job.done.done():
+                    job.done.set_exception(res) if isinstance(res, BaseException) else job.done.set_result(res)
+
+    def _ready(self, job: _Job) -> bool:
+        want = self._next_seq.get(job.session_id)
+        return job.seq is None or want is None or job.seq <= want
+
+    def _next_batch(self) -> list[_Job]:
+        """The steps to run next (module doc: Batching), taken out of the queue."""
+        ready = [j for j in self._queue if self._ready(j)]
+        if not ready:
+            return []
+        first = ready[0]
+        if self.merge and first.plain:
+            decode = [j for j in ready if j.plain and j.tokens == 1]
+            if decode and (first.tokens == 1 or self._after_long):
+                first = decode[0]  # decode steps waiting behind a long one go first, once after each long step
+            batch, rows, sessions = [], 0, set()
+            for j in ready:
+                if (j.plain and j.tokens == first.tokens and j.session_id not in sessions
+                        and (not batch or self.micro_batch is None or rows + j.rows <= self.micro_batch)):
+                    batch.append(j)
+                    rows += j.rows
+                    sessions.add(j.session_id)
+        else:
+            batch = [first]
+        self._after_long = batch[0].tokens > 1
+        taken = set(map(id, batch))
+        self._queue = [j for j in self._queue if id(j) not in taken]
+        return batch
+
+    def _compute_jobs(self, batch: list[_Job]) -> list:
+        """On the private thread: each job's (output frame, compute seconds), or its exception."""
+        if len(batch) == 1:
+            job = batch[0]
+            if job.skip:
+                return [(b"", 0.0)]
+            try:
+                return [self._compute(job.session_id, *job.frames, job.tree, job.keep)]
+            except Exception as exc:  # noqa: BLE001 — raised to this step's caller
+                return [exc]
+        steps, results = [], [None] * len(batch)
+        for i, job in enumerate(batch):
+            try:
+                steps.append((i, (job.session_id, *(transport.decode(f, self.max_frame_bytes) for f in job.frames))))
+            except Exception as exc:  # noqa: BLE001
+                results[i] = exc
+        t0 = time.perf_counter()
+        outs = forward_many(self.runner, [st for _, st in steps])
+        compute_s = time.perf_counter() - t0
+        for (i, _), out in zip(steps, outs):
+            results[i] = out if isinstance(out, BaseException) else (
+                transport.encode(out, self.out_policy.codec_for(out.numel() * out.element_size())), compute_s)
+        return results
+
     async def _send_on(self, session_id, out, position_ids, attention_mask, step, computes, tree=None,
-                       keep=None) -> None:
+                       keep=None, seq=None) -> None:
         try:
             await hold(len(out) + len(position_ids) + len(attention_mask) + extra_nbytes(tree, keep))
-            await self.next.forward(session_id, out, position_ids, attention_mask, step, computes, tree, keep)
+            await self.next.forward(session_id, out, position_ids, attention_mask, step, computes, tree, keep, seq)
         except BloombeeError:
             pass  # the stage that raised it has reported it to the last stage
         except (OSError, RuntimeError, TimeoutError) as exc:  # the next worker is gone
@@ -211,7 +356,20 @@ class StageActor:
                 self._outputs.pop((session_id, step), None)
 
     async def info(self) -> dict:
-        return await self._run(self.runner.info)
+        info = await self._run(self.runner.info)
+        return {**info, "micro_batch": self.micro_batch, "merge": self.merge, "queued": len(self._queue),
+                "steps": self.merged_steps, "forwards": self.batches}
+
+
+def _job(session_id: str, frames: tuple, tree, keep, seq, max_bytes: int) -> _Job:
+    """A queued step; its rows and new positions come from the hidden frame's header (an
+    unreadable header makes a job that runs alone and fails with the frame's typed error)."""
+    try:
+        shape = transport.frame.read_header(frames[0], max_bytes).shape
+        rows, tokens = (shape[0], shape[1]) if len(shape) == 3 else (0, 0)
+    except Exception:  # noqa: BLE001 — reported when the step runs
+        rows, tokens = 0, 0
+    return _Job(session_id, frames, tree, keep, seq, rows, tokens)
 
 
 def _worker_address() -> str:

@@ -18,7 +18,8 @@ from transformers import GenerationConfig, GenerationMixin, PreTrainedConfig, Pr
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..cluster import BloombeeCluster, Placement, connect, place
-from ..cluster.chain import DEFAULT_CALL_TIMEOUT_S, DEFAULT_LIVENESS_INTERVAL_S, DEFAULT_PING_TIMEOUT_S, RemoteChain
+from ..cluster.chain import (DEFAULT_CALL_TIMEOUT_S, DEFAULT_LIVENESS_INTERVAL_S, DEFAULT_PING_TIMEOUT_S,
+                             DEFAULT_PREFILL_CHUNK, RemoteChain)
 from ..errors import RecoveryError, StageUnavailableError
 from ..cluster.profiling import measure_links, profile_cluster
 from ..model.checkpoint import resolve_checkpoint
@@ -60,6 +61,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                         relay: str = "chain", compression: str | None = None, recover: bool = True,
                         ping_timeout_s: float = DEFAULT_PING_TIMEOUT_S,
                         liveness_interval_s: float | None = DEFAULT_LIVENESS_INTERVAL_S,
+                        micro_batch: int | str | None = "plan", merge: bool = True,
+                        prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
                         **stage_kwargs) -> "DistributedModelForCausalLM":
         """Load the client parts here and place the decoder layers on the cluster's workers.
 
@@ -80,6 +83,14 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
           with the workers' made a batch-8 LM head 50x slower.
         - ``cluster=None`` starts an embedded LocalCluster that this model owns and closes in
           :meth:`close`.
+        - Batching: ``micro_batch`` rows at most per forward on a stage ("plan": the plan's
+          micro-batch, else no limit). A batch of more rows is split into micro-batches that
+          flow through the chain one behind the other, and decode steps of different sessions that
+          reach a stage together run as one forward (``merge=False``: one step at a time, as a
+          Petals server does). Prompts longer than ``prefill_chunk`` tokens are sent in chunks, so
+          other sessions keep decoding while a long prompt is read (``None``: in one piece).
+        - Offloading: ``weight_offload`` / ``kv_offload`` (fractions, every stage); with a plan,
+          each stage takes the plan's own fractions unless these are given.
         - Failures: a call fails after ``call_timeout_s`` at the latest; while it waits, the scheduler
           is asked every ``liveness_interval_s`` whether the stages' workers are still there, and
           each stage is pinged — silent for ``ping_timeout_s`` counts as hung. ``recover=True``:
@@ -99,8 +110,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         worker_path = str(name_or_path if not Path(name_or_path).expanduser().exists() else path.resolve())
         stage_kwargs.update(num_threads=num_threads, allow_unverified_architecture=allow_unverified_architecture,
                             dtype=str(dtype).removeprefix("torch."))
+        stage_kwargs.setdefault("merge", merge)
         chain_kwargs = dict(timeout_s=call_timeout_s, relay=relay, compression=compression,
-                            liveness_interval_s=liveness_interval_s, ping_timeout_s=ping_timeout_s)
+                            liveness_interval_s=liveness_interval_s, ping_timeout_s=ping_timeout_s,
+                            prefill_chunk=prefill_chunk)
         try:
             profile = None
             if plan == "auto":
@@ -108,8 +121,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 plan = runtime_plan(profile, workload or Workload(), relay=relay)
             if plan is not None:
                 workers, spans = plan.workers, plan.layer_spans
+            chain_kwargs["micro_batch"] = _micro_batch(micro_batch, plan)
             placement = place(workers or cluster.worker_addresses(), config.num_hidden_layers, spans)
-            chain = RemoteChain.create(cluster.client, placement, worker_path, **chain_kwargs, **stage_kwargs)
+            chain = RemoteChain.create(cluster.client, placement, worker_path, **chain_kwargs, **stage_kwargs,
+                                       per_stage=_plan_offloads(plan, placement, stage_kwargs))
             if compression == "auto":
                 choose_compression(chain, cluster, embed, profile)
         except BaseException:
@@ -143,15 +158,23 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                                              num_threads=self._stage_kwargs["num_threads"])
         plan = plan or runtime_plan(profile, workload, relay=self.chain.relay)
         placement = place(plan.workers, self.config.num_hidden_layers, plan.layer_spans)
-        if placement != self.placement:
-            self.chain = self._new_chain(placement, profile)
+        if placement != self.placement or _offloads(plan, placement) != _offloads(self.plan, placement):
+            self.chain = self._new_chain(placement, profile, plan)
         self.plan, self.profile = plan, profile
         return plan
 
-    def _new_chain(self, placement: Placement, profile: ClusterProfile | None = None) -> RemoteChain:
-        """Stages for ``placement`` with this model's settings (relay, compression, timeouts)."""
-        chain = RemoteChain.create(self.cluster.client, placement, self._worker_path, **self._chain_kwargs,
-                                   **self._stage_kwargs)
+    @property
+    def micro_batch(self) -> int | None:
+        """Rows per forward on a stage and per micro-batch (None: no limit)."""
+        return self.chain.micro_batch
+
+    def _new_chain(self, placement: Placement, profile: ClusterProfile | None = None,
+                   plan: Plan | None = None) -> RemoteChain:
+        """Stages for ``placement`` with this model's settings (relay, compression, timeouts; the
+        offload fractions of ``plan`` when it places exactly these spans)."""
+        kwargs = dict(self._chain_kwargs, micro_batch=self.chain.micro_batch)
+        chain = RemoteChain.create(self.cluster.client, placement, self._worker_path, **kwargs, **self._stage_kwargs,
+                                   per_stage=_plan_offloads(plan, placement, self._stage_kwargs))
         if chain.compression == "auto":
             choose_compression(chain, self.cluster, self.embed_tokens, profile)
         return chain
@@ -187,7 +210,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             old.release()
             current.release()
             try:
-                self.chain = self._new_chain(placement, self.profile)
+                self.chain = self._new_chain(placement, self.profile, plan)
             except StageUnavailableError:
                 raise  # another worker went while loading: the session tries again without it
             except Exception as cause:
@@ -321,6 +344,29 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         return (f"<div><b>DistributedModelForCausalLM</b> {html.escape(str(self.name_or_path))} "
                 f"({self.config.model_type}, {self.config.num_hidden_layers} layers, {self.dtype})"
                 f"<table><tr><th>stage</th><th>worker</th><th>layers</th><th>#</th></tr>{rows}</table></div>")
+
+
+def _micro_batch(setting: int | str | None, plan: Plan | None) -> int | None:
+    if setting == "plan":
+        return plan.micro_batch if plan is not None else None
+    if setting is not None and (not isinstance(setting, int) or setting < 1):
+        raise ValueError(f"micro_batch must be a positive number of rows, \"plan\" or None, got {setting!r}")
+    return setting
+
+
+def _plan_offloads(plan: Plan | None, placement: Placement, stage_kwargs: dict) -> list[dict] | None:
+    """Each stage's offload fractions from ``plan`` (when it places exactly ``placement``'s spans),
+    except those given for every stage explicitly."""
+    if plan is None or [(s.address, s.start, s.end) for s in plan.stages] != [
+            (s.worker, s.start, s.end) for s in placement.stages]:
+        return None
+    return [{k: v for k, v in dict(weight_offload=s.weight_offload, kv_offload=s.kv_offload).items()
+             if k not in stage_kwargs} for s in plan.stages]
+
+
+def _offloads(plan: Plan | None, placement: Placement) -> list[tuple[float, float]]:
+    per = _plan_offloads(plan, placement, {}) or [{}] * len(placement.stages)
+    return [(d.get("weight_offload", 0.0), d.get("kv_offload", 0.0)) for d in per]
 
 
 @contextmanager

@@ -98,13 +98,26 @@ class InferenceSession(Cache):
                 f"this step would hold {self.length + T} positions but the session was opened with "
                 f"max_length={self.max_length}; open it with a larger max_length (prompt + new tokens)")
         args = (hidden, position_ids, attention_mask, tree_parents, self._keep)
-        out, trace = self._send(lambda chain: chain.forward(self.session_id, *args))
+        try:
+            out, trace = self._send(lambda chain: chain.forward(self.session_id, *args))
+        except BloombeeError as exc:
+            if not isinstance(exc, StageUnavailableError) and self._keep is None:
+                self._undo()
+            raise
         self._record("step", self._keep[0] if self._keep is not None else self.length, self.length + T, args)
         self._keep = None
         self._tree = None if tree_parents is None else (self.length, T)
         self.length += T
         self.traces.append(trace)
         return out
+
+    def _undo(self) -> None:
+        """After a step that failed on some stage: the stages before it appended its positions
+        (and with chunks, later chunks may have run); roll every stage back to what the session holds."""
+        try:
+            self.chain.rollback(self.session_id, self.length)
+        except BloombeeError:
+            pass  # the original error says what went wrong; a stage that cannot roll back is reported then
 
     def keep_path(self, past_len: int, keep: torch.Tensor) -> None:
         """After a tree step from ``past_len``, keep only the accepted path: ``keep [B, K]`` node
@@ -143,7 +156,7 @@ class InferenceSession(Cache):
 
     def _open_on(self, chain) -> None:
         if self._opened_on is not chain:
-            chain.broadcast("open_session", self.session_id, self.batch, self.max_length)
+            chain.open_session(self.session_id, self.batch, self.max_length)
             self._opened_on = chain
 
     def rollback(self, length: int) -> None:
@@ -161,14 +174,14 @@ class InferenceSession(Cache):
         if self._tree is not None:
             raise TreeError("roll back a tree step to at most its start, or keep a path of it first")
         if length != self.length:
-            self._send(lambda chain: chain.broadcast("rollback", self.session_id, length))
+            self._send(lambda chain: chain.rollback(self.session_id, length))
             self.length = length
             self._truncate(length)
 
     def close(self) -> None:
         if not self.closed and self._opened_on is not None and not self._opened_on.released:
             try:
-                self._opened_on.broadcast("close_session", self.session_id)
+                self._opened_on.close_session(self.session_id)
             except BloombeeError:
                 pass  # a stage that is gone has nothing left to free
         self.closed, self.history = True, []
@@ -233,7 +246,7 @@ class InferenceSession(Cache):
             elif call.kind == "keep":
                 self.chain.keep_path(self.session_id, *call.args)
             else:
-                self.chain.broadcast("rollback", self.session_id, *call.args)
+                self.chain.rollback(self.session_id, *call.args)
         return len(self.history)
 
     def __enter__(self):
@@ -307,7 +320,8 @@ def _close_quietly(chain, session_id: str) -> None:
     if chain.released:
         return
     try:
-        for actor in chain.actors:
-            actor.close_session(session_id)  # not awaited: fire and forget
+        for sub in chain.stage_sessions(session_id):
+            for actor in chain.actors:
+                actor.close_session(sub)  # not awaited: fire and forget
     except (BloombeeError, OSError, RuntimeError, KeyError):
         pass
