@@ -47,6 +47,13 @@ def chain_names(profile: ClusterProfile, plan: Plan | None) -> list[str]:
     return [profile.client, *[s.worker for s in plan.stages], profile.client] if plan else []
 
 
+def offload_note(stage) -> str:
+    """`` · offload W 50% KV 25%`` for a stage that moves bytes out of its fast tier, else ``""``."""
+    if not (stage.weight_offload or stage.kv_offload):
+        return ""
+    return f" · offload W {stage.weight_offload:.0%} KV {stage.kv_offload:.0%}"
+
+
 def chain_title(profile: ClusterProfile, plan: Plan | None) -> str:
     return " → ".join(chain_names(profile, plan)) if plan else "no plan"
 
@@ -65,7 +72,8 @@ def assignment(profile: ClusterProfile, plan: Plan | None) -> go.Figure:
         mine = [(i, s) for i, s in stages if s.worker == w.name]
         fig.add_bar(y=[w.name] * len(mine), x=[s.n_layers for _, s in mine], base=[s.start for _, s in mine],
                     orientation="h", name=w.name, marker_color=colors[w.name],
-                    text=[f"stage {i + 1}: layers {s.start}–{s.end - 1}" for i, s in mine], textposition="inside",
+                    text=[f"stage {i + 1}: layers {s.start}–{s.end - 1}{offload_note(s)}" for i, s in mine],
+                    textposition="inside",
                     hovertemplate=f"{w.name}: %{{text}}<extra></extra>")
     used = [s.worker for _, s in stages]
     order = used + [w.name for w in profile.workers if w.name not in used]
@@ -97,6 +105,37 @@ def stage_times(plan: Plan | None, offload_label: str = "offload") -> go.Figure:
              if plan else "predicted step: no plan")
     fig.update_layout(**_base_layout(title), barmode="stack", yaxis=dict(title="ms"),
                       legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
+TIERS = (("accelerator", "#264653"), ("RAM", "#e9c46a"), ("disk", "#e76f51"))
+
+
+def memory_tiers(plan: Plan | None) -> go.Figure:
+    """Where each stage keeps its weights and its KV cache: the share in accelerator memory, CPU
+    RAM and on disk (stacked, %), the offloaded fraction the plan chose under each bar; the title
+    carries the micro-batch (m rows × n micro-batches)."""
+    outer, inner, hover = [], [], []
+    shares = {tier: [] for tier, _ in TIERS}
+    for i, s in enumerate(plan.stages if plan else ()):
+        for kind, fractions, off in (("weights", s.weight_fractions, s.weight_offload),
+                                     ("KV", s.kv_fractions, s.kv_offload)):
+            outer.append(f"{i + 1} · {s.worker}")
+            inner.append(f"{kind}<br>{off:.0%} off")
+            hover.append(f"stage {i + 1} ({s.worker}, layers {s.start}–{s.end - 1}) {kind}: "
+                         f"{off:.0%} offloaded out of the fast tier")
+            for (tier, _), x in zip(TIERS, fractions):
+                shares[tier].append(100 * x)
+    fig = go.Figure()
+    for tier, color in TIERS:
+        ys = shares[tier]
+        fig.add_bar(x=[outer, inner], y=ys, name=tier, marker_color=color, customdata=hover,
+                    text=[f"{y:.0f}%" if y >= 0.5 else "" for y in ys], textposition="inside",
+                    hovertemplate="%{customdata}<br>" + tier + ": %{y:.0f}%<extra></extra>")
+    title = (f"memory per stage · micro-batch {plan.micro_batch} × {plan.n_micro} "
+             f"(batch {plan.workload.batch})" if plan else "memory per stage: no plan")
+    fig.update_layout(**_base_layout(title), barmode="stack", yaxis=dict(title="% in tier", range=[0, 100]),
+                      legend=dict(orientation="h", y=-0.3))
     return fig
 
 

@@ -106,7 +106,8 @@ def build_parser() -> _Parser:
                    help="'auto': per link, the blosc2 codec that pays for itself on its measured bandwidth; "
                         "or one codec for every link, e.g. zstd-1+shuffle (default: raw)")
 
-    sub.add_parser("status", help="workers, their memory, the spans they host, the Dask dashboard link")
+    sub.add_parser("status", help="workers, the spans they host, each stage's open sessions, queued steps, "
+                                  "micro-batch and memory per tier (fast tier, offloaded), the Dask dashboard link")
     sub.add_parser("disconnect", help="free the spans and close (or stop) the cluster")
 
     pr = sub.add_parser("profile", help="measure every worker and link (progress bar) for the planner")

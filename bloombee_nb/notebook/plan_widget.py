@@ -9,6 +9,10 @@ profile, solves it (a few ms for a handful of workers) and redraws the figures i
     w.plan                                           # the re-solved Plan
     w.apply()                                        # model.replan(plan=w.plan): spans move
 
+Under the status line a table gives what the planner chose besides the spans: the micro-batch
+(m rows × n micro-batches) and, per stage, the fraction of weights and of KV moved out of the
+fast tier and where the bytes then live (accelerator / RAM / disk); the "memory" figure draws it.
+
 An infeasible edit (say a memory budget of 0) shows the planner's message and keeps the widget
 alive; "apply" is disabled until the plan is feasible again.
 """
@@ -22,14 +26,14 @@ import ipywidgets as W
 
 from ..errors import BloombeeError
 from ..plan import ClusterProfile, InfeasiblePlanError, Plan, ProfileError, Workload, solve
+from ..plan._format import fmt_s, html_table
 from . import figures
 from .state import NotebookError
 
 GIB = 2 ** 30
-PLANNERS = {"runtime": "runtime (what runs today)", "full": "full DP (not executable yet)"}
-NOT_YET = ("<span style='color:#888'>not enabled yet: compression priced per link in the planner · micro-batching "
-           "and offloading in the runtime (the full DP plans them, the runtime planner does not) — each arrives "
-           "with its issue</span>")
+PLANNERS = {"runtime": "runtime (priced as the chain relays)", "full": "full DP (raw profile, view only)"}
+NOT_YET = ("<span style='color:#888'>not enabled yet: compression priced per link in the planner "
+           "(it arrives with its issue)</span>")
 
 
 @dataclass
@@ -74,6 +78,7 @@ class PlanWidget:
                                      tooltip="move the spans on the cluster to this plan (model.replan)")
         self.reset_button = W.Button(description="reset to measured", icon="undo")
         self.status = W.HTML()
+        self.stages_view = W.HTML()  # micro-batch and per-stage offloading, always visible
         self.details = W.HTML()
         self.link_view = W.ToggleButtons(options=["graph", "heatmap"], value="graph", description="link map")
         self.figures = {name: figures.live(build(profile, None)) for name, build in self._builders().items()}
@@ -145,7 +150,7 @@ class PlanWidget:
                         objective=self.objective.value)
 
     def solve(self, profile: ClusterProfile, workload: Workload) -> Plan:
-        """The runtime's plan (what apply can execute today) or the unrestricted DP's."""
+        """The runtime's plan (priced as the model's chain relays) or the DP's on the raw profile."""
         if self.planner.value == "runtime":
             from ..cluster.planning import runtime_plan
 
@@ -211,15 +216,15 @@ class PlanWidget:
         if self.plan is None:
             return self.error or "no feasible plan"
         if self.planner.value != "runtime":
-            return ("the runtime cannot execute the full DP's plans yet (micro-batches, offloading, forwarding); "
+            return ("the full DP prices the raw profile, not the way the model's chain relays hidden states; "
                     "choose the runtime planner to apply")
         return None
 
     # ---- drawing --------------------------------------------------------------------------
     def _builders(self) -> dict:
-        offload = "offload" if self.planner.value == "full" else "offload (not enabled yet)"
         return {"assignment": figures.assignment,
-                "stage_times": lambda p, plan: figures.stage_times(plan, offload),
+                "stage_times": lambda p, plan: figures.stage_times(plan),
+                "memory": lambda p, plan: figures.memory_tiers(plan),
                 "cost_table": figures.cost_table,
                 "link_map": lambda p, plan: figures.link_map(p, plan, self._codecs()),
                 "link_heatmap": lambda p, plan: figures.link_heatmap(p, plan, self._codecs())}
@@ -237,12 +242,13 @@ class PlanWidget:
         p = self.plan
         if p is None:
             self.status.value = f"<b style='color:#c0392b'>infeasible:</b> {html.escape(self.error or '')}"
-            self.details.value = ""
+            self.stages_view.value = self.details.value = ""
         else:
             self.status.value = (f"<b>{html.escape(figures.chain_title(self.profile, p))}</b> — "
                                  f"{p.latency_s * 1e3:.3f} ms per step, {p.tokens_per_s:.4g} tokens/s, "
-                                 f"micro-batch {p.micro_batch}, {html.escape(p.method)} "
+                                 f"micro-batch {p.micro_batch} × {p.n_micro}, {html.escape(p.method)} "
                                  f"(solved in {p.planning_s * 1e3:.1f} ms)")
+            self.stages_view.value = stages_html(p)
             self.details.value = p._repr_html_()
 
     def _say(self, message_html: str) -> None:
@@ -269,13 +275,15 @@ class PlanWidget:
         controls.set_title(1, f"links ({len(self.links)}, measured)")
         self._link_boxes = (W.Box([self.figures["link_map"]]), W.Box([self.figures["link_heatmap"]]))
         wrap = W.Layout(display="flex", flex_flow="row wrap")
-        plots = W.Box([self.figures["assignment"], self.figures["stage_times"], self.figures["cost_table"],
+        plots = W.Box([self.figures["assignment"], self.figures["stage_times"], self.figures["memory"],
+                       self.figures["cost_table"],
                        W.VBox([self.link_view, *self._link_boxes])], layout=wrap)
         more = W.Accordion(children=[self.details])
         more.set_title(0, "plan details (every stage and why each worker is used or not)")
         return W.VBox([W.HTML("<b>bloombee_nb plan</b> — edit the measured profile; the planner re-solves live"),
                        W.HBox([self.objective, self.planner]), W.HBox([self.batch, self.prompt_len, self.new_tokens]),
-                       controls, W.HBox([self.apply_button, self.reset_button]), self.status, plots, more,
+                       controls, W.HBox([self.apply_button, self.reset_button]), self.status, self.stages_view,
+                       plots, more,
                        W.HTML(NOT_YET)], layout=W.Layout(width="100%")).add_class("bloombee-plan")
 
     def _repr_mimebundle_(self, **kwargs):
@@ -286,9 +294,48 @@ class PlanWidget:
         return f"<PlanWidget {self.workload.objective}, {state}>"
 
 
+# ---- what the plan chose, as a table ----------------------------------------------------------
+
+STAGE_HEADER = ["stage", "worker", "layers", "weights offloaded", "weights acc/RAM/disk", "KV offloaded",
+                "KV acc/RAM/disk", "stage time"]
+
+
+def micro_batch_line(plan: Plan) -> str:
+    """``micro-batch 2 × 4 (batch 8: 4 micro-batches of 2 rows, pipelined through the chain)``."""
+    m, n, b = plan.micro_batch, plan.n_micro, plan.workload.batch
+    last = b - (n - 1) * m
+    how = ("the whole batch in one pass" if n == 1 else
+           f"{n} micro-batches of {m} row{'s' * (m != 1)}{f', the last {last}' if last != m else ''}, "
+           "pipelined through the chain")
+    return f"micro-batch {m} × {n} (batch {b}: {how})"
+
+
+def stage_rows(plan: Plan) -> list[list[str]]:
+    """One row per stage under :data:`STAGE_HEADER`: offloaded fractions and where the bytes live."""
+    tiers = lambda f: "/".join(f"{x:.0%}" for x in f)
+    return [[str(i + 1), s.worker, f"{s.start}–{s.end - 1}", f"{s.weight_offload:.0%}", tiers(s.weight_fractions),
+             f"{s.kv_offload:.0%}", tiers(s.kv_fractions), fmt_s(s.stage_s)] for i, s in enumerate(plan.stages)]
+
+
+def stages_html(plan: Plan) -> str:
+    """The micro-batch and the per-stage offloading (what the widget shows under its status line)."""
+    return html_table(micro_batch_line(plan), STAGE_HEADER, stage_rows(plan)).replace(
+        "<table>", "<table class='bloombee-plan-stages'>", 1)
+
+
+def stages_text(plan: Plan) -> str:
+    """The same as aligned plain text (terminals)."""
+    rows = [STAGE_HEADER, *stage_rows(plan)]
+    widths = [max(len(r[j]) for r in rows) for j in range(len(STAGE_HEADER))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join([micro_batch_line(plan), *lines])
+
+
 def static_plan(profile: ClusterProfile, workload: Workload, planner: str = "runtime", relay: str = "chain") -> Plan:
     """Where live widgets cannot render (Colab, a terminal): solve once and show static figures."""
-    from .frontend import show, show_figure
+    from IPython.display import display
+
+    from .frontend import show_figure
 
     if planner == "runtime":
         from ..cluster.planning import runtime_plan
@@ -296,9 +343,10 @@ def static_plan(profile: ClusterProfile, workload: Workload, planner: str = "run
         plan = runtime_plan(profile, workload, relay=relay)
     else:
         plan = solve(profile, workload)
-    show(plan)
-    offload = "offload" if planner == "full" else "offload (not enabled yet)"
-    for fig in (figures.assignment(profile, plan), figures.stage_times(plan, offload),
+    display({"text/plain": f"{figures.chain_title(profile, plan)}: {plan.latency_s * 1e3:.3f} ms per step, "
+                           f"{plan.tokens_per_s:.4g} tokens/s ({plan.method})\n{stages_text(plan)}",
+             "text/html": plan._repr_html_()}, raw=True)
+    for fig in (figures.assignment(profile, plan), figures.stage_times(plan), figures.memory_tiers(plan),
                 figures.cost_table(profile, plan), figures.link_map(profile, plan)):
         show_figure(fig)
     return plan

@@ -6,6 +6,7 @@ The magics read and change it; so can Python code in the same kernel::
     s = session()
     s.connect(n_workers=2)                  # embedded LocalCluster + the shipped tiny model
     s.model.generate(...); s.profile; s.plan
+    s.stage_status()                        # per stage: sessions, queued steps, micro-batch, memory per tier
     s.disconnect()
 
 Errors are typed (:class:`NotebookError`, or the library's own); only the magics turn them into
@@ -130,21 +131,27 @@ class NotebookSession:
         """The plan the model is placed by (None for the default even split)."""
         return getattr(self.model, "plan", None)
 
+    def stage_status(self, workers: dict | None = None) -> "StageStatus | None":
+        """What each stage of the model's chain holds now (one remote call to every stage; a lost
+        worker makes the rows say "unreachable" instead of raising). ``None`` without a model."""
+        if self.model is None:
+            return None
+        return stage_status(self.model, workers if workers is not None else self.cluster.workers())
+
     # ---- display ----------------------------------------------------------------------------
-    def __repr__(self):
-        if self.cluster is None:
-            return "<bloombee_nb notebook session: not connected>"
+    def _text(self, workers: dict, status: "StageStatus | None") -> str:
         spans = (", ".join(f"{s.start}–{s.end - 1}@{s.worker}" for s in self.model.placement.stages)
                  if self.model is not None else "no model")
-        return (f"<bloombee_nb notebook session: {self.cluster.address}, {len(self.cluster.workers())} workers; "
+        head = (f"<bloombee_nb notebook session: {self.cluster.address}, {len(workers)} workers; "
                 f"{self.model_path}: {spans}; profile {'measured' if self.profile is not None else 'not measured'}>")
+        return head + ("\n" + status.text() if status is not None else "")
 
-    def _repr_html_(self):
-        if self.cluster is None:
-            return "<div><b>bloombee_nb</b>: not connected — <code>%bloombee connect local</code></div>"
+    def _html(self, status: "StageStatus | None") -> str:
         parts = [self.cluster._repr_html_()]
         if self.model is not None:
             parts.append(self.model._repr_html_())
+        if status is not None:
+            parts.append(status.html())
         plan = self.plan
         parts.append("<div>" + (f"placed by a plan: predicted {plan.latency_s * 1e3:.2f} ms per token, "
                                 f"{plan.tokens_per_s:.3g} tokens/s ({html.escape(plan.method)})" if plan
@@ -152,6 +159,102 @@ class NotebookSession:
                      + ("measured" if self.profile is not None else "not measured (<code>%bloombee profile</code>)")
                      + "</div>")
         return "<div class='bloombee-status'>" + "".join(parts) + "</div>"
+
+    def __repr__(self):
+        if self.cluster is None:
+            return "<bloombee_nb notebook session: not connected>"
+        workers = self.cluster.workers()
+        return self._text(workers, self.stage_status(workers))
+
+    def _repr_html_(self):
+        if self.cluster is None:
+            return NOT_CONNECTED_HTML
+        return self._html(self.stage_status())
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        """Text and HTML from one round of remote calls (``display`` would otherwise make two)."""
+        if self.cluster is None:
+            return {"text/plain": repr(self), "text/html": NOT_CONNECTED_HTML}
+        workers = self.cluster.workers()
+        status = self.stage_status(workers)
+        return {"text/plain": self._text(workers, status), "text/html": self._html(status)}
+
+
+NOT_CONNECTED_HTML = "<div><b>bloombee_nb</b>: not connected — <code>%bloombee connect local</code></div>"
+
+
+# ---- what the stages hold now ------------------------------------------------------------------
+
+STATUS_HEADER = ["stage", "worker", "layers", "sessions", "queued", "micro-batch", "fast tier", "resident weights",
+                 "reserved KV", "offload buffer", "offloaded weights (RAM/disk)", "cold KV (disk)"]
+
+
+@dataclass(frozen=True)
+class StageStatus:
+    """Per stage of a model's chain: layers, open sessions, queued steps, micro-batch and memory
+    per tier, as table cells (:data:`STATUS_HEADER`); ``error`` says why stages did not answer."""
+
+    rows: tuple[tuple[str, ...], ...]
+    error: str | None = None
+
+    def text(self) -> str:
+        """An aligned plain-text table (terminals, the magic's text output)."""
+        table = [STATUS_HEADER, *self.rows]
+        widths = [max(len(r[j]) for r in table if j < len(r)) for j in range(len(STATUS_HEADER))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
+        return "\n".join(["stages now:", *lines] + ([f"  ! {self.error}"] if self.error else []))
+
+    def html(self) -> str:
+        """A compact table: the fast tier (accelerator, else RAM) and what was offloaded out of it."""
+        e = html.escape
+        head = ("<tr><th rowspan=2>stage</th><th rowspan=2>worker</th><th rowspan=2>layers</th>"
+                "<th rowspan=2>sessions</th><th rowspan=2>queued</th><th rowspan=2>micro-batch</th>"
+                "<th colspan=4>fast tier</th><th colspan=2>offloaded</th></tr>"
+                "<tr><th>total</th><th>weights</th><th>KV</th><th>buffer</th>"
+                "<th>weights (RAM/disk)</th><th>cold KV (disk)</th></tr>")
+        body = "".join(
+            "<tr>" + "".join(f"<td>{e(c)}</td>" for c in r[:3])
+            + ("".join(f"<td>{e(c)}</td>" for c in r[3:]) if len(r) == len(STATUS_HEADER)
+               else f"<td colspan={len(STATUS_HEADER) - 3}><i>{e(r[3])}</i></td>") + "</tr>"
+            for r in self.rows)
+        note = f"<div style='color:#c0392b'>{e(self.error)}</div>" if self.error else ""
+        return (f"<div class='bloombee-stages'><b>stages now</b><table>{head}{body}</table>{note}</div>")
+
+
+def stage_status(model, workers: dict) -> StageStatus:
+    """Ask every stage of ``model.chain`` what it holds (``workers``: address → Dask info, for names)."""
+    from ..plan._format import fmt_bytes  # lazily: loading the extension stays cheap
+
+    names = {**getattr(model, "_worker_names", {}), **{a: str(w.get("name", a)) for a, w in workers.items()}}
+    stages = model.placement.stages
+    infos, error, lost = [None] * len(stages), None, set()
+    try:
+        infos = model.chain.info()
+    except BloombeeError as exc:  # a lost or hung worker, or a chain released by a recovery
+        error, lost = f"unreachable: {exc}", set(getattr(exc, "workers", ()))
+    rows = []
+    for i, (st, d) in enumerate(zip(stages, infos)):
+        who = [str(i + 1), names.get(st.worker, st.worker), f"{st.start}–{st.end - 1}"]
+        if d is None:
+            why = "unreachable" if not lost or st.worker in lost else "unknown (another stage failed)"
+            rows.append((*who, why))
+            continue
+        offloaded, buffer = d.get("offloaded_weight_bytes", 0), d.get("offload_buffer_bytes", 0)
+        resident = d.get("resident_weight_bytes", d.get("weight_bytes", 0) - offloaded)
+        kv = d.get("reserved_kv_bytes", 0)
+        micro = d["micro_batch"] if "micro_batch" in d else getattr(model, "micro_batch", None)
+        rows.append((*who, str(d.get("sessions", 0)), str(d["queued"]) if "queued" in d else "—",
+                     "whole batch" if micro is None else str(micro),
+                     f"{_tier_name(d.get('fast_tier'))} {fmt_bytes(resident + kv + buffer)}", fmt_bytes(resident),
+                     fmt_bytes(kv), fmt_bytes(buffer),
+                     f"{fmt_bytes(offloaded)} ({d.get('weight_offload', 0.0):.0%})",
+                     f"{fmt_bytes(d.get('cold_kv_bytes', 0))} ({d.get('kv_offload', 0.0):.0%})"))
+    return StageStatus(tuple(rows), error)
+
+
+def _tier_name(device: str | None) -> str:
+    """The fast tier as a person calls it: RAM for a CPU stage, else the device (``cuda:0``)."""
+    return "RAM" if device in (None, "cpu") else str(device)
 
 
 _SESSION = NotebookSession()

@@ -1,5 +1,7 @@
 """%bloombee in a real IPython shell: connect, status, profile, plan, generate, disconnect; errors."""
 
+import re
+
 import pytest
 import torch
 from IPython.core.error import UsageError
@@ -182,6 +184,56 @@ def test_reload_extension_keeps_one_set_of_magics(ip, capsys):
     assert sum(type(c).__name__ == "BloombeeMagics" for c in ip.configurables) == 1
     ip.run_line_magic("bloombee", "status")
     assert "2 workers" in capsys.readouterr().out          # the session survives a reload
+
+
+def status_rows(text: str) -> list[list[str]]:
+    """The per-stage table of ``%bloombee status``'s text, as cells (columns are 2+ spaces apart)."""
+    lines = text[text.index("stages now:"):].splitlines()[1:]
+    return [re.split(r"\s{2,}", line.strip()) for line in lines if line.strip() and not line.startswith("  !")]
+
+
+def test_status_shows_each_stage_memory_per_tier_and_sessions(ip, capsys):
+    import bloombee_nb as bb
+    from bloombee_nb.plan._format import fmt_bytes
+
+    s = session()
+    placed = s.model
+    offloaded = bb.DistributedModelForCausalLM.from_pretrained(default_model_path(), cluster=s.cluster,
+                                                               weight_offload=0.5)
+    s.model = offloaded                                 # the status panel reads the session's model
+    try:
+        ids = s.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+        with offloaded.inference_session(max_length=32) as open_session:
+            offloaded.generate(ids, session=open_session, max_new_tokens=2, do_sample=False,
+                               pad_token_id=s.tokenizer.pad_token_id)
+            ip.run_line_magic("bloombee", "status")
+            out = capsys.readouterr().out
+            html = s._repr_html_()
+            infos = offloaded.chain.info()
+        header, *rows = status_rows(out)
+        assert header[:6] == ["stage", "worker", "layers", "sessions", "queued", "micro-batch"]
+        assert len(rows) == len(offloaded.placement.stages) == len(infos)
+        for row, st, info in zip(rows, offloaded.placement.stages, infos):
+            cells = dict(zip(header, row))
+            assert cells["layers"] == f"{st.start}–{st.end - 1}" and cells["sessions"] == "1"
+            assert info["offloaded_weight_bytes"] > 0
+            assert cells["offloaded weights (RAM/disk)"] == f"{fmt_bytes(info['offloaded_weight_bytes'])} (50%)"
+            resident = info.get("resident_weight_bytes", info["weight_bytes"] - info["offloaded_weight_bytes"])
+            assert cells["resident weights"] == fmt_bytes(resident) and info["reserved_kv_bytes"] > 0
+            assert cells["reserved KV"] == fmt_bytes(info["reserved_kv_bytes"]) and cells["fast tier"].startswith("RAM ")
+            assert cells["cold KV (disk)"] == "0 B (0%)"
+        assert "<th colspan=4>fast tier</th>" in html and "(50%)</td>" in html and "<td>1</td>" in html
+    finally:
+        s.model = placed
+        offloaded.close()
+    s.model = offloaded                                 # its chain is released: the panel says so, not raises
+    try:
+        ip.run_line_magic("bloombee", "status")
+        out = capsys.readouterr().out
+        assert all(row[3] == "unreachable" for row in status_rows(out)[1:]) and "! unreachable:" in out
+        assert "<i>unreachable</i>" in s._repr_html_()
+    finally:
+        s.model = placed
 
 
 def test_disconnect_then_commands_say_what_to_do(ip, capsys):

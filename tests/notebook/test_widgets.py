@@ -20,11 +20,11 @@ from bloombee_nb.shipped import default_model_path
 MIB = 2 ** 20
 
 
-def three_alike() -> ClusterProfile:
-    """Three identical CPU workers (1 ms per layer, 1 GiB), every pair linked at 1 Gbit/s, 1 ms RTT."""
+def three_alike(disk_bytes: int = 2 ** 30) -> ClusterProfile:
+    """Three identical CPU workers (1 ms per layer, 1 GiB RAM), every pair linked at 1 Gbit/s, 1 ms RTT."""
     model = ModelProfile("toy", n_layers=8, layer_weight_bytes=10 * MIB, kv_bytes_per_token_per_layer=1024,
                          hidden_bytes_per_token=2048)
-    workers = [WorkerProfile(n, f"tcp://{n}:1", {1: 1e-3}, ram_bytes=2 ** 30, disk_bytes=2 ** 30) for n in "abc"]
+    workers = [WorkerProfile(n, f"tcp://{n}:1", {1: 1e-3}, ram_bytes=2 ** 30, disk_bytes=disk_bytes) for n in "abc"]
     names = ["client", "a", "b", "c"]
     links = [ln for i, x in enumerate(names) for y in names[i + 1:] for ln in LinkProfile.both_ways(x, y, 125e6, 1e-3)]
     return ClusterProfile(model, tuple(workers), tuple(links))
@@ -42,8 +42,10 @@ def test_controls_resolve_and_redraw():
     assert hosted(w) == {"b": ((0, 8),)} and w.profile.worker("b").compute_speed_factor == 4.0
     assert "client → b → client" in w.status.value
     assert "client → b → client" in w.figures["assignment"].layout.title.text
-    w.workers["b"].memory_gib.value = 0.05                                      # 50 MiB: room for 5 layers (+ KV)
-    assert len(w.plan.stages) == 2 and hosted(w)["b"][0][1] == 4             # b takes what fits, a the rest
+    w.workers["b"].memory_gib.value = 0.05                                      # 50 MiB: 5 layers, not their KV too
+    b = w.plan.stages[0]                                                        # b takes what fits, a the rest:
+    assert len(w.plan.stages) == 2 and b.worker == "b" and hosted(w)["b"][0][1] == 5   # 5 layers, with a share
+    assert b.weight_offload == 0 and b.kv_offload > 0 and b.kv_fractions[2] > 0         # of their KV on disk
     assert sum(n for bars in hosted(w).values() for _, n in bars) == 8
     for src in ("client", "a", "c"):                                            # b behind 100 kbit/s links
         w.links[(src, "b")].bandwidth_mbit.value = 0.1
@@ -82,16 +84,18 @@ def test_untouched_controls_keep_the_measurement_exactly():
 
 
 def test_infeasible_edit_is_shown_not_raised():
-    w = PlanWidget(three_alike(), model=object())
+    w = PlanWidget(three_alike(disk_bytes=0), model=object())    # no disk: nothing can be offloaded
     assert not w.apply_button.disabled
     for c in w.workers.values():
         c.memory_gib.value = 0.001
     assert w.plan is None and "infeasible" in w.status.value and "memory" in w.error.lower()
     assert w.apply_button.disabled and w.figures["stage_times"].layout.title.text.endswith("no plan")
+    assert w.stages_view.value == "" and w.figures["memory"].layout.title.text.endswith("no plan")
     with pytest.raises(NotebookError, match="does not fit"):
         w.apply()
     w.reset()
-    assert w.plan is not None and w.edited_profile() == three_alike() and not w.apply_button.disabled
+    assert w.plan is not None and w.edited_profile() == three_alike(disk_bytes=0) and not w.apply_button.disabled
+    assert "micro-batch 1 × 1" in w.stages_view.value
 
 
 def test_objective_workload_and_planner():
@@ -101,11 +105,69 @@ def test_objective_workload_and_planner():
     assert "tokens/s" in w.figures["stage_times"].layout.title.text
     w.batch.value = 32
     assert w.plan.workload.batch == 32
-    w.planner.value = "full"                  # the unrestricted DP: may micro-batch; apply refuses it
+    w.planner.value = "full"                  # the DP on the raw profile: view only, apply refuses it
     assert w.apply_button.disabled and "full DP" in w.apply_button.tooltip
     assert [t.name for t in w.figures["stage_times"].data] == ["link in", "compute", "offload"]
     w.planner.value = "runtime"
-    assert w.figures["stage_times"].data[2].name == "offload (not enabled yet)" and not w.apply_button.disabled
+    assert w.figures["stage_times"].data[2].name == "offload" and not w.apply_button.disabled
+
+
+def tight() -> ClusterProfile:
+    """Two accelerator workers with 30 MiB each (and 1 GiB RAM) for 80 MiB of layers: a plan must
+    move weights out of the fast tier; decode time grows with the rows, so pipelining pays."""
+    model = ModelProfile("toy", n_layers=8, layer_weight_bytes=10 * MIB, kv_bytes_per_token_per_layer=1024,
+                         hidden_bytes_per_token=2048)
+    workers = [WorkerProfile(n, f"tcp://{n}:1", {1: 1e-3, 8: 8e-3}, accel_bytes=30 * MIB, ram_bytes=2 ** 30,
+                             disk_bytes=2 ** 30, ram_read_bytes_per_s=50e9) for n in ("g1", "g2")]
+    names = ["client", "g1", "g2"]
+    links = [ln for i, x in enumerate(names) for y in names[i + 1:] for ln in LinkProfile.both_ways(x, y, 125e6, 1e-3)]
+    return ClusterProfile(model, tuple(workers), tuple(links))
+
+
+def test_widget_shows_micro_batch_and_offloading():
+    w = PlanWidget(tight(), Workload(batch=8, objective="throughput"))
+    p = w.plan
+    assert p.micro_batch < 8 and p.n_micro == -(-8 // p.micro_batch)          # pipelined micro-batches
+    assert all(s.weight_offload > 0 for s in p.stages)                          # 80 MiB > 2 × 30 MiB
+    shown = f"micro-batch {p.micro_batch} × {p.n_micro}"
+    assert shown in w.status.value and shown in w.stages_view.value and shown in w.figures["memory"].layout.title.text
+    table = w.stages_view.value
+    for i, s in enumerate(p.stages):                                            # one row per stage, in chain order
+        tiers = lambda f: "/".join(f"{x:.0%}" for x in f)
+        row = (f"<tr><td>{i + 1}</td><td>{s.worker}</td><td>{s.start}–{s.end - 1}</td><td>{s.weight_offload:.0%}</td>"
+               f"<td>{tiers(s.weight_fractions)}</td><td>{s.kv_offload:.0%}</td><td>{tiers(s.kv_fractions)}</td>")
+        assert row in table
+    acc, ram, disk = w.figures["memory"].data                                  # stacked % per (stage, weights|KV)
+    assert (acc.name, ram.name, disk.name) == ("accelerator", "RAM", "disk")
+    want = [f for s in p.stages for f in (s.weight_fractions, s.kv_fractions)]
+    assert np.allclose(np.c_[acc.y, ram.y, disk.y], 100 * np.asarray(want))
+    assert list(acc.x[1][::2]) == [f"weights<br>{s.weight_offload:.0%} off" for s in p.stages]
+    assert list(acc.x[1][1::2]) == [f"KV<br>{s.kv_offload:.0%} off" for s in p.stages]
+    bars = " ".join(t for tr in w.figures["assignment"].data for t in tr.text)
+    assert all(f"offload W {s.weight_offload:.0%}" in bars for s in p.stages)
+
+    w.batch.value = 1                                                           # re-solved: one row, one pass
+    assert "micro-batch 1 × 1 (batch 1: the whole batch in one pass)" in w.stages_view.value
+    assert "micro-batch 1 × 1" in w.figures["memory"].layout.title.text
+    for c in w.workers.values():                                                # room for everything: no offload
+        c.memory_gib.value = 1.0
+    assert all(s.weight_offload == 0 and s.kv_offload == 0 for s in w.plan.stages)
+    assert "offload W" not in " ".join(t for tr in w.figures["assignment"].data for t in tr.text)
+    assert set(w.figures["memory"].data[0].y) == {100.0}                        # all in the accelerator
+
+
+def test_static_plan_prints_micro_batch_and_offloading(capsys):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from bloombee_nb.notebook.plan_widget import static_plan
+
+    InteractiveShell.instance()                 # display() prints text/plain in a plain shell
+    plan = static_plan(tight(), Workload(batch=8, objective="throughput"))
+    out = capsys.readouterr().out
+    assert f"micro-batch {plan.micro_batch} × {plan.n_micro}" in out and "weights offloaded" in out
+    assert "<figure: memory per stage" in out
+    row = next(line for line in out.splitlines() if line.startswith("1 "))
+    assert f"{plan.stages[0].weight_offload:.0%}" in row.split()
 
 
 def test_link_map_highlights_the_chain():
