@@ -12,8 +12,9 @@ The cluster is profiled for real (layer times, every link with real frames); the
 an even split and the Petals-style greedy plan are each placed on the cluster and measured:
 per-token decode latency and decode tokens/s for a batch — both for the chain (what the planner
 models: links + stages) and end to end (adding the client's embeddings/LM head). Plans are solved
-for what the runtime executes today (chain forwarding, whole batch at once, no offloading:
-``runtime_plan``), and the baselines are priced the same way.
+with chain forwarding, the whole batch at once and no offloading (``runtime_plan`` restricted to
+those choices: this benchmark compares placements; micro-batches and offloading are measured in
+bench_throughput.py and bench_offload.py), and the baselines are priced the same way.
 
 Writes benchmarks/results/plan_applied.json and plan_applied.png.
 """
@@ -117,7 +118,7 @@ def measure_all(cluster, path, plans: dict, wl: Workload, repeats: int = 6) -> d
 
 
 def plans_for(profile, wl):
-    out = {"dp": runtime_plan(profile, wl)}  # the runtime forwards stage to stage
+    out = {"dp": runtime_plan(profile, wl, micro_batches=(wl.batch,), offloads=(0.0,))}  # placement only
     priced = profile.priced_for_chain()      # … so the baselines are priced exactly as runtime_plan prices
     for name, fn in (("even", even_split), ("petals", petals_greedy)):
         kw = dict(micro_batches=(wl.batch,)) | (dict(offloads=(0.0,)) if fn is even_split else {})

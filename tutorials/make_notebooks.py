@@ -92,9 +92,10 @@ room = cost.min_bytes_for(measured.model, Workload(batch=8), 3)
 profile = measured
 for w in measured.workers:
     profile = profile.with_worker(w.name, ram_bytes=room, disk_bytes=0)"""),
-    ("md", """Plan for one user (latency) and for a batch of 8 (throughput). `runtime_plan` solves for
-what the runtime executes today (stages forward to each other; no micro-batching or offloading
-yet); `bloombee_nb.plan.solve` is the unrestricted DP."""),
+    ("md", """Plan for one user (latency) and for a batch of 8 (throughput). `runtime_plan` prices the
+profile the way the runtime relays hidden states (stage to stage) and lets the DP choose the
+spans, the micro-batch and each stage's offload fractions; `from_pretrained(plan=...)` applies
+all three."""),
     ("code", """latency = runtime_plan(profile, Workload(batch=1, objective="latency"))
 throughput = runtime_plan(profile, Workload(batch=8, objective="throughput"))
 latency"""),

@@ -69,7 +69,10 @@ def kv_bytes_per_token(config: PreTrainedConfig, n_layers: int, dtype: torch.dty
     return 2 * n_layers * kv_heads * head_dim * dtype.itemsize
 
 
-def _materialise(module: nn.Module, prefix: str, path: Path, wmap: dict[str, str], dtype: torch.dtype) -> nn.Module:
+def _materialise(module: nn.Module, prefix: str, path: Path, wmap: dict[str, str], dtype: torch.dtype,
+                 device: torch.device | None = None) -> nn.Module:
+    """Assign ``module`` (on meta) the checkpoint's tensors, cast to ``dtype`` and moved to ``device``
+    (one module at a time: host memory holds at most one layer's tensors on their way to a device)."""
     names = [prefix + k for k in module.state_dict()]
     missing = [n for n in names if n not in wmap]
     if missing:
@@ -77,6 +80,8 @@ def _materialise(module: nn.Module, prefix: str, path: Path, wmap: dict[str, str
             f"checkpoint at {path} lacks {missing[:3]}{'…' if len(missing) > 3 else ''}; "
             "its tensor names do not follow the family's layout")
     tensors = load_tensors(path, names, wmap, dtype)
+    if device is not None and torch.device(device).type != "cpu":
+        tensors = {n: t.to(device) for n, t in tensors.items()}
     module.load_state_dict({n[len(prefix):]: t for n, t in tensors.items()}, strict=True, assign=True)
     return module
 
@@ -87,11 +92,13 @@ def _prefix(model: nn.Module, wmap: dict[str, str]) -> str:
     return p if any(k.startswith(p) for k in wmap) else ""
 
 
-def load_span(path: Path, config: PreTrainedConfig, start: int, end: int, dtype: torch.dtype | None = None):
+def load_span(path: Path, config: PreTrainedConfig, start: int, end: int, dtype: torch.dtype | None = None,
+              device: torch.device | str | None = None):
     """Decoder layers ``[start, end)`` with real weights, plus the family's rotary embedding.
 
     Peak memory is about the span's own bytes: layers are built on meta and their parameters
-    are *assigned* the tensors read from the memory-mapped safetensors files.
+    are *assigned* the tensors read from the memory-mapped safetensors files. ``device`` (default:
+    the CPU) is where the layers and the rotary embedding end up, moved there one layer at a time.
     """
     n = config.num_hidden_layers
     if not (0 <= start < end <= n):
@@ -102,10 +109,18 @@ def load_span(path: Path, config: PreTrainedConfig, start: int, end: int, dtype:
     base = getattr(model, model.base_model_prefix)
     prefix = _prefix(model, wmap)
     layers = nn.ModuleList(
-        _materialise(base.layers[i], f"{prefix}layers.{i}.", path, wmap, dtype) for i in range(start, end))
-    rotary = type(base.rotary_emb)(config=model.config)  # inv_freq is computed, not stored
+        _materialise(base.layers[i], f"{prefix}layers.{i}.", path, wmap, dtype, device) for i in range(start, end))
+    rotary = new_rotary(model, device)
     _check_no_meta(layers)
     return model.config, layers.eval(), rotary, dtype
+
+
+def new_rotary(model: nn.Module, device: torch.device | str | None = None) -> nn.Module:
+    """The family's rotary embedding for ``model`` (on meta): ``inv_freq`` is computed on the CPU, as
+    transformers does at init, then moved to ``device``."""
+    base = getattr(model, model.base_model_prefix)
+    rotary = type(base.rotary_emb)(config=model.config)  # inv_freq is computed, not stored
+    return rotary if device is None or torch.device(device).type == "cpu" else rotary.to(device)
 
 
 def load_client_parts(path: Path, config: PreTrainedConfig, dtype: torch.dtype | None = None):

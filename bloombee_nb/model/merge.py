@@ -159,7 +159,7 @@ def _merged(runner, steps: list[tuple]) -> list:
         h, p, m = (x.to(device) if device is not None else x for x in (h, p, m))
         items.append(MergeItem(s, h, p, torch.cat([s.mask.to(m.device), m.to(torch.long)], dim=1)))
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), runner._on_device():
             outs = forward_merged(runner, items)
     except Exception:  # noqa: BLE001 — find the step at fault: each runs alone, and only it fails
         for it in items:

@@ -40,15 +40,19 @@ thread reads layer ``j+1`` into the other buffer while ``j`` computes (one-layer
   ``buffer.copy_(staging, non_blocking=True)`` on a side stream; a buffer is only overwritten after
   the compute that used it has finished (an event recorded on the compute stream and waited on by
   the side stream). On a CPU all of that is a no-op and the reads land in the buffer itself (a
-  staging buffer is used only to cast a checkpoint stored in another dtype). The CUDA path is
-  written but has not run on a GPU yet (``tests/model/test_offload.py`` has the check, skipped
-  without one).
+  staging buffer is used only to cast a checkpoint stored in another dtype). On an accelerator the
+  layer buffers are the fast tier's; the pinned staging buffer is host memory and is counted
+  apart (:attr:`WeightStreamer.staging_bytes`). The GPU checks are ``tests/model/test_device.py``
+  and ``tests/model/test_offload.py`` (skipped without one); ``benchmarks/gpu_check.sh`` runs them
+  on a GPU machine.
 
 KV (:class:`ColdKVLayer`). A full-attention layer's cache keeps its oldest
 ``floor(f · length)`` positions in a memory-mapped file (one per layer, K and V, created in a
 temp dir and unlinked at once, so nothing is left behind) and the newest in memory. Attention
 gets ``cat(cold, hot)``: the very tensor a plain ``DynamicLayer`` would hold, so outputs are
-bit-identical. Memory: the hot part, plus one layer's full K/V while that layer attends.
+bit-identical. Memory: the hot part, plus one layer's full K/V while that layer attends. On an
+accelerator the hot part is on the device and the cold part stays in the host file: each step
+copies it to the device for attention (the price of the slow tier).
 The file's pages are under the kernel's control (written back and evicted under memory
 pressure); they are not forcibly dropped, so while RAM is free the cold KV reads at page-cache
 speed. Sliding-window layers are bounded by their window and stay in memory.
@@ -77,6 +81,9 @@ from .checkpoint import ensure_files, load_tensors
 
 #: Buffer views start on this many bytes (SIMD-friendly, like a fresh allocation).
 _ALIGN_BYTES = 64
+#: ... and on an accelerator, where the BLAS picks kernels by pointer alignment (a fresh CUDA
+#: allocation is 512-byte aligned): 256 keeps a view's kernels those of a resident weight.
+_DEVICE_ALIGN_BYTES = 256
 #: The largest page-cache folio (a PMD on x86-64): page-cache drops are aligned to it.
 _FOLIO_BYTES = 2 << 20
 
@@ -111,13 +118,14 @@ class _Sync:
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        self.device = device
         self.stream = torch.cuda.Stream(device) if self.cuda else None
 
     def event(self, stream=None):
         if not self.cuda:
             return None
         ev = torch.cuda.Event()
-        ev.record(stream if stream is not None else torch.cuda.current_stream())
+        ev.record(stream if stream is not None else torch.cuda.current_stream(self.device))
         return ev
 
     def copy_stream(self):
@@ -130,7 +138,7 @@ class _Sync:
 
     def wait(self, event, stream=None) -> None:
         if event is not None:
-            (stream if stream is not None else torch.cuda.current_stream()).wait_event(event)
+            (stream if stream is not None else torch.cuda.current_stream(self.device)).wait_event(event)
 
 
 def _slots(module: nn.Module) -> dict[str, tuple[nn.Module, str, str]]:
@@ -204,7 +212,7 @@ class WeightStreamer:
                  reader: str = "pread"):
         if reader not in ("pread", "mmap"):
             raise SpanError(f"reader must be 'pread' or 'mmap', got {reader!r}")
-        self.path, self.wmap, self.dtype, self.device = path, wmap, dtype, torch.device(device)
+        self.path, self.wmap, self.dtype, self.device = path, wmap, dtype, _indexed(torch.device(device))
         self.shells, self.prefixes = list(shells.values()), list(shells)
         self.prefetch, self.drop_page_cache, self.reader = prefetch, drop_page_cache, reader
         self._meta = [dict(s.state_dict()) for s in self.shells]  # name -> meta tensor (shapes, dtypes)
@@ -253,7 +261,8 @@ class WeightStreamer:
 
     def _allocate(self, dtype: torch.dtype, device, pin: bool = False) -> dict[str, torch.Tensor]:
         """One layer buffer: a flat tensor with an aligned view per tensor name (sized for the largest layer)."""
-        align = max(1, _ALIGN_BYTES // dtype.itemsize)
+        align_bytes = _ALIGN_BYTES if torch.device(device).type == "cpu" else _DEVICE_ALIGN_BYTES
+        align = max(1, align_bytes // dtype.itemsize)
         shapes = max(self._meta, key=lambda m: sum(t.numel() for t in m.values()))
         offsets, n = {}, 0
         for name, t in shapes.items():
@@ -412,9 +421,17 @@ class WeightStreamer:
 
     @property
     def buffer_bytes(self) -> int:
-        """Bytes of the two layer buffers (and the staging buffer, if there is one)."""
-        bufs = self._buffers + ([self._staging] if self._staging is not None else [])
+        """Bytes of the streamer's buffers in the fast tier: the two layer buffers, and on a CPU the
+        staging buffer too (if there is one; it shares the RAM)."""
+        bufs = self._buffers + ([self._staging] if self._staging is not None and self.device.type == "cpu" else [])
         return sum(b["_flat"].numel() * b["_flat"].element_size() for b in bufs)
+
+    @property
+    def staging_bytes(self) -> int:
+        """Bytes of the pinned host staging buffer when the layers compute on an accelerator (else 0)."""
+        if self._staging is None or self.device.type == "cpu":
+            return 0
+        return self._staging["_flat"].numel() * self._staging["_flat"].element_size()
 
     def close(self) -> None:
         self.idle()
@@ -422,6 +439,13 @@ class WeightStreamer:
             self._reader.shutdown(wait=True)
         for f in self._files.values():
             f.close()
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """``cuda`` -> ``cuda:<current device>``: streams and events need to know which device."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _read_run(f, mvs: list[memoryview], offset: int) -> None:
@@ -510,13 +534,13 @@ class ColdKVLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        c = self.cold_length
-        ck, cv = self._cold
-        keys = torch.cat([ck[:, :, :c], self.keys, key_states], dim=-2)      # what attention sees
-        values = torch.cat([cv[:, :, :c], self.values, value_states], dim=-2)
+        c, dev = self.cold_length, key_states.device
+        ck, cv = self._cold  # in host memory; the hot part is where the layer computes
+        keys = torch.cat([ck[:, :, :c].to(dev), self.keys, key_states], dim=-2)      # what attention sees
+        values = torch.cat([cv[:, :, :c].to(dev), self.values, value_states], dim=-2)
         target = min(int(self.fraction * keys.shape[-2]), self.capacity)       # oldest positions to keep cold
         if target > c:
-            ck[:, :, c:target].copy_(keys[:, :, c:target])
+            ck[:, :, c:target].copy_(keys[:, :, c:target])  # device -> host where the layer runs on one
             cv[:, :, c:target].copy_(values[:, :, c:target])
             self.cold_length = c = target
         self.keys, self.values = keys[:, :, c:].clone(), values[:, :, c:].clone()  # own storage: frees the rest
@@ -541,8 +565,9 @@ class ColdKVLayer(DynamicLayer):
         (``compact_kv`` on the hot part; nodes that went cold are brought back first)."""
         if past_len < self.cold_length:
             ck, cv = self._cold
-            self.keys = torch.cat([ck[:, :, past_len:self.cold_length], self.keys], dim=-2)
-            self.values = torch.cat([cv[:, :, past_len:self.cold_length], self.values], dim=-2)
+            dev = self.keys.device
+            self.keys = torch.cat([ck[:, :, past_len:self.cold_length].to(dev), self.keys], dim=-2)
+            self.values = torch.cat([cv[:, :, past_len:self.cold_length].to(dev), self.values], dim=-2)
             self.cold_length = past_len
         self.keys, self.values = compact_kv(self.keys, self.values, past_len - self.cold_length, keep)
 

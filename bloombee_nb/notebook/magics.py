@@ -119,7 +119,8 @@ def build_parser() -> _Parser:
     pl.add_argument("--prompt-len", type=_positive_int, default=128, help="tokens per prompt")
     pl.add_argument("--new-tokens", type=_positive_int, default=128, help="tokens generated per sequence")
     pl.add_argument("--planner", choices=["runtime", "full"], default="runtime",
-                    help="'runtime': what the runtime executes today; 'full': the unrestricted DP (view only)")
+                    help="'runtime': priced the way the chain relays hidden states (what --apply runs); "
+                         "'full': the DP on the raw profile (view only)")
     pl.add_argument("--out", metavar="NAME", type=_identifier,
                     help="also store the widget (or, static, the Plan) in this variable")
 

@@ -101,7 +101,8 @@ def test_reader_variants_are_exact(checkpoints, reference, resident_outputs, kw)
         runner = SpanRunner(checkpoints["llama"], 0, 5, weight_offload=0.6, kv_offload=0.5, **kw)
         outs = script(runner, lambda ids: embed(ids).to(dtype))
     assert all(torch.equal(a, b) for a, b in zip(outs, want))
-    assert (runner.streamer._staging is not None) == (dtype != torch.float32)
+    if runner.device.type == "cpu":  # an accelerator always reads through a pinned host buffer
+        assert (runner.streamer._staging is not None) == (dtype != torch.float32)
     runner.release()
 
 
