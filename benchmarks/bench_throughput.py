@@ -112,8 +112,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="one link (100 Mbit/s, 50 ms), 1 and 4 users")
     ap.add_argument("--out", default="throughput")
+    ap.add_argument("--rtt", type=float, nargs="*", help="only these RTTs (ms) at 100 Mbit/s")
+    ap.add_argument("--users", type=int, nargs="*", help="only these numbers of users")
     args = ap.parse_args()
     links, user_counts = (LINKS, USERS) if not args.quick else ([(100, 50)], (1, 4))
+    links = [(100, r) for r in args.rtt] if args.rtt else links
+    user_counts = tuple(args.users) if args.users else user_counts
     path = str(default_model_path())
     why = linkemu.available()
     emu = linkemu.LinkEmulator(n_workers=3) if why is None else None
@@ -171,7 +175,9 @@ def main():
     result = {"benchmark": "throughput", "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)",
               "model": "shipped tiny-llama (6 layers, hidden 256, fp32)", "spans": SPANS, "micro_batch": MICRO_BATCH,
               "stagger_s": STAGGER_S, "configs": CONFIGS,
-              "command": "python benchmarks/bench_throughput.py" + (" --quick" if args.quick else ""), "rows": rows}
+              "command": "python benchmarks/bench_throughput.py" + (" --quick" if args.quick else "")
+              + (f" --rtt {' '.join(map(str, args.rtt))}" if args.rtt else "")
+              + (f" --users {' '.join(map(str, args.users))}" if args.users else ""), "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2))
     (RESULTS / f"{args.out}.md").write_text(table(result))

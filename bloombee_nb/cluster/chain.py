@@ -38,7 +38,7 @@ from .. import transport
 from ..errors import BloombeeError, StageHungError, StageLeavingError, StageUnavailableError
 from ..transport.emulation import hold
 from .placement import Placement, StageSpec
-from .stage import StageActor, extra_nbytes
+from .stage import GROUP, StageActor, extra_nbytes
 
 #: Seconds an actor call may take before its worker counts as gone. Dask never resolves a call
 #: whose arguments fail to serialise, so every call carries a timeout.
@@ -89,7 +89,7 @@ class RemoteChain:
                  relay: str = "chain", compression: str | None = None, min_compress_bytes: int = 64 << 10,
                  liveness_interval_s: float | None = DEFAULT_LIVENESS_INTERVAL_S,
                  ping_timeout_s: float = DEFAULT_PING_TIMEOUT_S, micro_batch: int | None = None,
-                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
+                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, group: bool = True):
         if relay not in RELAYS:
             raise ValueError(f"relay must be one of {RELAYS}, got {relay!r}")
         self.client, self.placement, self.timeout_s, self.relay = client, placement, timeout_s, relay
@@ -113,6 +113,8 @@ class RemoteChain:
         self._steps = itertools.count()
         self._acks: list[asyncio.Future] = []  # chain mode: first-stage acceptances not yet checked
         self.micro_batch, self.prefill_chunk = micro_batch, prefill_chunk
+        self.group = group  # chain relay: concurrent sessions' plain steps travel together (_Groups)
+        self._groups: _Groups | None = None
         self._parts: dict[str, list[tuple[str, int, int]]] = {}  # session -> (stage session id, rows a:b)
         self._seq: dict[str, int] = {}                            # stage session id -> its next step's seq
 
@@ -122,12 +124,13 @@ class RemoteChain:
                liveness_interval_s: float | None = DEFAULT_LIVENESS_INTERVAL_S,
                ping_timeout_s: float = DEFAULT_PING_TIMEOUT_S, micro_batch: int | None = None,
                prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, per_stage: list[dict] | None = None,
-               **stage_kwargs) -> "RemoteChain":
+               group: bool | None = None, **stage_kwargs) -> "RemoteChain":
         """Start one StageActor per stage, all loading in parallel, each pinned to its worker.
 
         ``stage_kwargs`` go to every stage, ``per_stage[i]`` (e.g. a plan's offload fractions) to
         stage i on top of them; ``micro_batch`` is both the rows a stage runs in one forward and
-        the rows a batch is split into (see :meth:`forward`)."""
+        the rows a batch is split into (see :meth:`forward`); ``group`` (default: the stages'
+        ``merge``) sends concurrent sessions' steps together."""
         per_stage = per_stage or [{}] * len(placement.stages)
         if len(per_stage) != len(placement.stages):
             raise ValueError(f"per_stage has {len(per_stage)} entries for {len(placement.stages)} stages")
@@ -139,7 +142,8 @@ class RemoteChain:
         ]
         return cls(client, placement, futures, timeout_s, relay, compression,
                    liveness_interval_s=liveness_interval_s, ping_timeout_s=ping_timeout_s, micro_batch=micro_batch,
-                   prefill_chunk=prefill_chunk)
+                   prefill_chunk=prefill_chunk,
+                   group=stage_kwargs.get("merge", True) if group is None else group)
 
     def hops(self) -> list[tuple[int, int]]:
         """The links hidden states cross, as (sender, receiver) with -1 for the client."""
@@ -270,6 +274,8 @@ class RemoteChain:
         if self.relay == "chain" and len(self.actors) > 1:
             nbytes = hidden.numel() * hidden.element_size()
             frame = transport.encode(hidden.contiguous(), self.client_policies[0].codec_for(nbytes))
+            if self.group and spec == (None, None):
+                return self._grouped(session_id, frame, pos, mask, seq, hidden.shape[0])
             return self._relay_chain(session_id, frame, pos, mask, spec, seq)
         return self._relay_star(session_id, hidden.contiguous(), pos, mask, spec, seq)
 
@@ -324,6 +330,38 @@ class RemoteChain:
             self._acks.append(ack)  # the first stage's answer is still on its way; checked next step
         hops = [len(frame), *(b for _, b in computes)]
         return out, [time.perf_counter() - t0], list(computes), sent, hops
+
+    async def _grouped(self, session_id: str, frame: bytes, pos: bytes, mask: bytes, seq, rows: int):
+        if self._groups is None:
+            self._groups = _Groups(self)
+        return await self._groups.submit([session_id, frame, pos, mask, seq, ()], rows)
+
+    async def _relay_group(self, entries: list) -> list:
+        """Several sessions' steps through the chain as one message each hop (see
+        :meth:`StageActor.forward_group`); returns each entry's ``(out, walls, computes, sent,
+        hops)`` or the exception its step raised."""
+        await self._check_acks()
+        step, t0 = next(self._steps), time.perf_counter()
+        collect = asyncio.ensure_future(self._call(len(self.actors) - 1, "collect", GROUP, step, self.timeout_s))
+        sizes = [len(e[1]) + len(e[2]) + len(e[3]) for e in entries]
+        await hold(sum(sizes))  # emulated client link (benchmarks only)
+        ack = asyncio.ensure_future(self._call(0, "forward_group", entries, step))
+        try:
+            await asyncio.wait({collect, ack}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            collect.cancel()
+            ack.cancel()
+            raise
+        if ack.done() and ack.exception() is not None:
+            collect.cancel()
+            raise ack.exception()
+        outs = await collect
+        if not ack.done():
+            self._acks.append(ack)
+        wall = time.perf_counter() - t0
+        return [res if isinstance(res, BaseException) else
+                (res, [wall], list(computes), sent, [len(e[1]), *(b for _, b in computes)])
+                for e, sent, (_, res, _, _, _, computes) in zip(entries, sizes, outs)]
 
     async def _check_acks(self):
         done = [a for a in self._acks if a.done()]
@@ -434,6 +472,50 @@ class RemoteChain:
         if self.released:
             raise StageUnavailableError("this chain of stages was released (the model was closed, or its spans "
                                         "were re-placed after a failure); sessions move to the model's current chain")
+
+
+class _Groups:
+    """Concurrent sessions' plain steps, sent through the chain together (the client's micro-batches).
+
+    A step that arrives while no group is on its way goes at once (one user alone waits for
+    nobody). Steps that arrive while groups travel wait and go together: as soon as they fill a
+    micro-batch (``micro_batch`` rows), or when a group comes back. So with many users the chain
+    carries a few messages of many steps each — stage i working on one group while stage i+1
+    works on the one before — instead of one message per user per hop.
+    """
+
+    def __init__(self, chain: RemoteChain):
+        self.chain = chain
+        self.pending: list[tuple[list, int, asyncio.Future]] = []
+        self.inflight = 0
+
+    async def submit(self, entry: list, rows: int):
+        fut = asyncio.get_running_loop().create_future()
+        self.pending.append((entry, rows, fut))
+        self._dispatch()
+        return await fut
+
+    def _dispatch(self) -> None:
+        m = self.chain.micro_batch
+        while self.pending and (self.inflight == 0 or (m is not None and sum(r for _, r, _ in self.pending) >= m)):
+            group, rows = [], 0
+            while self.pending and (not group or m is None or rows + self.pending[0][1] <= m):
+                group.append(self.pending.pop(0))
+                rows += group[-1][1]
+            self.inflight += 1
+            asyncio.ensure_future(self._send(group))
+
+    async def _send(self, group: list) -> None:
+        try:
+            results = await self.chain._relay_group([e for e, _, _ in group])
+        except BaseException as exc:  # noqa: BLE001 — every step of the group gets it
+            results = [exc] * len(group)
+        finally:
+            self.inflight -= 1
+        for (_, _, fut), res in zip(group, results):
+            if not fut.done():
+                fut.set_exception(res) if isinstance(res, BaseException) else fut.set_result(res)
+        self._dispatch()
 
 
 async def _all(relays: list) -> list:

@@ -59,6 +59,8 @@ from ..transport.emulation import hold
 
 #: Set in a worker process that is leaving: no new stage loads there.
 _LEAVING = False
+#: The session id under which the last stage keeps a group's outputs (:meth:`StageActor.forward_group`).
+GROUP = "\x00group"
 
 
 @dataclass(eq=False)
@@ -213,6 +215,46 @@ class StageActor:
             return None, computes
         self._spawn(self._send_on(session_id, out, position_ids, attention_mask, step, computes, tree, keep, seq))
         return None, computes
+
+    async def forward_group(self, entries: list, step: int) -> None:
+        """Chain mode: the steps of several sessions travelling as one message — a micro-batch of the
+        client's concurrent sessions. ``entries``: ``[session_id, hidden frame, position_ids frame,
+        attention_mask frame, seq, computes]`` each; they join the queue together (and so run as one
+        forward where they can), and travel on together. An entry that failed on an earlier stage
+        holds its exception instead of a frame: it is skipped here (its session's order moves on)
+        and delivered with the others by the last stage's :meth:`collect` of ``(GROUP, step)``."""
+        try:
+            self._check_staying()
+        except StageLeavingError as exc:
+            entries = [[sid, exc, pos, mask, seq, c] for sid, _, pos, mask, seq, c in entries]
+        jobs = [_Job(sid, (), None, None, seq, 0, 0, skip=True) if isinstance(hidden, BaseException)
+                else _job(sid, (hidden, pos, mask), None, None, seq, self.max_frame_bytes)
+                for sid, hidden, pos, mask, seq, _ in entries]
+        results = await asyncio.gather(*(self._submit(j) for j in jobs), return_exceptions=True)
+        out = []
+        for (sid, hidden, pos, mask, seq, computes), job, res in zip(entries, jobs, results):
+            if job.skip:
+                out.append([sid, hidden, pos, mask, seq, computes])
+            elif isinstance(res, BaseException):
+                out.append([sid, res, pos, mask, seq, computes])
+            else:
+                out.append([sid, res[0], pos, mask, seq, (*computes, (res[1], len(res[0])))])
+        if self.next is None:
+            await hold(sum(len(e[1]) for e in out if isinstance(e[1], bytes)))
+            self._output(GROUP, step).set_result(out)
+        else:
+            self._spawn(self._send_group(out, step))
+
+    async def _send_group(self, entries: list, step: int) -> None:
+        try:
+            await hold(sum(len(e[1]) + len(e[2]) + len(e[3]) for e in entries if isinstance(e[1], bytes)))
+            await self.next.forward_group(entries, step)
+        except BloombeeError as exc:
+            await self._report(GROUP, step, exc)  # e.g. the next stage is leaving: every entry fails with it
+        except (OSError, RuntimeError, TimeoutError) as exc:  # the next worker is gone
+            named = (self._next_worker,) if self._next_worker else ()
+            await self._report(GROUP, step, StageUnavailableError(
+                f"{self._next_unavailable} [{type(exc).__name__}: {exc}]", workers=named))
 
     async def skip(self, session_id: str, seq: int) -> None:
         """Step ``seq`` of the session failed before it got here: stop waiting for it, and tell the
