@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -53,6 +54,25 @@ CONFIGS = {
     "ours, no micro-batching": dict(relay="chain", compression="auto", merge=False, micro_batch=None),
     "ours": dict(relay="chain", compression="auto", merge=True, micro_batch=MICRO_BATCH),
 }
+
+
+WIDE = dict(vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_hidden_layers=6, num_attention_heads=16,
+            num_key_value_heads=4, max_position_embeddings=2048, initializer_range=0.05)
+
+
+def model_path(which: str) -> str:
+    """The shipped tiny model, or ``wide``: a random-init Llama with 16x the shipped model's
+    per-layer compute (hidden 1024; ~10 ms per 2-layer decode step on one of these cores), built
+    from its config and saved with save_pretrained once (no downloads)."""
+    if which == "shipped":
+        return str(default_model_path())
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(tempfile.gettempdir()) / "bloombee-bench-wide"
+    if not (path / "config.json").exists():
+        torch.manual_seed(0)
+        LlamaForCausalLM(LlamaConfig(**WIDE)).save_pretrained(path)
+    return str(path)
 
 
 def prompts(n_users: int, vocab: int) -> list[torch.Tensor]:
@@ -114,11 +134,12 @@ def main():
     ap.add_argument("--out", default="throughput")
     ap.add_argument("--rtt", type=float, nargs="*", help="only these RTTs (ms) at 100 Mbit/s")
     ap.add_argument("--users", type=int, nargs="*", help="only these numbers of users")
+    ap.add_argument("--model", choices=["shipped", "wide"], default="shipped")
     args = ap.parse_args()
     links, user_counts = (LINKS, USERS) if not args.quick else ([(100, 50)], (1, 4))
     links = [(100, r) for r in args.rtt] if args.rtt else links
     user_counts = tuple(args.users) if args.users else user_counts
-    path = str(default_model_path())
+    path = model_path(args.model)
     why = linkemu.available()
     emu = linkemu.LinkEmulator(n_workers=3) if why is None else None
     if emu is not None:
@@ -173,11 +194,13 @@ def main():
         if emu is not None:
             emu.__exit__(None, None, None)
     result = {"benchmark": "throughput", "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)",
-              "model": "shipped tiny-llama (6 layers, hidden 256, fp32)", "spans": SPANS, "micro_batch": MICRO_BATCH,
+              "model": ("shipped tiny-llama (6 layers, hidden 256, fp32)" if args.model == "shipped" else
+                        "random-init llama, 6 layers, hidden 1024, fp32 (--model wide)"), "spans": SPANS, "micro_batch": MICRO_BATCH,
               "stagger_s": STAGGER_S, "configs": CONFIGS,
               "command": "python benchmarks/bench_throughput.py" + (" --quick" if args.quick else "")
               + (f" --rtt {' '.join(map(str, args.rtt))}" if args.rtt else "")
-              + (f" --users {' '.join(map(str, args.users))}" if args.users else ""), "rows": rows}
+              + (f" --users {' '.join(map(str, args.users))}" if args.users else "")
+              + (f" --model {args.model}" if args.model != "shipped" else ""), "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2))
     (RESULTS / f"{args.out}.md").write_text(table(result))
