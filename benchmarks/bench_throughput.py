@@ -18,8 +18,9 @@ Users arrive ``STAGGER_S`` apart, each with its own prompt (16–160 tokens), an
 ``NEW_TOKENS`` greedy tokens in their own session (one client process, one thread per user).
 Every user's tokens are checked against single-process transformers (``exact`` in the JSON).
 
-Reported: aggregate tokens/s (all users' new tokens / makespan), per-user decode latency
-(mean time between tokens), time to first token. Writes benchmarks/results/throughput.json,
+Reported: aggregate tokens/s (all users' new tokens / makespan, prompts included), decode
+tokens/s (the users' decode rates added up), per-user decode latency (mean time between
+tokens), time to first token, and how many steps each stage forward ran (merging). Writes benchmarks/results/throughput.json,
 throughput.md (the README table) and a plotly figure (throughput.html + .png).
 """
 
@@ -117,6 +118,7 @@ def run_users(model, users: list[torch.Tensor]) -> dict:
         raise errors[0]
     makespan = max(r["end"] for r in out) - min(r["start"] for r in out)
     return {"tokens_per_s": len(users) * NEW_TOKENS / makespan, "makespan_s": makespan,
+            "decode_tokens_per_s": sum((NEW_TOKENS - 1) / r["decode_s"] for r in out),
             "per_token_s": statistics.mean(r["decode_s"] / (NEW_TOKENS - 1) for r in out),
             "per_token_s_max": max(r["decode_s"] / (NEW_TOKENS - 1) for r in out),
             "ttft_s": statistics.mean(r["ttft_s"] for r in out), "tokens": [r["tokens"] for r in out]}
@@ -210,16 +212,17 @@ def main():
 
 def table(result: dict) -> str:
     names = list(result["configs"])
-    lines = ["| link | users | tokens/s " + " / ".join(names) + " | ours ÷ petals | ms per token (mean) "
-             + " / ".join(names) + " | TTFT (s) " + " / ".join(names) + " | steps per forward (ours) | exact |",
-             "|---|---|---|---|---|---|---|---|"]
+    both = " / ".join(names)
+    lines = [f"| link | users | tokens/s, prompts included ({both}) | ours ÷ petals | decode tokens/s ({both}) "
+             f"| ours ÷ petals | ms per token per user ({both}) | TTFT s ({both}) | steps per forward (ours) | exact |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        cell = lambda key, fmt, scale=1: " / ".join(format(r[n][key] * scale, fmt) for n in names)  # noqa: E731
+        ratio = lambda key: r["ours"][key] / r["petals"][key]  # noqa: E731
         lines.append(
-            f"| {r['rate_mbit']:g} Mbit/s · {r['rtt_ms']:g} ms | {r['users']} "
-            f"| {' / '.join(format(r[n]['tokens_per_s'], '.1f') for n in names)} "
-            f"| {r['ours']['tokens_per_s'] / r['petals']['tokens_per_s']:.2f}× "
-            f"| {' / '.join(format(r[n]['per_token_s'] * 1e3, '.0f') for n in names)} "
-            f"| {' / '.join(format(r[n]['ttft_s'], '.2f') for n in names)} "
+            f"| {r['rate_mbit']:g} Mbit/s · {r['rtt_ms']:g} ms | {r['users']} | {cell('tokens_per_s', '.1f')} "
+            f"| {ratio('tokens_per_s'):.2f}× | {cell('decode_tokens_per_s', '.1f')} | {ratio('decode_tokens_per_s'):.2f}× "
+            f"| {cell('per_token_s', '.0f', 1e3)} | {cell('ttft_s', '.2f')} "
             f"| {r['ours']['steps_per_forward']:.2f} | {'yes' if all(r[n]['exact'] for n in names) else 'NO'} |")
     return "\n".join(lines) + "\n"
 

@@ -274,7 +274,7 @@ class RemoteChain:
         if self.relay == "chain" and len(self.actors) > 1:
             nbytes = hidden.numel() * hidden.element_size()
             frame = transport.encode(hidden.contiguous(), self.client_policies[0].codec_for(nbytes))
-            if self.group and spec == (None, None):
+            if self.group and spec == (None, None) and hidden.shape[1] == 1:  # decode steps: prompts go alone
                 return self._grouped(session_id, frame, pos, mask, seq, hidden.shape[0])
             return self._relay_chain(session_id, frame, pos, mask, spec, seq)
         return self._relay_star(session_id, hidden.contiguous(), pos, mask, spec, seq)
@@ -475,7 +475,10 @@ class RemoteChain:
 
 
 class _Groups:
-    """Concurrent sessions' plain steps, sent through the chain together (the client's micro-batches).
+    """Concurrent sessions' decode steps, sent through the chain together (the client's micro-batches).
+
+    Only one-position plain steps group: a prompt (or a chunk of one) travels alone, so decode
+    steps never wait for a prompt's compute on the way.
 
     A step that arrives while no group is on its way goes at once (one user alone waits for
     nobody). Steps that arrive while groups travel wait and go together: as soon as they fill a
