@@ -164,3 +164,25 @@ def test_decode_steps_take_turns_with_a_long_prompt(checkpoints):
     st.set_batching(None, merge=False)  # Petals-style: one step at a time, in arrival order
     st._queue, st._next_seq = [job("long", 1, 64), job("a", 1, 1), job("b", 2, 1)], {}
     assert [[j.session_id for j in b] for b in iter(st._next_batch, [])] == [["long"], ["a"], ["b"]]
+
+
+def test_a_group_of_steps_fails_only_where_a_step_is_bad(cluster, checkpoints):
+    """Decode steps of several sessions travel as one group: an entry for a session the stages do
+    not know fails alone (typed), the other entry's output is the same as when sent alone."""
+    from bloombee_nb.errors import UnknownSessionError
+
+    model = bb.DistributedModelForCausalLM.from_pretrained(checkpoints["llama"], cluster=cluster, spans=SPANS)
+    chain = model.chain
+    try:
+        chain.open_session("a", 1, 8)
+        chain.open_session("b", 1, 8)
+        h = model.embed_tokens(torch.tensor([[5]]))
+        pos, mask = transport.encode(torch.zeros(1, 1, dtype=torch.long)), transport.encode(torch.ones(1, 1, dtype=torch.long))
+        entries = [["a", transport.encode(h), pos, mask, 0, ()], ["nobody", transport.encode(h), pos, mask, 0, ()]]
+        good, bad = cluster.client.sync(chain._relay_group, entries)
+        assert isinstance(bad, UnknownSessionError)
+        alone, _ = chain.forward("b", h, torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.long))
+        assert torch.equal(transport.decode(good[0]), alone)
+        assert len(good[2]) == len(SPANS)  # a compute time from every stage
+    finally:
+        model.close()
