@@ -209,8 +209,6 @@ class RemoteChain:
         self._parts.pop(session_id, None)
         for sub in subs:
             self._seq.pop(sub, None)
-            if self._groups is not None:
-                self._groups.forget(sub)
         self._gather([self._call(i, "close_session", sub) for sub in subs for i in range(len(self.actors))])
 
     def rollback(self, session_id: str, length: int) -> None:
@@ -482,69 +480,42 @@ class _Groups:
     Only one-position plain steps group: a prompt (or a chunk of one) travels alone, so decode
     steps never wait for a prompt's compute on the way.
 
-    When to send: a step waits for the other *active* sessions' steps (those that stepped within
-    ``ACTIVE_S``) so that they go in one message each hop and one forward on each stage — but never
-    longer than ``LINGER_S``, and not at all once every active session's step is either waiting
-    or on its way, or the waiting steps fill a micro-batch (``micro_batch`` rows). One user alone
-    waits for nobody.
+    When to send: at once while fewer groups than the chain has stages are on their way (the
+    pipeline has room: stage i works on one group while stage i+1 works on the one before);
+    otherwise a step waits until a group comes back, and the steps waiting then go together — or
+    as soon as they fill a micro-batch (``micro_batch`` rows). One user alone waits for nobody;
+    many users share few messages per hop and few forwards per stage.
     """
-
-    ACTIVE_S = 1.0    # a session that stepped this recently is expected to step again soon
-    LINGER_S = 0.005  # the longest a step waits for others
 
     def __init__(self, chain: RemoteChain):
         self.chain = chain
-        self.pending: list[tuple[list, int, asyncio.Future, float]] = []
-        self.flying: dict[str, int] = {}      # session -> its steps on their way
-        self.seen: dict[str, float] = {}      # session -> when it last stepped
-        self._timer: asyncio.TimerHandle | None = None
+        self.pending: list[tuple[list, int, asyncio.Future]] = []
+        self.inflight = 0
 
     async def submit(self, entry: list, rows: int):
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self.seen[entry[0]] = loop.time()
-        self.pending.append((entry, rows, fut, loop.time()))
+        fut = asyncio.get_running_loop().create_future()
+        self.pending.append((entry, rows, fut))
         self._dispatch()
         return await fut
 
-    def forget(self, session_id: str) -> None:
-        self.seen.pop(session_id, None)
-
-    def _ready(self, now: float) -> bool:
-        m = self.chain.micro_batch
-        if m is not None and sum(p[1] for p in self.pending) >= m:
-            return True
-        if now - self.pending[0][3] >= self.LINGER_S:
-            return True
-        waiting = {p[0][0] for p in self.pending}
-        return all(sid in waiting or self.flying.get(sid) for sid, t in list(self.seen.items()) if now - t < self.ACTIVE_S)
-
     def _dispatch(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        m = self.chain.micro_batch
-        while self.pending and self._ready(loop.time()):
+        m, depth = self.chain.micro_batch, len(self.chain.actors)
+        while self.pending and (self.inflight < depth or (m is not None and sum(r for _, r, _ in self.pending) >= m)):
             group, rows = [], 0
             while self.pending and (not group or m is None or rows + self.pending[0][1] <= m):
                 group.append(self.pending.pop(0))
                 rows += group[-1][1]
-            for entry, *_ in group:
-                self.flying[entry[0]] = self.flying.get(entry[0], 0) + 1
+            self.inflight += 1
             asyncio.ensure_future(self._send(group))
-        if self.pending:
-            self._timer = loop.call_at(self.pending[0][3] + self.LINGER_S, self._dispatch)
 
     async def _send(self, group: list) -> None:
         try:
-            results = await self.chain._relay_group([e for e, *_ in group])
+            results = await self.chain._relay_group([e for e, _, _ in group])
         except BaseException as exc:  # noqa: BLE001 — every step of the group gets it
             results = [exc] * len(group)
-        for (entry, _, fut, _), res in zip(group, results):
-            self.flying[entry[0]] -= 1
-            if not self.flying[entry[0]]:
-                del self.flying[entry[0]]
+        finally:
+            self.inflight -= 1
+        for (_, _, fut), res in zip(group, results):
             if not fut.done():
                 fut.set_exception(res) if isinstance(res, BaseException) else fut.set_result(res)
         self._dispatch()
