@@ -53,6 +53,7 @@ SPANS = [(0, 2), (2, 4), (4, 6)]
 CONFIGS = {
     "petals": dict(relay="star", compression=None, merge=False, micro_batch=None, prefill_chunk=None),
     "ours, no micro-batching": dict(relay="chain", compression="auto", merge=False, micro_batch=None),
+    "ours, stages merge": dict(relay="chain", compression="auto", merge=True, group=False, micro_batch=MICRO_BATCH),
     "ours": dict(relay="chain", compression="auto", merge=True, micro_batch=MICRO_BATCH),
 }
 

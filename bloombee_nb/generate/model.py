@@ -61,7 +61,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                         relay: str = "chain", compression: str | None = None, recover: bool = True,
                         ping_timeout_s: float = DEFAULT_PING_TIMEOUT_S,
                         liveness_interval_s: float | None = DEFAULT_LIVENESS_INTERVAL_S,
-                        micro_batch: int | str | None = "plan", merge: bool = True,
+                        micro_batch: int | str | None = "plan", merge: bool = True, group: bool | None = None,
                         prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
                         **stage_kwargs) -> "DistributedModelForCausalLM":
         """Load the client parts here and place the decoder layers on the cluster's workers.
@@ -87,7 +87,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
           micro-batch, else no limit). A batch of more rows is split into micro-batches that
           flow through the chain one behind the other, and decode steps of different sessions that
           reach a stage together run as one forward (``merge=False``: one step at a time, as a
-          Petals server does). Prompts longer than ``prefill_chunk`` tokens are sent in chunks, so
+          Petals server does). ``group`` (default: ``merge``): this client's concurrent sessions'
+          decode steps travel the chain together, one message per hop. Prompts longer than ``prefill_chunk`` tokens are sent in chunks, so
           other sessions keep decoding while a long prompt is read (``None``: in one piece).
         - Offloading: ``weight_offload`` / ``kv_offload`` (fractions, every stage); with a plan,
           each stage takes the plan's own fractions unless these are given.
@@ -113,7 +114,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         stage_kwargs.setdefault("merge", merge)
         chain_kwargs = dict(timeout_s=call_timeout_s, relay=relay, compression=compression,
                             liveness_interval_s=liveness_interval_s, ping_timeout_s=ping_timeout_s,
-                            prefill_chunk=prefill_chunk)
+                            prefill_chunk=prefill_chunk, group=merge if group is None else group)
         try:
             profile = None
             if plan == "auto":
