@@ -10,9 +10,11 @@ each link and each number of users, in the same run, on the same workers, with t
 - ``petals``: the Petals-style configuration — the client relays every hop (star), raw frames,
   each stage runs one step at a time in arrival order;
 - ``ours, no micro-batching``: chain relay + ``compression="auto"``, one step at a time per stage;
-- ``ours``: the same, and decode steps of different sessions that reach a stage together run as
-  one forward of at most ``MICRO_BATCH`` rows (set by hand here; ``from_pretrained(plan=…)``
-  takes it from the plan).
+- ``ours, latency mode``: the same, and decode steps of different sessions that reach a stage
+  together run as one forward of at most ``MICRO_BATCH`` rows (set by hand here;
+  ``from_pretrained(plan=…)`` takes it from the plan);
+- ``ours`` (throughput mode, ``group=True``): also the client's concurrent decode steps travel
+  the chain together as micro-batches of up to ``MICRO_BATCH`` sessions, one message per hop.
 
 Users arrive ``STAGGER_S`` apart, each with its own prompt (16–160 tokens), and decode
 ``NEW_TOKENS`` greedy tokens in their own session (one client process, one thread per user).
@@ -53,8 +55,8 @@ SPANS = [(0, 2), (2, 4), (4, 6)]
 CONFIGS = {
     "petals": dict(relay="star", compression=None, merge=False, micro_batch=None, prefill_chunk=None),
     "ours, no micro-batching": dict(relay="chain", compression="auto", merge=False, micro_batch=None),
-    "ours, stages merge": dict(relay="chain", compression="auto", merge=True, group=False, micro_batch=MICRO_BATCH),
-    "ours": dict(relay="chain", compression="auto", merge=True, micro_batch=MICRO_BATCH),
+    "ours, latency mode": dict(relay="chain", compression="auto", merge=True, group=False, micro_batch=MICRO_BATCH),
+    "ours": dict(relay="chain", compression="auto", merge=True, group=True, micro_batch=MICRO_BATCH),
 }
 
 
@@ -237,7 +239,8 @@ def plot(result: dict, stem: Path) -> None:
     fig = make_subplots(rows=2, cols=len(links), shared_xaxes=True,
                         subplot_titles=[f"{a:g} Mbit/s · {b:g} ms: {what}" for what in ("aggregate tokens/s",
                                         "ms per token per user") for a, b in links])
-    colors = {"petals": "#e76f51", "ours, no micro-batching": "#e9c46a", "ours": "#2a9d8f"}
+    colors = {"petals": "#e76f51", "ours, no micro-batching": "#e9c46a", "ours, latency mode": "#8ab17d",
+              "ours": "#2a9d8f"}
     for c, link in enumerate(links, start=1):
         sub = [r for r in rows if (r["rate_mbit"], r["rtt_ms"]) == link]
         for n in names:

@@ -480,11 +480,13 @@ class _Groups:
     Only one-position plain steps group: a prompt (or a chunk of one) travels alone, so decode
     steps never wait for a prompt's compute on the way.
 
-    When to send: at once while fewer groups than the chain has stages are on their way (the
-    pipeline has room: stage i works on one group while stage i+1 works on the one before);
-    otherwise a step waits until a group comes back, and the steps waiting then go together — or
-    as soon as they fill a micro-batch (``micro_batch`` rows). One user alone waits for nobody;
-    many users share few messages per hop and few forwards per stage.
+    When to send: at once when no group is on its way; otherwise a step waits until the group
+    comes back, and the steps waiting then go together — or as soon as they fill a micro-batch
+    (``micro_batch`` rows). That maximises what each message and each stage forward carries, at
+    the price of latency when the stages are not the bottleneck: a step may wait up to one
+    traversal. So it is the throughput setting (``from_pretrained(group=True)``, the default for a
+    plan made for throughput); without it, steps go at once and the stages still merge what
+    reaches them together.
     """
 
     def __init__(self, chain: RemoteChain):
@@ -499,8 +501,8 @@ class _Groups:
         return await fut
 
     def _dispatch(self) -> None:
-        m, depth = self.chain.micro_batch, len(self.chain.actors)
-        while self.pending and (self.inflight < depth or (m is not None and sum(r for _, r, _ in self.pending) >= m)):
+        m = self.chain.micro_batch
+        while self.pending and (self.inflight == 0 or (m is not None and sum(r for _, r, _ in self.pending) >= m)):
             group, rows = [], 0
             while self.pending and (not group or m is None or rows + self.pending[0][1] <= m):
                 group.append(self.pending.pop(0))

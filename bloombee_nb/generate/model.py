@@ -87,8 +87,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
           micro-batch, else no limit). A batch of more rows is split into micro-batches that
           flow through the chain one behind the other, and decode steps of different sessions that
           reach a stage together run as one forward (``merge=False``: one step at a time, as a
-          Petals server does). ``group`` (default: ``merge``): this client's concurrent sessions'
-          decode steps travel the chain together, one message per hop. Prompts longer than ``prefill_chunk`` tokens are sent in chunks, so
+          Petals server does). ``group=True``: this client's concurrent sessions' decode steps
+          travel the chain together, one message per hop, waiting up to one traversal for each
+          other — more tokens/s under load, more latency when the stages are idle (default: on for
+          a plan made for throughput, off otherwise). Prompts longer than ``prefill_chunk`` tokens are sent in chunks, so
           other sessions keep decoding while a long prompt is read (``None``: in one piece).
         - Offloading: ``weight_offload`` / ``kv_offload`` (fractions, every stage); with a plan,
           each stage takes the plan's own fractions unless these are given.
@@ -114,7 +116,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         stage_kwargs.setdefault("merge", merge)
         chain_kwargs = dict(timeout_s=call_timeout_s, relay=relay, compression=compression,
                             liveness_interval_s=liveness_interval_s, ping_timeout_s=ping_timeout_s,
-                            prefill_chunk=prefill_chunk, group=merge if group is None else group)
+                            prefill_chunk=prefill_chunk)
         try:
             profile = None
             if plan == "auto":
@@ -123,6 +125,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             if plan is not None:
                 workers, spans = plan.workers, plan.layer_spans
             chain_kwargs["micro_batch"] = _micro_batch(micro_batch, plan)
+            chain_kwargs["group"] = (merge and plan is not None and plan.objective == "throughput") if group is None else group
             placement = place(workers or cluster.worker_addresses(), config.num_hidden_layers, spans)
             chain = RemoteChain.create(cluster.client, placement, worker_path, **chain_kwargs, **stage_kwargs,
                                        per_stage=_plan_offloads(plan, placement, stage_kwargs))

@@ -52,8 +52,12 @@ def test_merged_steps_of_different_sessions_equal_separate_steps(checkpoints, re
     assert a.sessions["x"].length == 8 and a.sessions["z"].length == 7
 
 
-def test_concurrent_decode_steps_merge_on_the_stages_and_stay_exact(cluster, checkpoints, reference):
-    model = bb.DistributedModelForCausalLM.from_pretrained(checkpoints["llama"], cluster=cluster, spans=SPANS)
+@pytest.mark.parametrize("group", [False, True])
+def test_concurrent_decode_steps_merge_on_the_stages_and_stay_exact(cluster, checkpoints, reference, group):
+    """Latency mode (steps go at once, stages merge what arrives together) and throughput mode
+    (the client's concurrent decode steps travel as groups)."""
+    model = bb.DistributedModelForCausalLM.from_pretrained(checkpoints["llama"], cluster=cluster, spans=SPANS,
+                                                           group=group, micro_batch=4)
     try:
         jobs = [padded_batch([n], seed=n) for n in (3, 9, 14, 5, 21, 7)]
         want = [reference["llama"].generate(ids, attention_mask=m, max_new_tokens=8, do_sample=False, pad_token_id=0)
