@@ -209,6 +209,8 @@ class RemoteChain:
         self._parts.pop(session_id, None)
         for sub in subs:
             self._seq.pop(sub, None)
+            if self._groups is not None:
+                self._groups.forget(sub)
         self._gather([self._call(i, "close_session", sub) for sub in subs for i in range(len(self.actors))])
 
     def rollback(self, session_id: str, length: int) -> None:
@@ -480,35 +482,57 @@ class _Groups:
     Only one-position plain steps group: a prompt (or a chunk of one) travels alone, so decode
     steps never wait for a prompt's compute on the way.
 
-    When to send: at once when no group is on its way; otherwise a step waits until the group
-    comes back, and the steps waiting then go together — or as soon as they fill a micro-batch
-    (``micro_batch`` rows). That maximises what each message and each stage forward carries, at
-    the price of latency when the stages are not the bottleneck: a step may wait up to one
-    traversal. So it is the throughput setting (``from_pretrained(group=True)``, the default for a
-    plan made for throughput); without it, steps go at once and the stages still merge what
-    reaches them together.
+    When to send: when no group is on its way — or as soon as the steps waiting fill a micro-batch
+    (``micro_batch`` rows), so micro-batches follow each other through the chain. A group that
+    comes back is expected to step again at once: the next group waits for its sessions (at most
+    ``LINGER_S``), so the users cycle as one group instead of two alternating ones (which would
+    make each wait a traversal per token). The price: a step that arrives while a group travels
+    waits for it, up to one traversal. So this is the throughput setting
+    (``from_pretrained(group=True)``, the default for a plan made for throughput); without it,
+    steps go at once and the stages still merge what reaches them together.
     """
+
+    LINGER_S = 0.02  # the longest the next group waits for the sessions of the one that came back
 
     def __init__(self, chain: RemoteChain):
         self.chain = chain
         self.pending: list[tuple[list, int, asyncio.Future]] = []
         self.inflight = 0
+        self.expected: set[str] = set()   # sessions of a group that came back, not stepped again yet
+        self.returned_at = 0.0
+        self._timer: asyncio.TimerHandle | None = None
 
     async def submit(self, entry: list, rows: int):
         fut = asyncio.get_running_loop().create_future()
         self.pending.append((entry, rows, fut))
+        self.expected.discard(entry[0])
         self._dispatch()
         return await fut
 
-    def _dispatch(self) -> None:
+    def forget(self, session_id: str) -> None:
+        self.expected.discard(session_id)  # closed: it will not step again
+
+    def _ready(self, now: float) -> bool:
         m = self.chain.micro_batch
-        while self.pending and (self.inflight == 0 or (m is not None and sum(r for _, r, _ in self.pending) >= m)):
+        if m is not None and sum(r for _, r, _ in self.pending) >= m:
+            return True
+        return self.inflight == 0 and (not self.expected or now - self.returned_at >= self.LINGER_S)
+
+    def _dispatch(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        m = self.chain.micro_batch
+        while self.pending and self._ready(loop.time()):
             group, rows = [], 0
             while self.pending and (not group or m is None or rows + self.pending[0][1] <= m):
                 group.append(self.pending.pop(0))
                 rows += group[-1][1]
             self.inflight += 1
             asyncio.ensure_future(self._send(group))
+        if self.pending and self.inflight == 0:
+            self._timer = loop.call_at(self.returned_at + self.LINGER_S, self._dispatch)
 
     async def _send(self, group: list) -> None:
         try:
@@ -517,9 +541,13 @@ class _Groups:
             results = [exc] * len(group)
         finally:
             self.inflight -= 1
-        for (_, _, fut), res in zip(group, results):
+        self.returned_at = asyncio.get_running_loop().time()
+        for (entry, _, fut), res in zip(group, results):
             if not fut.done():
-                fut.set_exception(res) if isinstance(res, BaseException) else fut.set_result(res)
+                ok = not isinstance(res, BaseException)
+                fut.set_result(res) if ok else fut.set_exception(res)
+                if ok:
+                    self.expected.add(entry[0])
         self._dispatch()
 
 

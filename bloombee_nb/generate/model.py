@@ -139,6 +139,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         model = cls(config, embed, norm, head, chain, cluster)
         model._owns_cluster, model.plan, model.profile = owns, plan, profile
         model._worker_path, model._stage_kwargs, model._chain_kwargs = worker_path, stage_kwargs, chain_kwargs
+        model._micro_batch_setting = micro_batch
         model.auto_recover = recover
         model._remember_names(cluster.workers())
         model.client_threads = (1 if cluster.shares_host() else None) if client_threads == "auto" else client_threads
@@ -162,10 +163,17 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                                              num_threads=self._stage_kwargs["num_threads"])
         plan = plan or runtime_plan(profile, workload, relay=self.chain.relay)
         placement = place(plan.workers, self.config.num_hidden_layers, plan.layer_spans)
-        if placement != self.placement or _offloads(plan, placement) != _offloads(self.plan, placement):
+        if (placement != self.placement or _offloads(plan, placement) != _offloads(self.plan, placement)
+                or self._planned_micro_batch(plan) != self.chain.micro_batch):
             self.chain = self._new_chain(placement, profile, plan)
         self.plan, self.profile = plan, profile
         return plan
+
+    def _planned_micro_batch(self, plan: Plan | None) -> int | None:
+        """The micro-batch a chain for ``plan`` runs with (the plan's, when the model follows plans)."""
+        if plan is None or self._micro_batch_setting != "plan":
+            return self.chain.micro_batch
+        return _micro_batch("plan", plan)
 
     @property
     def micro_batch(self) -> int | None:
@@ -176,7 +184,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                    plan: Plan | None = None) -> RemoteChain:
         """Stages for ``placement`` with this model's settings (relay, compression, timeouts; the
         offload fractions of ``plan`` when it places exactly these spans)."""
-        kwargs = dict(self._chain_kwargs, micro_batch=self.chain.micro_batch)
+        kwargs = dict(self._chain_kwargs, micro_batch=self._planned_micro_batch(plan))
         chain = RemoteChain.create(self.cluster.client, placement, self._worker_path, **kwargs, **self._stage_kwargs,
                                    per_stage=_plan_offloads(plan, placement, self._stage_kwargs))
         if chain.compression == "auto":

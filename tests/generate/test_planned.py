@@ -41,3 +41,22 @@ def test_replan_moves_spans_and_open_sessions_finish_on_the_old_chain(model, ref
         rest = model.generate(half, session=s, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(rest, want)
     assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0), want)  # new chain
+
+
+def test_a_plans_micro_batch_and_offload_fractions_reach_the_stages(model, reference):
+    """Each stage takes its own offload fractions from the plan and the chain its micro-batch;
+    generation stays exact."""
+    plan = model.plan
+    stages = list(plan.stages)
+    stages[0] = dataclasses.replace(stages[0], weight_offload=0.5)
+    stages[-1] = dataclasses.replace(stages[-1], kv_offload=0.5)
+    edited = dataclasses.replace(plan, stages=tuple(stages), micro_batch=2, workload=Workload(batch=3))
+    model.replan(plan=edited)
+    assert model.micro_batch == 2
+    info = model.chain.info()
+    assert [i["weight_offload"] for i in info] == [s.weight_offload for s in stages]
+    assert [i["kv_offload"] for i in info] == [s.kv_offload for s in stages]
+    assert info[0]["offloaded_weight_bytes"] > 0 and all(i["micro_batch"] == 2 for i in info)
+    ids, mask = padded_batch([5, 8, 3], seed=2)
+    want = reference["mistral"].generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0), want)
