@@ -50,7 +50,7 @@ from bloombee_nb.transport.emulation import ENV_MBIT
 RESULTS = Path(__file__).parent / "results"
 LINKS = [(100, 5), (100, 50)]  # (Mbit/s, RTT ms)
 USERS = (1, 4, 8, 16)
-NEW_TOKENS, STAGGER_S, MICRO_BATCH = 32, 0.05, 8
+NEW_TOKENS, STAGGER_S, MICRO_BATCH = 32, 0.05, 4
 SPANS = [(0, 2), (2, 4), (4, 6)]
 CONFIGS = {
     "petals": dict(relay="star", compression=None, merge=False, micro_batch=None, prefill_chunk=None),
