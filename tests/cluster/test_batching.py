@@ -27,11 +27,13 @@ def _generate_all(model, jobs, new_tokens):
         return list(pool.map(run, range(len(jobs))))
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
-def test_merged_steps_of_different_sessions_equal_separate_steps(checkpoints, reference, family):
+@pytest.mark.parametrize("family, offload", [("llama", {}), ("mistral", {}), ("qwen2", {}), ("qwen3", {}),
+                                             ("llama", dict(weight_offload=0.5, kv_offload=0.5))])
+def test_merged_steps_of_different_sessions_equal_separate_steps(checkpoints, reference, family, offload):
     """Sessions of different lengths and batch sizes, one forward: the same outputs as one forward
-    each (to float rounding), and a bad step fails alone while the others run."""
-    a, b = SpanRunner(checkpoints[family], 1, 4), SpanRunner(checkpoints[family], 1, 4)
+    each (to float rounding), also with streamed weights and cold KV, and a bad step fails alone
+    while the others run."""
+    a, b = SpanRunner(checkpoints[family], 1, 4, **offload), SpanRunner(checkpoints[family], 1, 4, **offload)
     D = a.hidden_size
     gen = torch.Generator().manual_seed(0)
     shapes = {"x": (1, 5), "y": (2, 9), "z": (1, 3)}
