@@ -119,6 +119,16 @@ def test_star_relay_with_micro_batches_and_chunks_is_exact(cluster, checkpoints,
 
 # ---- the stage's queue, without a cluster ---------------------------------------------------------
 
+def _run_here(coro):
+    """Run ``coro`` on a private loop (``asyncio.run`` would unset the main thread's event loop,
+    which Dask's process handles in later tests still look up)."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
+
+
 def _stage(checkpoints, **kw) -> StageActor:
     return StageActor(checkpoints["llama"], 0, 2, **kw)
 
@@ -149,7 +159,7 @@ def test_a_sessions_steps_run_in_seq_order_whatever_order_they_arrive_in(checkpo
         await st.skip("s", 3)
         assert transport.decode((await asyncio.wait_for(later, 10))[0]).shape == (1, 1, D)
 
-    asyncio.run(go())
+    _run_here(go())
 
 
 def test_decode_steps_take_turns_with_a_long_prompt(checkpoints):
