@@ -105,6 +105,11 @@ def build_parser() -> _Parser:
     c.add_argument("--compression", type=_codec, metavar="CODEC",
                    help="'auto': per link, the blosc2 codec that pays for itself on its measured bandwidth; "
                         "or one codec for every link, e.g. zstd-1+shuffle (default: raw)")
+    c.add_argument("--micro-batch", type=_positive_int, metavar="ROWS",
+                   help="at most this many rows per stage forward; bigger batches go as pipelined micro-batches")
+    c.add_argument("--throughput", action="store_true",
+                   help="many users in this kernel: their decode steps travel the chain together (more tokens/s "
+                        "under load, a little more latency when the stages are idle)")
 
     sub.add_parser("status", help="workers, the spans they host, each stage's open sessions, queued steps, "
                                   "micro-batch and memory per tier (fast tier, offloaded), the Dask dashboard link")
@@ -218,7 +223,8 @@ class BloombeeMagics(Magics):
         direct = not (args.through_scheduler or (target != "local" and "google.colab" in sys.modules))
         session().connect(None if target == "local" else target, n_workers=args.workers or self.workers,
                           direct_to_workers=direct, model_path=args.model or self.model or None,
-                          load_model=not args.no_model, relay=args.relay, compression=compression)
+                          load_model=not args.no_model, relay=args.relay, compression=compression,
+                          micro_batch=args.micro_batch, group=True if args.throughput else None)
         show(session())
 
     def _status(self, args, cell):

@@ -246,3 +246,22 @@ def test_disconnect_then_commands_say_what_to_do(ip, capsys):
     ip.run_line_magic("bloombee", "status")
     assert "not connected" in capsys.readouterr().out
 
+
+
+def test_connect_for_throughput_sets_micro_batch_and_groups_and_stays_exact(ip, capsys):
+    ip.run_line_magic("bloombee", "connect local --workers 2 --throughput --micro-batch 2")
+    try:
+        model = session().model
+        assert model.micro_batch == 2 and model.chain.group
+        ip.run_line_magic("bloombee", "status")
+        out = capsys.readouterr().out
+        assert "micro-batch" in out and "whole batch" not in out  # each stage shows its 2 rows
+        ip.run_cell_magic("bloombee", "generate --max-new-tokens 6 --out r", PROMPT + "\n")
+        tok = AutoTokenizer.from_pretrained(default_model_path())
+        ref = AutoModelForCausalLM.from_pretrained(default_model_path()).eval()
+        ids = tok(PROMPT, return_tensors="pt")
+        with torch.no_grad():
+            want = ref.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert ip.user_ns["r"].text == tok.decode(want[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        ip.run_line_magic("bloombee", "connect local --workers 2")
