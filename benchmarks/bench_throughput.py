@@ -140,7 +140,10 @@ def main():
     ap.add_argument("--rtt", type=float, nargs="*", help="only these RTTs (ms) at 100 Mbit/s")
     ap.add_argument("--users", type=int, nargs="*", help="only these numbers of users")
     ap.add_argument("--model", choices=["shipped", "wide"], default="shipped")
+    ap.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help=f"tokens per user (default {NEW_TOKENS})")
     args = ap.parse_args()
+    global NEW_TOKENS
+    NEW_TOKENS = args.new_tokens
     links, user_counts = (LINKS, USERS) if not args.quick else ([(100, 50)], (1, 4))
     links = [(100, r) for r in args.rtt] if args.rtt else links
     user_counts = tuple(args.users) if args.users else user_counts
@@ -205,7 +208,9 @@ def main():
               "command": "python benchmarks/bench_throughput.py" + (" --quick" if args.quick else "")
               + (f" --rtt {' '.join(map(str, args.rtt))}" if args.rtt else "")
               + (f" --users {' '.join(map(str, args.users))}" if args.users else "")
-              + (f" --model {args.model}" if args.model != "shipped" else ""), "rows": rows}
+              + (f" --model {args.model}" if args.model != "shipped" else "")
+              + (f" --new-tokens {NEW_TOKENS}" if NEW_TOKENS != 32 else "")
+              + (f" --out {args.out}" if args.out != "throughput" else ""), "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2))
     (RESULTS / f"{args.out}.md").write_text(table(result))
