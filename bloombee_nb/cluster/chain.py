@@ -261,13 +261,31 @@ class RemoteChain:
                 relays.append(self._relay(sub, hidden[a:b, cols], position_ids[a:b, cols],
                                           attention_mask[a:b, cols], tree_parents, k, seq))
         t0 = time.perf_counter()
-        results = self.client.sync(self._watched, _all(relays))
+        try:
+            results = self.client.sync(self._watched, _all(relays))
+        except BaseException:
+            self._resync([sub for sub, _, _ in parts])
+            raise
         n_chunks = -(-T // c)
         outs = [torch.cat([transport.decode(r[0]) for r in results[p * n_chunks:(p + 1) * n_chunks]], dim=1)
                 for p in range(len(parts))]
         trace = _merge_traces(results, self.relay, T, hidden.numel() * hidden.element_size(),
                               time.perf_counter() - t0)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0), trace
+
+    def _resync(self, subs: list[str]) -> None:
+        """After a failed step: every stage learns how many steps of each stage session the client
+        sent, so a step that never reached some stage (failed before it) is not waited for there."""
+        calls = [self._call(i, "set_seq", sub, self._seq[sub])
+                 for sub in subs if sub in self._seq for i in range(len(self.actors))]
+        if calls and not self.released:
+            try:
+                self.client.sync(_all, calls)
+            except (BloombeeError, OSError, RuntimeError, TimeoutError):
+                pass  # a stage that cannot be reached has worse problems: the original error says so
+        else:
+            for c in calls:
+                c.close()
 
     def _relay(self, session_id, hidden, position_ids, attention_mask, tree_parents, keep, seq):
         """One session's step through the chain, as a coroutine (frames encoded here, now)."""

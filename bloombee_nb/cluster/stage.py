@@ -256,6 +256,14 @@ class StageActor:
             await self._report(GROUP, step, StageUnavailableError(
                 f"{self._next_unavailable} [{type(exc).__name__}: {exc}]", workers=named))
 
+    async def set_seq(self, session_id: str, seq: int) -> None:
+        """The client's count of the session's steps, after a step that failed somewhere: stages that
+        never saw it stop waiting for it (answered at once, not queued)."""
+        if session_id in self._next_seq:
+            self._next_seq[session_id] = int(seq)
+            if self._queue and (self._pump is None or self._pump.done()):
+                self._pump = asyncio.ensure_future(self._drain())
+
     async def skip(self, session_id: str, seq: int) -> None:
         """Step ``seq`` of the session failed before it got here: stop waiting for it, and tell the
         stages after this one."""

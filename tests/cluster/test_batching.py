@@ -202,3 +202,24 @@ def test_a_group_of_steps_fails_only_where_a_step_is_bad(cluster, checkpoints):
         assert len(good[2]) == len(SPANS)  # a compute time from every stage
     finally:
         model.close()
+
+
+@pytest.mark.parametrize("relay", ["chain", "star"])
+def test_a_step_that_fails_on_the_first_stage_does_not_stall_the_next(cluster, checkpoints, reference, relay):
+    """A bad step fails at the first stage, so the later stages never see its ``seq``; the next
+    step of the same session must run at once (not wait for the missing one until a timeout)."""
+    from bloombee_nb.errors import ShapeMismatchError
+
+    model = bb.DistributedModelForCausalLM.from_pretrained(checkpoints["llama"], cluster=cluster, spans=SPANS,
+                                                           relay=relay, call_timeout_s=20)
+    chain = model.chain
+    try:
+        chain.open_session("s", 1, 8)
+        h = model.embed_tokens(torch.tensor([[5]]))
+        pos, ones = torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.long)
+        with pytest.raises(ShapeMismatchError):
+            chain.forward("s", torch.zeros(1, 1, h.shape[-1] + 1), pos, ones)
+        out, trace = chain.forward("s", h, pos, ones)
+        assert trace.wall_s < 10 and out.shape == h.shape
+    finally:
+        model.close()
