@@ -263,6 +263,8 @@ class RemoteChain:
         t0 = time.perf_counter()
         try:
             results = self.client.sync(self._watched, _all(relays))
+        except StageUnavailableError:
+            raise  # the chain is being left behind (recovery): nothing to put right on it
         except BaseException:
             self._resync([sub for sub, _, _ in parts])
             raise
@@ -276,16 +278,16 @@ class RemoteChain:
     def _resync(self, subs: list[str]) -> None:
         """After a failed step: every stage learns how many steps of each stage session the client
         sent, so a step that never reached some stage (failed before it) is not waited for there."""
-        calls = [self._call(i, "set_seq", sub, self._seq[sub])
-                 for sub in subs if sub in self._seq for i in range(len(self.actors))]
-        if calls and not self.released:
+        async def every():
+            calls = [self._call(i, "set_seq", sub, self._seq[sub])
+                     for sub in subs if sub in self._seq for i in range(len(self.actors))]
+            await asyncio.wait_for(_all(calls), self.ping_timeout_s)
+
+        if not self.released:
             try:
-                self.client.sync(_all, calls)
-            except (BloombeeError, OSError, RuntimeError, TimeoutError):
+                self.client.sync(every)
+            except (BloombeeError, OSError, RuntimeError, TimeoutError, asyncio.TimeoutError):
                 pass  # a stage that cannot be reached has worse problems: the original error says so
-        else:
-            for c in calls:
-                c.close()
 
     def _relay(self, session_id, hidden, position_ids, attention_mask, tree_parents, keep, seq):
         """One session's step through the chain, as a coroutine (frames encoded here, now)."""
