@@ -134,6 +134,7 @@ def merged_share(model) -> float:
 
 
 def main():
+    global NEW_TOKENS
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="one link (100 Mbit/s, 50 ms), 1 and 4 users")
     ap.add_argument("--out", default="throughput")
@@ -142,7 +143,6 @@ def main():
     ap.add_argument("--model", choices=["shipped", "wide"], default="shipped")
     ap.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help=f"tokens per user (default {NEW_TOKENS})")
     args = ap.parse_args()
-    global NEW_TOKENS
     NEW_TOKENS = args.new_tokens
     links, user_counts = (LINKS, USERS) if not args.quick else ([(100, 50)], (1, 4))
     links = [(100, r) for r in args.rtt] if args.rtt else links
