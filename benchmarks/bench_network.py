@@ -35,7 +35,6 @@ import bloombee_nb as bb
 from bloombee_nb.cluster import linkemu
 from bloombee_nb.generate.model import choose_compression
 from bloombee_nb.shipped import default_model_path
-from bloombee_nb.transport.emulation import ENV_MBIT
 
 RESULTS = Path(__file__).parent / "results"
 LINKS = [(1000, 5), (100, 5), (100, 100), (12.5, 50)]  # (Mbit/s, RTT ms)
@@ -91,17 +90,8 @@ def main():
     links, prompts, batches, n_new = (LINKS, PROMPTS, BATCHES, NEW_TOKENS) if not args.quick else \
         ([(12.5, 50)], (128,), (1,), 16)
     path = str(default_model_path())
-    why = linkemu.available()
-    emu = linkemu.LinkEmulator(n_workers=3) if why is None else None
-    if emu is not None:
-        emu.__enter__()
-        cluster = bb.connect(emu.scheduler_address)
-    else:
-        print(f"link emulator unavailable ({why}): in-process shaping instead")
-        cluster = bb.connect(n_workers=3)
     rows = []
-    try:
-        cluster.wait_for_workers(3, 60)
+    with linkemu.emulated_cluster(n_workers=3) as (cluster, shape):
         workers = cluster.worker_addresses()
         ours = bb.DistributedModelForCausalLM.from_pretrained(path, cluster=cluster, workers=workers, spans=SPANS,
                                                               relay="chain", compression="auto",
@@ -111,14 +101,7 @@ def main():
         hidden_bytes = ours.config.hidden_size * ours.embed_tokens.weight.element_size()
         vocab = ours.config.vocab_size
         for rate, rtt in links:
-            if emu is not None:
-                emu.shape(rate, rtt, cluster.client)
-                emulation = emu.describe()["emulation"]
-            else:
-                os.environ[ENV_MBIT] = str(rate)
-                cluster.client.run(lambda r=str(rate): os.environ.__setitem__(ENV_MBIT, r))
-                linkemu.set_rtt(rtt, cluster.client)
-                emulation = "IN-PROCESS shaping (send-path hold of bytes/rate + RTT/2); not a kernel-shaped link"
+            emulation = shape(rate, rtt)
             choose_compression(ours.chain, cluster, ours.embed_tokens)  # measures this setting's links
             codecs = [str(p) for _, _, p in ours.chain.link_codecs()]
             print(f"{rate} Mbit/s {rtt} ms: codecs per hop {codecs}", flush=True)
@@ -136,10 +119,6 @@ def main():
                           f"per-token ours {r_ours['per_token_s'] * 1e3:.1f} ms, petals {r_petals['per_token_s'] * 1e3:.1f}"
                           f" ms, bound {row['bound']['per_token_s'] * 1e3:.1f} ms", flush=True)
         ours.close(), petals.close()
-    finally:
-        cluster.close()
-        if emu is not None:
-            emu.__exit__(None, None, None)
     result = {"benchmark": "network_grid", "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)",
               "model": "shipped tiny-llama (6 layers, hidden 256, fp32)", "stages": len(SPANS), "spans": SPANS,
               "command": "python benchmarks/bench_network.py" + (" --quick" if args.quick else ""), "rows": rows}

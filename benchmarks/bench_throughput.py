@@ -45,7 +45,6 @@ import bloombee_nb as bb
 from bloombee_nb.cluster import linkemu
 from bloombee_nb.generate.model import choose_compression
 from bloombee_nb.shipped import default_model_path
-from bloombee_nb.transport.emulation import ENV_MBIT
 
 RESULTS = Path(__file__).parent / "results"
 LINKS = [(100, 5), (100, 50)]  # (Mbit/s, RTT ms)
@@ -148,17 +147,8 @@ def main():
     links = [(100, r) for r in args.rtt] if args.rtt else links
     user_counts = tuple(args.users) if args.users else user_counts
     path = model_path(args.model)
-    why = linkemu.available()
-    emu = linkemu.LinkEmulator(n_workers=3) if why is None else None
-    if emu is not None:
-        emu.__enter__()
-        cluster = bb.connect(emu.scheduler_address)
-    else:
-        print(f"link emulator unavailable ({why}): in-process shaping instead")
-        cluster = bb.connect(n_workers=3)
     rows = []
-    try:
-        cluster.wait_for_workers(3, 60)
+    with linkemu.emulated_cluster(n_workers=3) as (cluster, shape):
         workers = cluster.worker_addresses()
         models = {name: bb.DistributedModelForCausalLM.from_pretrained(
             path, cluster=cluster, workers=workers, spans=SPANS, client_threads=1, **kw)
@@ -166,14 +156,7 @@ def main():
         vocab = models["ours"].config.vocab_size
         want = {n: reference_tokens(path, prompts(n, vocab)) for n in user_counts}
         for rate, rtt in links:
-            if emu is not None:
-                emu.shape(rate, rtt, cluster.client)
-                emulation = emu.describe()["emulation"]
-            else:
-                os.environ[ENV_MBIT] = str(rate)
-                cluster.client.run(lambda r=str(rate): os.environ.__setitem__(ENV_MBIT, r))
-                linkemu.set_rtt(rtt, cluster.client)
-                emulation = "IN-PROCESS shaping (send-path hold of bytes/rate + RTT/2); not a kernel-shaped link"
+            emulation = shape(rate, rtt)
             for name, model in models.items():
                 if model.chain.compression == "auto":
                     choose_compression(model.chain, cluster, model.embed_tokens)
@@ -197,10 +180,6 @@ def main():
                     flush=True)
         for m in models.values():
             m.close()
-    finally:
-        cluster.close()
-        if emu is not None:
-            emu.__exit__(None, None, None)
     result = {"benchmark": "throughput", "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)",
               "model": ("shipped tiny-llama (6 layers, hidden 256, fp32)" if args.model == "shipped" else
                         "random-init llama, 6 layers, hidden 1024, fp32 (--model wide)"), "spans": SPANS, "micro_batch": MICRO_BATCH,

@@ -31,9 +31,11 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..transport.emulation import ENV as RTT_ENV
+from ..transport.emulation import ENV_MBIT as MBIT_ENV
 
 SUBNET = "10.231.0"
 BRIDGE = "bbemu-br"
@@ -171,6 +173,40 @@ def set_rtt(rtt_ms: float, client=None) -> None:
     setenv()
     if client is not None:
         client.run(setenv)
+
+
+@contextmanager
+def emulated_cluster(n_workers: int = 3):
+    """``(cluster, shape)`` for a benchmark on slow links: workers behind the namespace emulator
+    where it can run, else an embedded cluster whose links are shaped in-process
+    (``BLOOMBEE_EMULATED_MBIT``). ``shape(rate_mbit, rtt_ms)`` sets every link and returns a label
+    of how it did, for the results. Everything is closed and torn down on exit."""
+    from .connect import connect
+
+    why = available()
+    emu = LinkEmulator(n_workers=n_workers).__enter__() if why is None else None
+    if why is not None:
+        print(f"link emulator unavailable ({why}): in-process shaping instead")
+    try:
+        cluster = connect(emu.scheduler_address) if emu is not None else connect(n_workers=n_workers)
+        try:
+            cluster.wait_for_workers(n_workers, 60)
+
+            def shape(rate_mbit: float, rtt_ms: float) -> str:
+                if emu is not None:
+                    emu.shape(rate_mbit, rtt_ms, cluster.client)
+                    return emu.describe()["emulation"]
+                os.environ[MBIT_ENV] = str(rate_mbit)
+                cluster.client.run(lambda r=str(rate_mbit): os.environ.__setitem__(MBIT_ENV, r))
+                set_rtt(rtt_ms, cluster.client)
+                return "IN-PROCESS shaping (send-path hold of bytes/rate + RTT/2); not a kernel-shaped link"
+
+            yield cluster, shape
+        finally:
+            cluster.close()
+    finally:
+        if emu is not None:
+            emu.__exit__(None, None, None)
 
 
 def _wait_port(host: str, port: int, timeout_s: float = 30) -> None:
