@@ -22,7 +22,11 @@ Every user's tokens are checked against single-process transformers (``exact`` i
 
 Reported: aggregate tokens/s (all users' new tokens / makespan, prompts included), decode
 tokens/s (the users' decode rates added up), per-user decode latency (mean time between
-tokens), time to first token, and how many steps each stage forward ran (merging). Writes benchmarks/results/throughput.json,
+tokens), time to first token, how many steps each stage forward ran (merging), and where the
+CPU went: the client's and the workers' CPU seconds per new token, and how busy they kept the
+machine's cores. On a machine whose cores the client and every stage share, a configuration
+whose cores are all busy cannot go faster than its CPU per token allows, so petals' CPU per
+token ÷ ours is the most ours can gain there. Writes benchmarks/results/throughput.json,
 throughput.md (the README table) and a plotly figure (throughput.html + .png).
 """
 
@@ -126,6 +130,21 @@ def run_users(model, users: list[torch.Tensor]) -> dict:
             "ttft_s": statistics.mean(r["ttft_s"] for r in out), "tokens": [r["tokens"] for r in out]}
 
 
+def cpu_seconds(cluster) -> dict:
+    """CPU seconds used so far by this (the client's) process and by each worker process."""
+    return {"client": time.process_time(), **cluster.client.run(time.process_time)}
+
+
+def cpu_account(before: dict, after: dict, tokens: int, makespan_s: float) -> dict:
+    """Where one configuration's CPU went while its users ran: the client's and the workers'
+    seconds, per new token, and how busy that kept the machine's cores (1.0: every core, all along)."""
+    used = {k: after[k] - before[k] for k in before}
+    workers = sum(v for k, v in used.items() if k != "client")
+    return {"cpu_client_s": used["client"], "cpu_workers_s": workers,
+            "cpu_ms_per_token": (used["client"] + workers) / tokens * 1e3,
+            "cpu_busy": (used["client"] + workers) / (makespan_s * (os.cpu_count() or 1))}
+
+
 def merged_share(model) -> float:
     """Steps per forward on the stages so far (1.0: nothing merged)."""
     info = model.chain.info()
@@ -166,8 +185,11 @@ def main():
                 row = {"rate_mbit": rate, "rtt_ms": rtt, "users": n, "new_tokens": NEW_TOKENS, "emulation": emulation}
                 for name, model in models.items():
                     before = model.chain.info()
+                    cpu0 = cpu_seconds(cluster)
                     r = run_users(model, users)
+                    cpu1 = cpu_seconds(cluster)
                     after = model.chain.info()
+                    r.update(cpu_account(cpu0, cpu1, n * NEW_TOKENS, r["makespan_s"]))
                     steps = sum(a["steps"] - b["steps"] for a, b in zip(after, before))
                     forwards = sum(a["forwards"] - b["forwards"] for a, b in zip(after, before))
                     r["steps_per_forward"] = steps / max(1, forwards)
@@ -201,16 +223,19 @@ def table(result: dict) -> str:
     names = list(result["configs"])
     both = " / ".join(names)
     lines = [f"| link | users | tokens/s, prompts included ({both}) | ours ÷ petals | decode tokens/s ({both}) "
-             f"| ours ÷ petals | ms per token per user ({both}) | TTFT s ({both}) | steps per forward (ours) | exact |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"| ours ÷ petals | ms per token per user ({both}) | TTFT s ({both}) | steps per forward (ours) "
+             f"| CPU ms per token ({both}) | CPU busy ({both}) | exact |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         cell = lambda key, fmt, scale=1: " / ".join(format(r[n][key] * scale, fmt) for n in names)  # noqa: E731
         ratio = lambda key: r["ours"][key] / r["petals"][key]  # noqa: E731
+        cpu = lambda key, fmt: cell(key, fmt) if all(key in r[n] for n in names) else "–"  # noqa: E731
         lines.append(
             f"| {r['rate_mbit']:g} Mbit/s · {r['rtt_ms']:g} ms | {r['users']} | {cell('tokens_per_s', '.1f')} "
             f"| {ratio('tokens_per_s'):.2f}× | {cell('decode_tokens_per_s', '.1f')} | {ratio('decode_tokens_per_s'):.2f}× "
             f"| {cell('per_token_s', '.0f', 1e3)} | {cell('ttft_s', '.2f')} "
-            f"| {r['ours']['steps_per_forward']:.2f} | {'yes' if all(r[n]['exact'] for n in names) else 'NO'} |")
+            f"| {r['ours']['steps_per_forward']:.2f} | {cpu('cpu_ms_per_token', '.1f')} | {cpu('cpu_busy', '.0%')} "
+            f"| {'yes' if all(r[n]['exact'] for n in names) else 'NO'} |")
     return "\n".join(lines) + "\n"
 
 
