@@ -105,10 +105,10 @@ def run_users(model, users: list[torch.Tensor]) -> dict:
         try:
             t0 = time.perf_counter()
             with torch.inference_mode(), model.inference_session(max_length=ids.shape[1] + NEW_TOKENS) as s:
-                nxt = model(ids, cache=s).logits[:, -1:].argmax(-1)
+                nxt = model(ids, cache=s, logits_to_keep=1).logits.argmax(-1)  # as generate() asks
                 ttft, tokens = time.perf_counter() - t0, [int(nxt)]
                 for _ in range(NEW_TOKENS - 1):
-                    nxt = model(nxt, cache=s).logits[:, -1:].argmax(-1)
+                    nxt = model(nxt, cache=s, logits_to_keep=1).logits.argmax(-1)
                     tokens.append(int(nxt))
             end = time.perf_counter()
             out[i] = {"start": t0, "end": end, "ttft_s": ttft, "decode_s": end - t0 - ttft, "tokens": tokens}
@@ -152,7 +152,7 @@ def merged_share(model) -> float:
 
 
 def main():
-    global NEW_TOKENS
+    global NEW_TOKENS, MICRO_BATCH
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="one link (100 Mbit/s, 50 ms), 1 and 4 users")
     ap.add_argument("--out", default="throughput")
@@ -160,8 +160,13 @@ def main():
     ap.add_argument("--users", type=int, nargs="*", help="only these numbers of users")
     ap.add_argument("--model", choices=["shipped", "wide"], default="shipped")
     ap.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help=f"tokens per user (default {NEW_TOKENS})")
+    ap.add_argument("--micro-batch", type=int, default=MICRO_BATCH,
+                    help=f"rows per micro-batch of the merging configurations (default {MICRO_BATCH})")
     args = ap.parse_args()
-    NEW_TOKENS = args.new_tokens
+    NEW_TOKENS, MICRO_BATCH = args.new_tokens, args.micro_batch
+    for kw in CONFIGS.values():
+        if kw.get("micro_batch") is not None:
+            kw["micro_batch"] = MICRO_BATCH
     links, user_counts = (LINKS, USERS) if not args.quick else ([(100, 50)], (1, 4))
     links = [(100, r) for r in args.rtt] if args.rtt else links
     user_counts = tuple(args.users) if args.users else user_counts
@@ -211,6 +216,7 @@ def main():
               + (f" --users {' '.join(map(str, args.users))}" if args.users else "")
               + (f" --model {args.model}" if args.model != "shipped" else "")
               + (f" --new-tokens {NEW_TOKENS}" if NEW_TOKENS != 32 else "")
+              + (f" --micro-batch {MICRO_BATCH}" if MICRO_BATCH != 4 else "")
               + (f" --out {args.out}" if args.out != "throughput" else ""), "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2))

@@ -45,6 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from tests.conftest import padded_batch  # noqa: E402 — the tests' prompts, here with this script's vocabulary
 
 START = time.monotonic()
 
@@ -99,17 +100,6 @@ def fstype(path: Path) -> str:
     return kind
 
 
-def padded(lengths: list[int], vocab: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, n in enumerate(lengths):
-        ids[i, width - n:] = torch.randint(3, vocab, (n,), generator=g)
-        mask[i, width - n:] = 1
-    return ids, mask
-
-
 # ---- 1. exactness through the cluster ------------------------------------------------------------
 
 def stage_kwargs(device: str, report: dict) -> dict:
@@ -146,7 +136,7 @@ def exactness(bbc, workdir: Path, device: str, report: dict) -> None:
                    "prompts": []}
             ok = all(str(d).split(":")[0] == torch.device(device).type for d in devices)
             for lengths, seed in prompts:
-                ids, mask = padded(lengths, 128, seed)
+                ids, mask = padded_batch(lengths, seed, vocab=128)
                 with torch.inference_mode():
                     want = ref.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
                 t1 = time.monotonic()
@@ -224,7 +214,7 @@ def chain_timing(bbc, path: Path, device: str, args, report: dict) -> None:
     import bloombee_nb as bb
 
     half = args.layers // 2
-    ids, mask = padded([args.prompt], args.vocab, 5)
+    ids, mask = padded_batch([args.prompt], 5, vocab=args.vocab)
     for name, kw in [("resident", {}), ("weight_offload=0.5", dict(weight_offload=0.5))]:
         t0 = time.monotonic()
         model = bb.DistributedModelForCausalLM.from_pretrained(str(path), cluster=bbc, dtype="bfloat16",

@@ -63,14 +63,14 @@ def cluster():
         yield c
 
 
-def padded_batch(lengths: list[int], seed: int = 0):
+def padded_batch(lengths: list[int], seed: int = 0, vocab: int = VOCAB):
     """Left-padded random prompts of the given lengths: (input_ids, attention_mask)."""
     g = torch.Generator().manual_seed(seed)
     width = max(lengths)
     ids = torch.zeros(len(lengths), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, n in enumerate(lengths):
-        ids[i, width - n:] = torch.randint(3, VOCAB, (n,), generator=g)
+        ids[i, width - n:] = torch.randint(3, vocab, (n,), generator=g)
         mask[i, width - n:] = 1
     return ids, mask
 
