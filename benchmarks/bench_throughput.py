@@ -1,6 +1,7 @@
 """Many users at once on an emulated WAN: aggregate tokens/s and per-user latency.
 
-    sudo python benchmarks/bench_throughput.py           # 2 links × 1/4/8/16 users × 3 configurations (~8 min)
+    sudo python benchmarks/bench_throughput.py --model wide                  # 2 links × 1/4/8/16 users × 4 configurations (~6 min)
+    sudo python benchmarks/bench_throughput.py --model wide --micro-batch 8 --out throughput_mb8
     python benchmarks/bench_throughput.py --quick        # one link, 1 and 4 users
 
 Three workers in their own network namespaces (:mod:`bloombee_nb.cluster.linkemu`, 100 Mbit/s
