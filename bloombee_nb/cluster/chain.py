@@ -332,12 +332,22 @@ class RemoteChain:
 
     async def _relay_chain(self, session_id: str, frame: bytes, pos: bytes, mask: bytes, spec=(None, None),
                            seq: int | None = None):
+        sent = len(frame) + len(pos) + len(mask) + extra_nbytes(*spec)
+        (out, computes), wall = await self._first_to_last(
+            session_id, sent, "forward", lambda step: (session_id, frame, pos, mask, step, (), *spec, seq))
+        hops = [len(frame), *(b for _, b in computes)]
+        return out, [wall], list(computes), sent, hops
+
+    async def _first_to_last(self, key: str, sent: int, method: str, args_for):
+        """Chain mode: ``method(*args_for(step))`` to the first stage, and the last stage's output of
+        ``(key, step)`` collected (the collect is asked for first, so no output waits unclaimed).
+        Returns that output and the wall time. A stage refusing the step raises its error; a
+        failure further down arrives through the collect, typed."""
         await self._check_acks()
         step, t0 = next(self._steps), time.perf_counter()
-        collect = asyncio.ensure_future(self._call(len(self.actors) - 1, "collect", session_id, step, self.timeout_s))
-        sent = len(frame) + len(pos) + len(mask) + extra_nbytes(*spec)
+        collect = asyncio.ensure_future(self._call(len(self.actors) - 1, "collect", key, step, self.timeout_s))
         await hold(sent)  # emulated client link (benchmarks only)
-        ack = asyncio.ensure_future(self._call(0, "forward", session_id, frame, pos, mask, step, (), *spec, seq))
+        ack = asyncio.ensure_future(self._call(0, method, *args_for(step)))
         try:
             await asyncio.wait({collect, ack}, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:  # the watchdog gave up on this step
@@ -347,11 +357,10 @@ class RemoteChain:
         if ack.done() and ack.exception() is not None:  # a stage refused the step: say which error
             collect.cancel()
             raise ack.exception()
-        out, computes = await collect  # a failure anywhere in the chain arrives here, typed
+        out = await collect  # a failure anywhere in the chain arrives here, typed
         if not ack.done():
             self._acks.append(ack)  # the first stage's answer is still on its way; checked next step
-        hops = [len(frame), *(b for _, b in computes)]
-        return out, [time.perf_counter() - t0], list(computes), sent, hops
+        return out, time.perf_counter() - t0
 
     async def _grouped(self, session_id: str, frame: bytes, pos: bytes, mask: bytes, seq, rows: int):
         if self._groups is None:
@@ -362,25 +371,8 @@ class RemoteChain:
         """Several sessions' steps through the chain as one message each hop (see
         :meth:`StageActor.forward_group`); returns each entry's ``(out, walls, computes, sent,
         hops)`` or the exception its step raised."""
-        await self._check_acks()
-        step, t0 = next(self._steps), time.perf_counter()
-        collect = asyncio.ensure_future(self._call(len(self.actors) - 1, "collect", GROUP, step, self.timeout_s))
         sizes = [len(e[1]) + len(e[2]) + len(e[3]) for e in entries]
-        await hold(sum(sizes))  # emulated client link (benchmarks only)
-        ack = asyncio.ensure_future(self._call(0, "forward_group", entries, step))
-        try:
-            await asyncio.wait({collect, ack}, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            collect.cancel()
-            ack.cancel()
-            raise
-        if ack.done() and ack.exception() is not None:
-            collect.cancel()
-            raise ack.exception()
-        outs = await collect
-        if not ack.done():
-            self._acks.append(ack)
-        wall = time.perf_counter() - t0
+        outs, wall = await self._first_to_last(GROUP, sum(sizes), "forward_group", lambda step: (entries, step))
         return [res if isinstance(res, BaseException) else
                 (res, [wall], list(computes), sent, [len(e[1]), *(b for _, b in computes)])
                 for e, sent, (_, res, _, _, _, computes) in zip(entries, sizes, outs)]

@@ -252,17 +252,14 @@ class StageActor:
         except BloombeeError as exc:
             await self._report(GROUP, step, exc)  # e.g. the next stage is leaving: every entry fails with it
         except (OSError, RuntimeError, TimeoutError) as exc:  # the next worker is gone
-            named = (self._next_worker,) if self._next_worker else ()
-            await self._report(GROUP, step, StageUnavailableError(
-                f"{self._next_unavailable} [{type(exc).__name__}: {exc}]", workers=named))
+            await self._report(GROUP, step, self._next_gone(exc))
 
     async def set_seq(self, session_id: str, seq: int) -> None:
         """The client's count of the session's steps, after a step that failed somewhere: stages that
         never saw it stop waiting for it (answered at once, not queued)."""
         if session_id in self._next_seq:
             self._next_seq[session_id] = int(seq)
-            if self._queue and (self._pump is None or self._pump.done()):
-                self._pump = asyncio.ensure_future(self._drain())
+            self._start_pump()
 
     async def skip(self, session_id: str, seq: int) -> None:
         """Step ``seq`` of the session failed before it got here: stop waiting for it, and tell the
@@ -287,9 +284,13 @@ class StageActor:
         """Queue ``job``; returns its (output frame, compute seconds) once a batch ran it."""
         job.done = asyncio.get_running_loop().create_future()
         self._queue.append(job)
-        if self._pump is None or self._pump.done():
-            self._pump = asyncio.ensure_future(self._drain())
+        self._start_pump()
         return await job.done
+
+    def _start_pump(self) -> None:
+        """Run the queue's ready steps, unless the coroutine doing so is already running."""
+        if self._queue and (self._pump is None or self._pump.done()):
+            self._pump = asyncio.ensure_future(self._drain())
 
     async def _drain(self) -> None:
         """Run batches while steps are ready (a step waiting for its session's earlier step is not)."""
@@ -366,9 +367,12 @@ class StageActor:
         except BloombeeError:
             pass  # the stage that raised it has reported it to the last stage
         except (OSError, RuntimeError, TimeoutError) as exc:  # the next worker is gone
-            named = (self._next_worker,) if self._next_worker else ()
-            await self._report(session_id, step, StageUnavailableError(
-                f"{self._next_unavailable} [{type(exc).__name__}: {exc}]", workers=named))
+            await self._report(session_id, step, self._next_gone(exc))
+
+    def _next_gone(self, exc: BaseException) -> StageUnavailableError:
+        """What the client gets when this stage's output cannot reach the next stage."""
+        named = (self._next_worker,) if self._next_worker else ()
+        return StageUnavailableError(f"{self._next_unavailable} [{type(exc).__name__}: {exc}]", workers=named)
 
     async def _report(self, session_id: str, step: int, exc: BaseException) -> None:
         """Chain mode: make the client's ``collect`` of ``step`` raise ``exc``."""
