@@ -47,7 +47,7 @@ import torch
 from bloombee_nb import transport
 from bloombee_nb.shipped import default_model_path
 from bloombee_nb.transport import RAW, Codec, CodecStats, choose_codec
-from bloombee_nb.transport.choice import DEFAULT_CANDIDATES, median_time_s
+from bloombee_nb.transport.choice import DEFAULT_CANDIDATES, timed_s
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAYER = 3
@@ -107,8 +107,8 @@ def measure_frame(t: torch.Tensor, codec: Codec, repeats: int, raw_header: int) 
     frame = transport.encode(t, codec)
     back = transport.decode(frame)
     assert torch.equal(back.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), codec
-    enc = median_time_s(lambda: transport.encode(t, codec), repeats)
-    dec = median_time_s(lambda: transport.decode(frame), repeats)
+    enc = timed_s(lambda: transport.encode(t, codec), repeats)
+    dec = timed_s(lambda: transport.decode(frame), repeats)
     return dict(codec=str(codec), kind="frame", wire_nbytes=len(frame), comp_nbytes=len(frame) - raw_header,
                 encode_s=enc, decode_s=dec)
 
@@ -140,8 +140,8 @@ class References:
             raw = u8.tobytes()
             c = comp(raw)
             assert dec(c, max_output_size=len(raw)) == raw
-            enc_s = median_time_s(lambda: comp(u8.tobytes()), repeats)
-            dec_s = median_time_s(lambda: dec(c, max_output_size=len(raw)), repeats)
+            enc_s = timed_s(lambda: comp(u8.tobytes()), repeats)
+            dec_s = timed_s(lambda: dec(c, max_output_size=len(raw)), repeats)
             nbytes = len(c)
         else:
             def compress():
@@ -159,8 +159,8 @@ class References:
 
             parts = compress()
             assert (decompress(parts).reshape(-1) == u8).all()
-            enc_s = median_time_s(compress, repeats)
-            dec_s = median_time_s(lambda: decompress(parts), repeats)
+            enc_s = timed_s(compress, repeats)
+            dec_s = timed_s(lambda: decompress(parts), repeats)
             nbytes = len(parts[0]) + len(parts[1])
         name = f"zstd-{level} {'hi-split (BloomBee)' if split else 'plain'}"
         return dict(codec=name, kind="reference", wire_nbytes=None, comp_nbytes=nbytes, encode_s=enc_s,

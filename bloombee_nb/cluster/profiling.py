@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 
 from .. import transport
+from ..transport.choice import timed_s
 from ..transport.emulation import hold_sync
 from ..plan.profile import ClusterProfile, LinkProfile, ModelProfile, WorkerProfile
 
@@ -29,20 +30,6 @@ CONTEXT = 128          # KV positions held while timing decode
 PROBE_SMALL = 64       # payload bytes of an RTT probe
 PROBE_TARGET_S = 0.05  # grow bandwidth probes until one transfer takes this long …
 PROBE_MAX_BYTES = 16 << 20  # … or reaches this size
-
-
-def _timed(fn, repeats: int, best: bool = False) -> float:
-    """Median (or, with ``best``, the fastest) of ``repeats`` timed calls after one untimed warm-up call.
-
-    The fastest call is the estimate of a capacity (a link's bandwidth): load on a shared machine only
-    ever adds time to a transfer, so the median of a few measures the load as much as the link."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times) if best else statistics.median(times)
 
 
 def measure_worker(path: str, num_threads: int = 1, repeats: int = 7) -> dict:
@@ -62,7 +49,7 @@ def measure_worker(path: str, num_threads: int = 1, repeats: int = 7) -> dict:
             runner.forward("p", torch.randn(b, 1, d, dtype=dtype), torch.full((b, 1), CONTEXT), torch.ones(b, 1, dtype=torch.long))
             runner.rollback("p", CONTEXT)
 
-        decode[b] = _timed(step, repeats)
+        decode[b] = timed_s(step, repeats, min_batch_s=0)
         runner.close("p")
     for n in PREFILL_LENGTHS:
         def run(n=n):
@@ -70,7 +57,7 @@ def measure_worker(path: str, num_threads: int = 1, repeats: int = 7) -> dict:
             runner.forward("p", torch.randn(1, n, d, dtype=dtype), torch.arange(n)[None], torch.ones(1, n, dtype=torch.long))
             runner.close("p")
 
-        prefill[n] = _timed(run, repeats)
+        prefill[n] = timed_s(run, repeats, min_batch_s=0)
     return {"decode_layer_s": decode, "prefill_layer_s": prefill, "layer_weight_bytes": runner.weight_bytes,
             "kv_bytes_per_token_per_layer": runner.kv_bytes_per_token, "hidden_bytes_per_token": d * dtype.itemsize,
             "hidden_size": d, "dtype": str(dtype).removeprefix("torch."),
@@ -141,11 +128,13 @@ def _client_send(call, upload: bool = True):
 def measure_link(send: Callable[[bytes], object], repeats: int = 7) -> tuple[float, float]:
     """(rtt_s, bandwidth_bytes_per_s) of ``send``: small frames for RTT, growing frames for bandwidth."""
     small = transport.encode(torch.zeros(PROBE_SMALL, dtype=torch.uint8))
-    rtt = _timed(lambda: send(small), repeats)
+    rtt = timed_s(lambda: send(small), repeats, min_batch_s=0)
     n = 256 << 10
     while True:
         frame = transport.encode(torch.zeros(n, dtype=torch.uint8))
-        t = _timed(lambda: send(frame), max(1, repeats // 2), best=True)
+        # the fastest transfer: load on a shared machine only ever adds time, so the median of a few
+        # measures the load as much as the link
+        t = timed_s(lambda: send(frame), max(1, repeats // 2), min_batch_s=0, best=True)
         if t >= PROBE_TARGET_S or n >= PROBE_MAX_BYTES:
             return rtt, n / max(t - rtt, 1e-9)
         n *= 4

@@ -113,8 +113,9 @@ def choose_codec(stats: Sequence[CodecStats], bandwidth_Bps: float, margin: floa
     return RAW
 
 
-def median_time_s(fn, repeats: int, min_batch_s: float = 1e-3, best: bool = False) -> float:
-    """Median (or, with ``best``, the fastest) of ``repeats`` timings of ``fn``, tiny calls batched.
+def timed_s(fn, repeats: int, min_batch_s: float = 1e-3, best: bool = False) -> float:
+    """Median (or, with ``best``, the fastest) of ``repeats`` timings of ``fn`` after one untimed
+    warm-up call; calls shorter than ``min_batch_s`` are timed in batches (0: one call per timing).
 
     ``best`` estimates what the code can do: load from other processes on a shared machine only
     adds time, and adds it unevenly to codecs timed one after the other."""
@@ -129,6 +130,7 @@ def median_time_s(fn, repeats: int, min_batch_s: float = 1e-3, best: bool = Fals
             fn()
         samples.append((time.perf_counter() - t0) / inner)
     return min(samples) if best else statistics.median(samples)
+
 
 def calibrate(sample: torch.Tensor, candidates: Iterable[Codec] = DEFAULT_CANDIDATES, repeats: int = 5,
               nthreads: int = 1) -> tuple[CodecStats, ...]:
@@ -146,8 +148,8 @@ def calibrate(sample: torch.Tensor, candidates: Iterable[Codec] = DEFAULT_CANDID
         back = decode(frame, max_bytes=max(len(frame), bits.numel()) + 1, nthreads=nthreads)
         if not torch.equal(back.reshape(-1).view(torch.uint8), bits):
             raise AssertionError(f"{c} did not round-trip bit-exactly; please report this bug")
-        enc = median_time_s(lambda: encode(sample, c, nthreads=nthreads), repeats, best=True)
-        dec = median_time_s(lambda: decode(frame, max_bytes=bits.numel() + 1, nthreads=nthreads), repeats,
+        enc = timed_s(lambda: encode(sample, c, nthreads=nthreads), repeats, best=True)
+        dec = timed_s(lambda: decode(frame, max_bytes=bits.numel() + 1, nthreads=nthreads), repeats,
                             best=True)
         out.append(CodecStats(c, bits.numel(), len(frame), enc, dec))
     return tuple(out)
