@@ -311,16 +311,16 @@ def main() -> None:
         for x in kv_rows:
             print("kv", x["kv_offload"], f"{x['decode_s'] * 1e3:.2f} ms/token", flush=True)
         probe = SpanRunner(path, 0, args.layers)
-        layer_bytes, fs = probe.weight_bytes // args.layers, path.parent
+        layer_bytes = probe.weight_bytes // args.layers
         del probe
-        fstype, ra_kb = _fstype(path), _read_ahead_kb(path)
+        fs, ra_kb = fstype(path), _read_ahead_kb(path)
     predict(rows, args.layers, layer_bytes, disk_bps, args)
     predict(gap_rows, args.layers, layer_bytes, disk_bps, args, gap_s=args.gap_ms / 1e3)
     meta = {"model": f"synthetic Llama: {args.layers} layers, hidden {args.hidden}, MLP {args.intermediate}, "
                      "8 heads / 2 KV heads, fp32",
             "layer_bytes": layer_bytes, "n_layers": args.layers, "disk_read_bytes_per_s": disk_bps,
             "disk_read_samples_bytes_per_s": disk,
-            "filesystem": fstype, "read_ahead_kb": ra_kb, "context": args.context, "prompt": args.prompt, "steps": args.steps,
+            "filesystem": fs, "read_ahead_kb": ra_kb, "context": args.context, "prompt": args.prompt, "steps": args.steps,
             "repeats": args.repeats, "torch_threads": 1, "loadavg_after": os.getloadavg(),
             "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(), "torch": torch.__version__}
@@ -341,7 +341,7 @@ def _read_ahead_kb(path: Path) -> int | None:
     return None
 
 
-def _fstype(path: Path) -> str:
+def fstype(path: Path) -> str:
     best = ("", "?")
     for p in psutil.disk_partitions(all=True):
         if str(path).startswith(p.mountpoint) and len(p.mountpoint) > len(best[0]):

@@ -27,7 +27,6 @@ once ``--budget-s`` has passed (the JSON says which were skipped).
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import os
@@ -45,6 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from bench_offload import drop_cache, fstype  # noqa: E402 — evict a checkpoint; the filesystem it is on
 from tests.conftest import padded_batch  # noqa: E402 — the tests' prompts, here with this script's vocabulary
 
 START = time.monotonic()
@@ -71,46 +71,11 @@ def save_llama(path: Path, *, hidden: int, layers: int, intermediate: int, heads
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    drop_page_cache(path)
+    drop_cache(path)
     return path
 
 
-def drop_page_cache(path: Path) -> None:
-    """Write the checkpoint out and evict it, so offloaded reads come from the disk (Linux)."""
-    if not hasattr(os, "posix_fadvise"):
-        return
-    for f in path.glob("*.safetensors"):
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # dirty pages cannot be dropped
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def fstype(path: Path) -> str:
-    best, kind = "", "?"
-    try:
-        for line in Path("/proc/mounts").read_text().splitlines():
-            _, mnt, typ, *_ = line.split()
-            if str(path.resolve()).startswith(mnt) and len(mnt) > len(best):
-                best, kind = mnt, typ
-    except OSError:
-        pass
-    return kind
-
-
 # ---- 1. exactness through the cluster ------------------------------------------------------------
-
-def stage_kwargs(device: str, report: dict) -> dict:
-    """``device=`` for the stages, if this tree's StageActor takes it (it forwards it to SpanRunner)."""
-    from bloombee_nb.cluster.stage import StageActor
-
-    if "device" in inspect.signature(StageActor.__init__).parameters:
-        return {"device": device}
-    report["notes"].append("StageActor takes no device= here: stages ran with SpanRunner's default ('auto')")
-    return {}
-
 
 def exactness(bbc, workdir: Path, device: str, report: dict) -> None:
     import bloombee_nb as bb
@@ -120,17 +85,15 @@ def exactness(bbc, workdir: Path, device: str, report: dict) -> None:
                       dtype=torch.float32)
     ref = AutoModelForCausalLM.from_pretrained(path).eval()
     prompts = [([5], 1), ([12], 2), ([4, 9, 7], 3)]
-    dev_kw = stage_kwargs(device, report)
     for name, kw in [("resident", {}), ("weight_offload=0.5", dict(weight_offload=0.5)),
                      ("weight_offload=0.5,kv_offload=0.5", dict(weight_offload=0.5, kv_offload=0.5))]:
         t0 = time.monotonic()
         model = bb.DistributedModelForCausalLM.from_pretrained(str(path), cluster=bbc, spans=[(0, 2), (2, 4)],
-                                                               **dev_kw, **kw)
+                                                               device=device, **kw)
         try:
             infos = model.chain.info()
-            devices = [i.get("device") for i in infos]
+            devices = [i["fast_tier"] for i in infos]
             row = {"config": name, "stage_devices": devices, "load_s": round(time.monotonic() - t0, 2),
-                   "fast_tier": [i.get("fast_tier") for i in infos],
                    "resident_weight_bytes": [i.get("resident_weight_bytes") for i in infos],
                    "offloaded_weight_bytes": [i.get("offloaded_weight_bytes") for i in infos],
                    "prompts": []}
@@ -189,7 +152,7 @@ def span_timing(path: Path, dtype: torch.dtype, device: str, args, report: dict)
             resident_out = out
         elif resident_out is not None:
             same = all(torch.equal(a, b) for a, b in zip(out, resident_out))
-        row = {"dtype": str(dtype).removeprefix("torch."), "weight_offload": f, "device": info["device"],
+        row = {"dtype": str(dtype).removeprefix("torch."), "weight_offload": f, "device": info["fast_tier"],
                "decode_ms_per_token": round(statistics.median(times) * 1e3, 3),
                "decode_ms_min": round(min(times) * 1e3, 3), "prefill_ms": round(prefill_s * 1e3, 2),
                "load_s": round(load_s, 2), "bit_identical_to_resident": same,
@@ -219,7 +182,7 @@ def chain_timing(bbc, path: Path, device: str, args, report: dict) -> None:
         t0 = time.monotonic()
         model = bb.DistributedModelForCausalLM.from_pretrained(str(path), cluster=bbc, dtype="bfloat16",
                                                                spans=[(0, half), (half, args.layers)],
-                                                               **stage_kwargs(device, report), **kw)
+                                                               device=device, **kw)
         try:
             load_s = time.monotonic() - t0
             gen = dict(attention_mask=mask, do_sample=False, pad_token_id=0)
@@ -230,7 +193,7 @@ def chain_timing(bbc, path: Path, device: str, args, report: dict) -> None:
             t1 = time.monotonic()
             model.generate(ids, max_new_tokens=1 + args.steps, **gen)
             t_many = time.monotonic() - t1
-            devices = [i.get("device") for i in model.chain.info()]
+            devices = [i["fast_tier"] for i in model.chain.info()]
         finally:
             model.close()
         row = {"config": name, "dtype": "bfloat16", "stage_devices": devices, "load_s": round(load_s, 2),
@@ -275,7 +238,7 @@ def environment(workdir: Path, device: str) -> dict:
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "cuda_build": torch.version.cuda,
            "transformers": transformers.__version__, "cpus": os.cpu_count(), "device_asked": device,
-           "workdir_fs": fstype(workdir)}
+           "workdir_fs": fstype(workdir.resolve())}
     for mod in ("dask", "distributed", "blosc2"):
         try:
             env[mod] = __import__(mod).__version__

@@ -337,7 +337,7 @@ class SpanRunner:
         ``offloaded_weight_bytes`` (read from the checkpoint each step), ``offload_staging_bytes``
         (pinned, with an accelerator), ``cold_kv_bytes``."""
         return {"start": self.start, "end": self.end, "dtype": str(self.dtype).removeprefix("torch."),
-                "device": str(self._device), "fast_tier": str(self._device),
+                "fast_tier": str(self._device),
                 "weight_bytes": self.weight_bytes, "sessions": len(self.sessions),
                 "resident_weight_bytes": self.weight_bytes - self.offloaded_weight_bytes,
                 "reserved_kv_bytes": self.reserved_bytes, "max_kv_bytes": self.max_kv_bytes,
