@@ -4,6 +4,7 @@
                                                 # (SIGTERM / Ctrl-C: hand the spans over, then exit; twice: exit now)
     bloombee-nb credentials ./creds             # TLS credentials; then `scheduler --tls ./creds`, `worker … --tls ./creds`
     bloombee-nb generate "def fibonacci(n):"    # embedded local cluster + the shipped model
+    bloombee-nb serve --port 8000               # OpenAI-compatible HTTP API (bloombee_nb/serve/)
 """
 
 from __future__ import annotations
@@ -171,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--tls", metavar="FOLDER", default=None, help="credentials folder for a --scheduler with TLS")
     g.set_defaults(run=_generate)
+
+    from .serve.cli import add_serve_command  # the OpenAI-compatible server: bloombee_nb/serve/
+
+    add_serve_command(sub)
 
     args = p.parse_args(argv)
     return args.run(args)
