@@ -12,20 +12,38 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+import transformers as tf
 
 import bloombee_nb as bb
 
 N_LAYERS = 5
 VOCAB = 128
 
-# family -> (config class, model class, extra config): every one uses grouped-query attention.
+# family -> (config class, model class, extra config): every one uses grouped-query attention where the
+# family has it. Windows of 8 positions make the sliding-window layers really slide in the tests
+# (prompts of up to 11 tokens plus 12 new ones).
+WINDOW = 8
 FAMILIES = {
-    "llama": (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=False)),
-    "mistral": (MistralConfig, MistralForCausalLM, dict(tie_word_embeddings=False, sliding_window=4096)),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
-    "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(tie_word_embeddings=True, head_dim=16)),
+    "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, dict(tie_word_embeddings=False)),
+    "mistral": (tf.MistralConfig, tf.MistralForCausalLM, dict(tie_word_embeddings=False, sliding_window=4096)),
+    "mistral_sliding": (tf.MistralConfig, tf.MistralForCausalLM, dict(tie_word_embeddings=False, sliding_window=WINDOW)),
+    "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
+    "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, dict(tie_word_embeddings=True, head_dim=16)),
+    "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, dict(tie_word_embeddings=False)),
+    "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM, dict(head_dim=16)),  # embeddings scaled by sqrt(hidden)
+    "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM,  # soft-capped logits, alternating sliding/global layers
+               dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW, final_logit_softcapping=3.0)),
+    "gemma3_text": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM,  # local/global rotary per layer type
+                    dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW, final_logit_softcapping=3.0,
+                         layer_types=["sliding_attention", "full_attention"] * 2 + ["sliding_attention"])),
+    "mixtral": (tf.MixtralConfig, tf.MixtralForCausalLM, dict(num_local_experts=4, num_experts_per_tok=2)),
+    "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM,
+                  dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
+    "olmo2": (tf.Olmo2Config, tf.Olmo2ForCausalLM, dict(tie_word_embeddings=False)),
+    "granite": (tf.GraniteConfig, tf.GraniteForCausalLM,  # multipliers on embeddings, residuals and logits
+                dict(embedding_multiplier=3.0, logits_scaling=2.0, residual_multiplier=0.5, attention_multiplier=0.2)),
+    "cohere": (tf.CohereConfig, tf.CohereForCausalLM, dict(logit_scale=0.5)),
+    "stablelm": (tf.StableLmConfig, tf.StableLmForCausalLM, dict(tie_word_embeddings=False)),
 }
 
 
@@ -41,11 +59,25 @@ def make_checkpoint(path, family: str = "llama", n_layers: int = N_LAYERS, hidde
     return path
 
 
+class _Lazy(dict):
+    """family -> value, built on first use (a test run pays only for the families it touches)."""
+
+    def __init__(self, build):
+        super().__init__()
+        self._build = build
+
+    def __missing__(self, family):
+        if family not in FAMILIES:
+            raise KeyError(family)
+        self[family] = value = self._build(family)
+        return value
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
     """family -> path of a tiny 5-layer checkpoint."""
     root = tmp_path_factory.mktemp("ckpt")
-    return {f: str(make_checkpoint(root / f, f, seed=i)) for i, f in enumerate(FAMILIES)}
+    return _Lazy(lambda f: str(make_checkpoint(root / f, f, seed=list(FAMILIES).index(f))))
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +85,7 @@ def reference(checkpoints):
     """family -> the same checkpoint loaded by plain transformers in this process."""
     from transformers import AutoModelForCausalLM
 
-    return {f: AutoModelForCausalLM.from_pretrained(p).eval() for f, p in checkpoints.items()}
+    return _Lazy(lambda f: AutoModelForCausalLM.from_pretrained(checkpoints[f]).eval())
 
 
 @pytest.fixture(scope="session")

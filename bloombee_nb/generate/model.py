@@ -23,7 +23,7 @@ from ..cluster.chain import (DEFAULT_CALL_TIMEOUT_S, DEFAULT_LIVENESS_INTERVAL_S
 from ..errors import RecoveryError, StageUnavailableError
 from ..cluster.profiling import measure_links, profile_cluster
 from ..model.checkpoint import resolve_checkpoint
-from ..model.family import load_client_parts, load_config
+from ..model.family import ClientMath, client_math, load_client_parts, load_config
 from ..cluster.planning import runtime_plan
 from ..plan import ClusterProfile, Plan, Workload
 from .recovery import find_lost, live_workers, recovery_error, replacement_placement
@@ -250,6 +250,17 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     def get_input_embeddings(self):
         return self.embed_tokens
 
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str | None:
+        """Mixture-of-experts layers run on the stages (their own transformers class picks the experts
+        kernel there); the client holds none, so there is nothing to check here."""
+        return requested_experts
+
+    @property
+    def client_math(self) -> ClientMath:
+        """The family's arithmetic around the chain (embedding multiplier, logit scale, soft-capping),
+        from the adapter table in ``model/family.py``."""
+        return client_math(self.config)
+
     def get_output_embeddings(self):
         return self.lm_head
 
@@ -277,10 +288,11 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                     else attention_mask[:, -T:].to(torch.long))
         if position_ids is None:  # what transformers does when generate() did not give positions
             position_ids = torch.arange(past, past + T).expand(B, T)
-        hidden = cache.step(hidden.to(self.dtype), position_ids.to(torch.long), new_mask)
+        math = self.client_math
+        hidden = cache.step(math.inputs(hidden.to(self.dtype)), position_ids.to(torch.long), new_mask)
         hidden = self.norm(hidden)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, keep, :])
+        logits = math.logits(self.lm_head(hidden[:, keep, :]))
         return CausalLMOutputWithPast(logits=logits, cache=cache)
 
     def generate(self, inputs: torch.Tensor | None = None, *, session: InferenceSession | None = None,

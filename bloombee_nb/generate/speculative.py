@@ -326,7 +326,7 @@ class _Run:
             self.session.step(self._embed(ids[:, cols]), pos[:, cols], mask[:, cols])
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(ids).to(self.model.dtype)
+        return self.model.client_math.inputs(self.model.embed_tokens(ids).to(self.model.dtype))
 
     # ---- one round ----------------------------------------------------------------------------
     def round(self) -> None:
@@ -401,7 +401,7 @@ class _Run:
         parents = tree.parents if tree.widths else None
         pos = tree_position_ids(tree.parents, self.root_pos)                       # [B, T]
         hidden = self.session.step(self._embed(tokens), pos, torch.ones_like(tokens), parents)
-        return self.model.lm_head(self.model.norm(hidden)).float()
+        return self.model.client_math.logits(self.model.lm_head(self.model.norm(hidden))).float()
 
     def _accept(self, tree: _Tree, tokens, logits, q) -> list[Verdict]:
         scores = torch.cat([self._process(logits[:, tree.nodes(l)], tokens, tree, l)

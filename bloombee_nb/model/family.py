@@ -7,6 +7,8 @@ final norm and LM head — are taken from it and materialised from the checkpoin
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -18,32 +20,149 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from ..errors import SpanError, UnsupportedArchitectureError
 from .checkpoint import ensure_files, load_tensors, weight_map
 
-#: Families whose ``*Model.forward`` is exactly embed -> layers(mask, rotary) -> norm, tested token-exact.
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+@dataclass(frozen=True)
+class Adapter:
+    """What differs between decoder families, as data. Module names are attributes of the base model
+    (``model.model`` for Llama, ``model.transformer`` for Falcon); the client math names *config
+    attributes* that the family's own ``*ForCausalLM.forward`` reads. Everything else — the blocks,
+    Gemma's embedding scale (inside transformers' scaled-embedding module), per-layer attention
+    types (``config.layer_types``), rotary per layer type (the rotary module's ``layer_type``
+    argument), the cache keyword of a layer — is read from transformers' own modules and configs."""
+
+    layers: str = "layers"                    # the ModuleList of decoder layers
+    norm: str = "norm"                        # the final norm (client)
+    embedding_multiplier: str | None = None   # embeddings * m before the first layer (Granite)
+    logit_multiplier: str | None = None       # logits * s (Cohere's logit_scale)
+    logit_divisor: str | None = None          # logits / d (Granite's logits_scaling)
+    final_softcap: str | None = None          # cap * tanh(logits / cap) (Gemma 2, Gemma 3)
+    must_be_off: tuple[str, ...] = ()         # config flags this runtime does not implement (refused if set)
+
+
+_GEMMA2 = Adapter(final_softcap="final_logit_softcapping", must_be_off=("use_bidirectional_attention",))
+
+#: model_type -> adapter, for the families tested token-exact against transformers
+#: (tests/generate/test_exactness.py). Other ``model.layers`` families may work with
+#: ``allow_unverified_architecture=True`` and the default :class:`Adapter`.
+ADAPTERS: dict[str, Adapter] = {
+    "llama": Adapter(), "mistral": Adapter(), "qwen2": Adapter(), "qwen3": Adapter(), "phi3": Adapter(),
+    "gemma": Adapter(must_be_off=("use_bidirectional_attention",)), "gemma2": _GEMMA2, "gemma3_text": _GEMMA2,
+    "mixtral": Adapter(), "qwen3_moe": Adapter(), "olmo2": Adapter(),
+    "granite": Adapter(embedding_multiplier="embedding_multiplier", logit_divisor="logits_scaling"),
+    "cohere": Adapter(logit_multiplier="logit_scale"), "stablelm": Adapter(),
+}
+
+#: Families tested token-exact (the keys of :data:`ADAPTERS`).
+SUPPORTED_FAMILIES = tuple(ADAPTERS)
 
 MASK_FUNCTIONS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
 
+def adapter(config: PreTrainedConfig) -> Adapter:
+    return ADAPTERS.get(config.model_type, Adapter())
+
+
+@dataclass(frozen=True)
+class ClientMath:
+    """The family's arithmetic around the chain on the client, in the order its ``*ForCausalLM``
+    applies it: ``inputs`` on the embeddings before the first stage, ``logits`` after the LM head."""
+
+    embedding_multiplier: float | None = None
+    logit_multiplier: float | None = None
+    logit_divisor: float | None = None
+    final_softcap: float | None = None
+
+    def inputs(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, T, D]
+        return hidden if self.embedding_multiplier is None else hidden * self.embedding_multiplier
+
+    def logits(self, logits: torch.Tensor) -> torch.Tensor:  # [B, T, V]
+        if self.logit_multiplier is not None:
+            logits = logits * self.logit_multiplier
+        if self.logit_divisor is not None:
+            logits = logits / self.logit_divisor
+        if self.final_softcap is not None:  # as Gemma2ForCausalLM: divide, tanh, multiply
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
+
+
+def client_math(config: PreTrainedConfig) -> ClientMath:
+    a = adapter(config)
+    return ClientMath(**{f.name: getattr(config, getattr(a, f.name)) if getattr(a, f.name) else None
+                         for f in fields(ClientMath)})
+
+
 def load_config(path: Path, allow_unverified: bool = False) -> PreTrainedConfig:
     config = AutoConfig.from_pretrained(path)
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedArchitectureError(
+            f"{config.model_type!r} is an encoder-decoder model; only decoder-only language models can be split "
+            f"into spans of decoder layers. Supported: {', '.join(SUPPORTED_FAMILIES)}")
+    if getattr(config, "text_config", None) is not None or not hasattr(config, "num_hidden_layers"):
+        raise UnsupportedArchitectureError(
+            f"{config.model_type!r} ({', '.join(config.architectures or [])}) is a multimodal model: its language "
+            "model sits beside a vision or audio tower (config.text_config); only text-only decoder checkpoints "
+            f"can be split into spans. Supported: {', '.join(SUPPORTED_FAMILIES)} (for Gemma 3, a gemma3_text "
+            "checkpoint)")
     if config.model_type not in SUPPORTED_FAMILIES and not allow_unverified:
         raise UnsupportedArchitectureError(
             f"architecture {config.model_type!r} ({', '.join(config.architectures or [])}) is not supported; "
             f"supported: {', '.join(SUPPORTED_FAMILIES)}. A *ForCausalLM with the same model.layers layout may "
             "work: pass allow_unverified_architecture=True and compare its output with transformers first.")
+    on = [flag for flag in adapter(config).must_be_off if getattr(config, flag, False)]
+    if on:
+        raise UnsupportedArchitectureError(
+            f"{config.model_type!r} checkpoint sets {', '.join(on)}, which this runtime does not implement "
+            "(its stages build causal masks); use a causal-LM checkpoint of the family")
     return config
 
 
 def meta_model(config: PreTrainedConfig) -> nn.Module:
     """The family's full ``*ForCausalLM`` with every tensor on the meta device (allocates nothing)."""
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    base = getattr(model, model.base_model_prefix, None)
-    if base is None or not isinstance(getattr(base, "layers", None), nn.ModuleList):
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=_attention_implementation(config))
+    except ValueError as exc:  # transformers has no causal LM for this config (encoder-only, vision, …)
         raise UnsupportedArchitectureError(
-            f"{type(model).__name__} has no {model.base_model_prefix}.layers list of decoder layers; "
-            "only decoder-only models with that layout can be split into spans")
+            f"transformers has no causal language model for {config.model_type!r} ({exc}); only decoder-only "
+            f"language models can be split into spans. Supported: {', '.join(SUPPORTED_FAMILIES)}") from None
+    base = getattr(model, model.base_model_prefix, None)
+    name = adapter(config).layers
+    if base is None or not isinstance(getattr(base, name, None), nn.ModuleList):
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__} has no {model.base_model_prefix}.{name} list of decoder layers (a multimodal "
+            "model, or a layout this runtime has no adapter for); only decoder-only language models with "
+            f"a known layout can be split into spans. Supported: {', '.join(SUPPORTED_FAMILIES)}")
     return model
+
+
+def _attention_implementation(config: PreTrainedConfig) -> str:
+    """SDPA where the family supports it, else its own eager attention (Gemma 2: soft-capped scores),
+    as transformers' ``from_pretrained`` chooses."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    return "eager" if cls is not None and not getattr(cls, "_supports_sdpa", True) else "sdpa"
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of ``model`` (a ``*ForCausalLM``), wherever its family keeps them."""
+    return getattr(getattr(model, model.base_model_prefix), adapter(model.config).layers)
+
+
+def layer_prefix(model: nn.Module, prefix: str, i: int) -> str:
+    """Checkpoint name prefix of decoder layer ``i`` (``model.layers.7.``)."""
+    return f"{prefix}{adapter(model.config).layers}.{i}."
+
+
+def cache_keyword(layer: nn.Module) -> str:
+    """The keyword a decoder layer takes its KV cache under (``cache``; ``layer_past`` in GPT-NeoX style)."""
+    params = inspect.signature(layer.forward).parameters
+    return next((k for k in ("cache", "past_key_values", "layer_past") if k in params), "cache")
+
+
+def rotary_per_layer_type(rotary: nn.Module) -> bool:
+    """True when the family computes separate rotary tables per layer type (Gemma 3: local and global)."""
+    return "layer_type" in inspect.signature(rotary.forward).parameters
 
 
 def checkpoint_dtype(config: PreTrainedConfig, wmap_dtype: torch.dtype) -> torch.dtype:
@@ -70,11 +189,15 @@ def kv_bytes_per_token(config: PreTrainedConfig, n_layers: int, dtype: torch.dty
 
 
 def _materialise(module: nn.Module, prefix: str, path: Path, wmap: dict[str, str], dtype: torch.dtype,
-                 device: torch.device | None = None) -> nn.Module:
+                 device: torch.device | None = None, model: nn.Module | None = None) -> nn.Module:
     """Assign ``module`` (on meta) the checkpoint's tensors, cast to ``dtype`` and moved to ``device``
-    (one module at a time: host memory holds at most one layer's tensors on their way to a device)."""
+    (one module at a time: host memory holds at most one layer's tensors on their way to a device).
+    Buffers the checkpoint does not store (Gemma's ``embed_scale``) are computed by ``model``'s own
+    ``_init_weights``, as transformers does when it loads the model."""
     names = [prefix + k for k in module.state_dict()]
     missing = [n for n in names if n not in wmap]
+    if missing and model is not None and any(k.startswith(prefix) for k in wmap):
+        return _materialise_converted(module, prefix, path, wmap, dtype, device, model, missing)
     if missing:
         raise UnsupportedArchitectureError(
             f"checkpoint at {path} lacks {missing[:3]}{'…' if len(missing) > 3 else ''}; "
@@ -83,7 +206,58 @@ def _materialise(module: nn.Module, prefix: str, path: Path, wmap: dict[str, str
     if device is not None and torch.device(device).type != "cpu":
         tensors = {n: t.to(device) for n, t in tensors.items()}
     module.load_state_dict({n[len(prefix):]: t for n, t in tensors.items()}, strict=True, assign=True)
+    if model is not None:
+        _compute_buffers(model, module, device)
     return module
+
+
+def _materialise_converted(module: nn.Module, prefix: str, path: Path, wmap: dict[str, str], dtype: torch.dtype,
+                          device, model: nn.Module, missing: list[str]) -> nn.Module:
+    """The checkpoint stores ``module`` in another layout than the model class (Mixtral's and
+    Qwen3-MoE's experts: one tensor per expert, fused in transformers 5): transformers' own
+    conversion mapping builds the module's tensors from the checkpoint's tensors under ``prefix``
+    (only those are read), as ``from_pretrained`` does."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+    from transformers.utils import logging as hf_logging
+
+    state = load_tensors(path, [k for k in wmap if k.startswith(prefix)], wmap, dtype)
+    load = LoadStateDictConfig(pretrained_model_name_or_path=str(path), dtype=dtype,
+                               weight_mapping=get_model_conversion_mapping(model))
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        convert_and_load_state_dict_in_model(model, state, load)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    left = [prefix + n for n, t in module.state_dict().items() if t.is_meta]
+    if left:
+        raise UnsupportedArchitectureError(
+            f"checkpoint at {path} lacks {left[:3]}{'…' if len(left) > 3 else ''} (and transformers' weight "
+            f"conversion for {model.config.model_type!r} does not produce them); its tensor names do not follow "
+            "the family's layout")
+    if device is not None and torch.device(device).type != "cpu":
+        module.to(device)
+    _compute_buffers(model, module, device)
+    return module
+
+
+@torch.no_grad()
+def _compute_buffers(model: nn.Module, module: nn.Module, device: torch.device | None) -> None:
+    """Fill ``module``'s non-persistent buffers still on meta with transformers' own init: loaded
+    tensors are marked initialised, which transformers' ``initialization`` functions skip."""
+    owners = [m for m in module.modules() if any(b.is_meta for b in m.buffers(recurse=False))]
+    if not owners:
+        return
+    for t in module.parameters():
+        t._is_hf_initialized = True
+    for m in owners:
+        for name, b in list(m._buffers.items()):
+            if b is not None and b.is_meta:
+                m._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device or "cpu")
+        model._init_weights(m)
 
 
 def _prefix(model: nn.Module, wmap: dict[str, str]) -> str:
@@ -109,7 +283,8 @@ def load_span(path: Path, config: PreTrainedConfig, start: int, end: int, dtype:
     base = getattr(model, model.base_model_prefix)
     prefix = _prefix(model, wmap)
     layers = nn.ModuleList(
-        _materialise(base.layers[i], f"{prefix}layers.{i}.", path, wmap, dtype, device) for i in range(start, end))
+        _materialise(decoder_layers(model)[i], layer_prefix(model, prefix, i), path, wmap, dtype, device, model)
+        for i in range(start, end))
     rotary = new_rotary(model, device)
     _check_no_meta(layers)
     return model.config, layers.eval(), rotary, dtype
@@ -130,8 +305,11 @@ def load_client_parts(path: Path, config: PreTrainedConfig, dtype: torch.dtype |
     dtype = dtype or _stored_dtype(path, wmap, config)
     base = getattr(model, model.base_model_prefix)
     prefix = _prefix(model, wmap)
-    embed = _materialise(base.embed_tokens, f"{prefix}embed_tokens.", path, wmap, dtype)
-    norm = _materialise(base.norm, f"{prefix}norm.", path, wmap, dtype)
+    embed_module = base.get_input_embeddings()
+    embed_name = next(n for n, m in base.named_children() if m is embed_module)
+    embed = _materialise(embed_module, f"{prefix}{embed_name}.", path, wmap, dtype, model=model)
+    norm_name = adapter(config).norm
+    norm = _materialise(getattr(base, norm_name), f"{prefix}{norm_name}.", path, wmap, dtype, model=model)
     head = model.get_output_embeddings()
     if "lm_head.weight" in wmap:
         _materialise(head, "lm_head.", path, wmap, dtype)

@@ -25,6 +25,7 @@ runs alone (``SpanRunner.forward``).
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -50,7 +51,7 @@ def merged_attention(module, query, key, value, attention_mask, **kwargs):
     """``AttentionInterface`` entry: attention of each session's rows against its own cache."""
     if not isinstance(key, Ragged):  # not a merged step: exactly the span's own attention
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    attend = ALL_ATTENTION_FUNCTIONS[key.base] if key.base in ALL_ATTENTION_FUNCTIONS else _eager()
+    attend = ALL_ATTENTION_FUNCTIONS[key.base] if key.base in ALL_ATTENTION_FUNCTIONS else _eager(module)
     outs, row = [], 0
     for k, v, m in zip(key, value, attention_mask):
         b = k.shape[0]
@@ -59,7 +60,12 @@ def merged_attention(module, query, key, value, attention_mask, **kwargs):
     return torch.cat(outs, dim=0), None
 
 
-def _eager():
+def _eager(module):
+    """The family's own eager attention, from the module that defines its attention class (Gemma 2's
+    soft-caps the scores; Llama's would silently drop that)."""
+    own = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if own is not None:
+        return own
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
     return eager_attention_forward
@@ -117,13 +123,10 @@ def forward_merged(runner, items: list[MergeItem]) -> list[torch.Tensor]:
     hidden = torch.cat([it.hidden for it in items], dim=0)
     position_ids = torch.cat([it.position_ids for it in items], dim=0)
     rows = [it.hidden.shape[0] for it in items]
-    pos_emb = runner.rotary(hidden, position_ids)
     with _attention(config) as base, runner._layers() as layers:
         cache = _MergedCache([it.session.cache for it in items], rows, base)
         ragged = {kind: Ragged(m, base) for kind, m in masks.items()}
-        for layer, kind in zip(layers, runner.layer_kinds):
-            hidden = layer(hidden, attention_mask=ragged[kind], position_ids=position_ids, cache=cache,
-                           use_cache=True, position_embeddings=pos_emb)
+        hidden = runner.run_layers(layers, hidden, position_ids, ragged, cache)
     return list(hidden.split(rows, dim=0))
 
 

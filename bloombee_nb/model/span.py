@@ -43,10 +43,11 @@ from transformers import DynamicCache
 
 from .._kernels import check_parents, compact_kv, depths, tree_attention_mask
 from ..errors import (SessionLengthError, SessionLimitError, ShapeMismatchError, SpanError, TreeError,
-                      UnknownSessionError)
+                      UnknownSessionError, UnsupportedArchitectureError)
 from .checkpoint import resolve_checkpoint, weight_map
-from .family import (MASK_FUNCTIONS, _prefix, _stored_dtype, kv_bytes_per_token, layer_attention_types, load_config,
-                     load_span, meta_model, new_rotary)
+from .family import (MASK_FUNCTIONS, _prefix, _stored_dtype, cache_keyword, decoder_layers, kv_bytes_per_token,
+                     layer_attention_types, layer_prefix, load_config, load_span, meta_model, new_rotary,
+                     rotary_per_layer_type)
 from .offload import ColdKVLayer, WeightStreamer, check_fraction, n_offloaded, offload_kv
 
 #: Default ceiling of KV-cache bytes all sessions together may reserve on one stage.
@@ -105,6 +106,8 @@ class SpanRunner:
         self.layer_kinds = kinds[start:end]
         # mask kind -> global index of the first layer of that kind in this span
         self.mask_layer_idx = {k: start + self.layer_kinds.index(k) for k in dict.fromkeys(self.layer_kinds)}
+        self.cache_keyword = cache_keyword(self.layers[0])  # read from the family's decoder-layer class
+        self.rotary_per_kind = rotary_per_layer_type(self.rotary)
         self.offloaded_weight_bytes = sum(self.streamer.layer_bytes) if self.streamer else 0
         self.weight_bytes = self.offloaded_weight_bytes + sum(
             p.numel() * p.element_size() for p in self.layers.parameters() if not p.is_meta)
@@ -256,11 +259,23 @@ class SpanRunner:
         if tree_parents is not None:
             allowed = tree_attention_mask(tree_parents, s.length).to(hidden.device)  # [T, past + T]
             masks = {kind: _and_tree(m, allowed, s.batch) for kind, m in masks.items()}
-        pos_emb = self.rotary(hidden, position_ids)
         with self._layers() as layers:
-            for layer, kind in zip(layers, self.layer_kinds):
-                hidden = layer(hidden, attention_mask=masks[kind], position_ids=position_ids,
-                               cache=s.cache, use_cache=True, position_embeddings=pos_emb)
+            return self.run_layers(layers, hidden, position_ids, masks, s.cache)
+
+    def position_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict:
+        """Layer kind -> the family's rotary (cos, sin) for these positions: one table for every kind,
+        or one per kind where the family's rotary module takes a ``layer_type`` (Gemma 3)."""
+        if self.rotary_per_kind:
+            return {k: self.rotary(hidden, position_ids, k) for k in self.mask_layer_idx}
+        pos = self.rotary(hidden, position_ids)
+        return dict.fromkeys(self.mask_layer_idx, pos)
+
+    def run_layers(self, layers, hidden: torch.Tensor, position_ids: torch.Tensor, masks: dict, cache) -> torch.Tensor:
+        """``layers`` (this span's, materialised) on ``hidden [B, T, D]``, each with its kind's mask."""
+        pos = self.position_embeddings(hidden, position_ids)
+        for layer, kind in zip(layers, self.layer_kinds):
+            hidden = layer(hidden, attention_mask=masks[kind], position_ids=position_ids, use_cache=True,
+                           position_embeddings=pos[kind], **{self.cache_keyword: cache})
         return hidden
 
     def _layers(self):
@@ -386,13 +401,18 @@ def _load(path: Path, config, start: int, end: int, dtype, n_off: int, streamer_
         return (*load_span(path, config, start, end, dtype, device), None)
     model = meta_model(config)
     wmap = weight_map(path)
-    base = getattr(model, model.base_model_prefix)
     dtype = dtype or _stored_dtype(path, wmap, config)
     config, resident, rotary = model.config, [], new_rotary(model, device)
     if n_off < end - start:
         config, resident, rotary, dtype = load_span(path, config, start, end - n_off, dtype, device)
     prefix = _prefix(model, wmap)
-    shells = {f"{prefix}layers.{i}.": base.layers[i].eval() for i in range(end - n_off, end)}
+    shells = {layer_prefix(model, prefix, i): decoder_layers(model)[i].eval() for i in range(end - n_off, end)}
+    converted = [p + k for p, m in shells.items() for k in m.state_dict() if p + k not in wmap]
+    if converted:  # e.g. Mixtral's experts: one tensor per expert on disk, fused by transformers on load
+        raise UnsupportedArchitectureError(
+            f"weight_offload streams layers tensor by tensor from the checkpoint, but {path} stores "
+            f"{converted[0]} in another layout (transformers converts it on load); run this span with "
+            "weight_offload=0 (kv_offload still works)")
     streamer = WeightStreamer(path, wmap, shells, dtype, device=device, **streamer_kw)
     return config, nn.ModuleList([*resident, *shells.values()]).eval(), rotary, dtype, streamer
 

@@ -130,3 +130,34 @@ def test_a_hub_checkpoint_fetches_only_the_shards_of_the_span(tmp_path, monkeypa
     _, want, _, _ = load_span(origin, load_config(origin), 2, 4)
     for x, y in zip(layers.parameters(), want.parameters()):
         assert torch.equal(x, y)
+
+
+def test_encoder_decoder_and_multimodal_models_are_refused_with_what_is_supported(tmp_path):
+    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig, T5Config
+
+    T5Config(num_layers=1, d_model=16, d_kv=4, num_heads=2, d_ff=32, vocab_size=64).save_pretrained(tmp_path / "t5")
+    with pytest.raises(UnsupportedArchitectureError, match="'t5' is an encoder-decoder.*Supported: llama"):
+        load_config(tmp_path / "t5", allow_unverified=True)
+    text = Gemma3TextConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                            num_key_value_heads=1, head_dim=16, vocab_size=64)
+    vision = SiglipVisionConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2)
+    Gemma3Config(text_config=text, vision_config=vision).save_pretrained(tmp_path / "gemma3-mm")
+    with pytest.raises(UnsupportedArchitectureError, match="multimodal.*Supported: llama.*gemma3_text"):
+        load_config(tmp_path / "gemma3-mm", allow_unverified=True)
+
+
+def test_layers_stored_in_another_layout_load_through_transformers_conversion(checkpoints, reference):
+    """Mixtral checkpoints keep one tensor per expert; transformers 5 fuses them on load. A span
+    reads only its own layers' tensors and converts them with transformers' own mapping."""
+    path = resolve_checkpoint(checkpoints["mixtral"])
+    assert any(".experts.0.w1." in k for k in weight_map(path))  # the per-expert layout on disk
+    config = load_config(path)
+    _, layers, _, _ = load_span(path, config, 2, 4)
+    want = reference["mixtral"].model.layers[2:4].state_dict()
+    got = layers.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    from bloombee_nb.model.span import SpanRunner
+    with pytest.raises(UnsupportedArchitectureError, match="weight_offload=0"):
+        SpanRunner(path, 2, 4, weight_offload=0.5)
