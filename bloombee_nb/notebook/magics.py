@@ -147,6 +147,16 @@ def build_parser() -> _Parser:
                    help="--speculative tree: children per node at each depth, e.g. 2,2,1 (default: auto, for the link)")
     g.add_argument("--out", metavar="NAME", type=_identifier, help="also store the GenerationResult in this variable")
 
+    sv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API (/v1/completions, "
+                                      "/v1/chat/completions) in the background of the kernel")
+    sv.add_argument("--port", type=int, help="port to listen on (default 8000; 0: any free port)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    sv.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                    help="accept requests bearing this key (repeatable); without any, no key is needed")
+    sv.add_argument("--rate-limit", type=_fraction(0, None), metavar="PER_MINUTE", help="requests per minute per key")
+    sv.add_argument("--stop", action="store_true", help="stop the server on --port (without --port: every one)")
+    sv.add_argument("--out", metavar="NAME", type=_identifier, help="also store the Server in this variable")
+
     sub.add_parser("help", help="this help")
     return p
 
@@ -229,6 +239,10 @@ class BloombeeMagics(Magics):
 
     def _status(self, args, cell):
         show(session())
+        from .. import serve as http
+
+        for server in http.running().values():  # requests served by `%bloombee serve`
+            show(server)
 
     def _disconnect(self, args, cell):
         print("disconnected" if session().disconnect() else "not connected")
@@ -289,6 +303,20 @@ class BloombeeMagics(Magics):
                                speculative=args.speculative, draft=args.draft, tree_widths=args.tree)
         s.last_generation = result
         self._store(args.out, result)
+
+    def _serve(self, args, cell):
+        from .. import serve as http
+
+        if args.stop:
+            stopped = http.stop(args.port)
+            print(f"stopped serving on port {', '.join(map(str, stopped))}" if stopped else "no server is running")
+            return
+        s = session()
+        settings = http.ServeSettings(api_keys=tuple(args.api_key), rate_per_minute=args.rate_limit)
+        server = http.serve(s.require_model(), s.require_tokenizer(), host=args.host,
+                            port=8000 if args.port is None else args.port, settings=settings)
+        show(server)
+        self._store(args.out, server)
 
     def _show_figure(self, fig) -> None:
         from .figures import live
