@@ -44,6 +44,10 @@ FAMILIES = {
                 dict(embedding_multiplier=3.0, logits_scaling=2.0, residual_multiplier=0.5, attention_multiplier=0.2)),
     "cohere": (tf.CohereConfig, tf.CohereForCausalLM, dict(logit_scale=0.5)),
     "stablelm": (tf.StableLmConfig, tf.StableLmForCausalLM, dict(tie_word_embeddings=False)),
+    # layouts other than model.layers (names of the shared arguments mapped by each config's attribute_map)
+    "gpt_neox": (tf.GPTNeoXConfig, tf.GPTNeoXForCausalLM, dict(tie_word_embeddings=False)),
+    "falcon": (tf.FalconConfig, tf.FalconForCausalLM, dict(new_decoder_architecture=True, num_kv_heads=2)),
+    "bloom": (tf.BloomConfig, tf.BloomForCausalLM, dict()),  # ALiBi, embeddings LayerNorm on the client
 }
 
 

@@ -8,6 +8,7 @@ final norm and LM head — are taken from it and materialised from the checkpoin
 from __future__ import annotations
 
 import inspect
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -32,6 +33,8 @@ class Adapter:
 
     layers: str = "layers"                    # the ModuleList of decoder layers
     norm: str = "norm"                        # the final norm (client)
+    embed_norm: str | None = None             # a norm on the embeddings, on the client (BLOOM)
+    positions: str = "rotary"                 # "rotary" (computed on each stage) or "alibi" (bias from the mask)
     embedding_multiplier: str | None = None   # embeddings * m before the first layer (Granite)
     logit_multiplier: str | None = None       # logits * s (Cohere's logit_scale)
     logit_divisor: str | None = None          # logits / d (Granite's logits_scaling)
@@ -50,6 +53,10 @@ ADAPTERS: dict[str, Adapter] = {
     "mixtral": Adapter(), "qwen3_moe": Adapter(), "olmo2": Adapter(),
     "granite": Adapter(embedding_multiplier="embedding_multiplier", logit_divisor="logits_scaling"),
     "cohere": Adapter(logit_multiplier="logit_scale"), "stablelm": Adapter(),
+    # layouts other than model.layers
+    "gpt_neox": Adapter(norm="final_layer_norm"),
+    "falcon": Adapter(layers="h", norm="ln_f", must_be_off=("alibi",)),  # RW-style ALiBi Falcons are refused
+    "bloom": Adapter(layers="h", norm="ln_f", embed_norm="word_embeddings_layernorm", positions="alibi"),
 }
 
 #: Families tested token-exact (the keys of :data:`ADAPTERS`).
@@ -196,8 +203,8 @@ def _materialise(module: nn.Module, prefix: str, path: Path, wmap: dict[str, str
     ``_init_weights``, as transformers does when it loads the model."""
     names = [prefix + k for k in module.state_dict()]
     missing = [n for n in names if n not in wmap]
-    if missing and model is not None and any(k.startswith(prefix) for k in wmap):
-        return _materialise_converted(module, prefix, path, wmap, dtype, device, model, missing)
+    if missing and model is not None and _checkpoint_keys(model, wmap, prefix):
+        return _materialise_converted(module, prefix, path, wmap, dtype, device, model)
     if missing:
         raise UnsupportedArchitectureError(
             f"checkpoint at {path} lacks {missing[:3]}{'…' if len(missing) > 3 else ''}; "
@@ -211,18 +218,31 @@ def _materialise(module: nn.Module, prefix: str, path: Path, wmap: dict[str, str
     return module
 
 
+def _checkpoint_keys(model: nn.Module, wmap: dict[str, str], prefix: str) -> list[str]:
+    """Checkpoint tensor names that become tensors under ``prefix`` of ``model`` once transformers'
+    own conversion mapping (renamings such as GPT-NeoX's ``embed_out`` -> ``lm_head``, fused experts)
+    has been applied to them."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    mapping = get_model_conversion_mapping(model)
+    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+    converters = [t for t in mapping if isinstance(t, WeightConverter)]
+    return [k for k in wmap if k.startswith(prefix) or rename_source_key(k, renamings, converters)[0].startswith(prefix)]
+
+
 def _materialise_converted(module: nn.Module, prefix: str, path: Path, wmap: dict[str, str], dtype: torch.dtype,
-                          device, model: nn.Module, missing: list[str]) -> nn.Module:
+                          device, model: nn.Module) -> nn.Module:
     """The checkpoint stores ``module`` in another layout than the model class (Mixtral's and
-    Qwen3-MoE's experts: one tensor per expert, fused in transformers 5): transformers' own
-    conversion mapping builds the module's tensors from the checkpoint's tensors under ``prefix``
-    (only those are read), as ``from_pretrained`` does."""
+    Qwen3-MoE's experts: one tensor per expert, fused in transformers 5; GPT-NeoX's ``embed_out``):
+    transformers' own conversion mapping builds the module's tensors from the checkpoint tensors
+    that map under ``prefix`` (only those are read), as ``from_pretrained`` does."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import convert_and_load_state_dict_in_model
     from transformers.modeling_utils import LoadStateDictConfig
     from transformers.utils import logging as hf_logging
 
-    state = load_tensors(path, [k for k in wmap if k.startswith(prefix)], wmap, dtype)
+    state = load_tensors(path, _checkpoint_keys(model, wmap, prefix), wmap, dtype)
     load = LoadStateDictConfig(pretrained_model_name_or_path=str(path), dtype=dtype,
                                weight_mapping=get_model_conversion_mapping(model))
     bar = hf_logging.is_progress_bar_enabled()
@@ -294,8 +314,38 @@ def new_rotary(model: nn.Module, device: torch.device | str | None = None) -> nn
     """The family's rotary embedding for ``model`` (on meta): ``inv_freq`` is computed on the CPU, as
     transformers does at init, then moved to ``device``."""
     base = getattr(model, model.base_model_prefix)
+    if adapter(model.config).positions != "rotary":
+        return None
     rotary = type(base.rotary_emb)(config=model.config)  # inv_freq is computed, not stored
     return rotary if device is None or torch.device(device).type == "cpu" else rotary.to(device)
+
+
+def alibi_function(config: PreTrainedConfig, layer: nn.Module):
+    """The family's own ``build_alibi_tensor(mask [B, L], num_heads, dtype)`` from the module that
+    defines its decoder layer (BLOOM), or None for rotary families."""
+    if adapter(config).positions != "alibi":
+        return None
+    return getattr(sys.modules[type(layer).__module__], "build_alibi_tensor")
+
+
+class EmbeddingWithNorm(nn.Module):
+    """BLOOM's client input: transformers' token embeddings, then its ``word_embeddings_layernorm``.
+    (``inputs_embeds`` given by a caller are taken as already normed.)"""
+
+    def __init__(self, embed: nn.Embedding, norm: nn.Module):
+        super().__init__()
+        self.embed, self.norm = embed, norm
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.embed.weight
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.embed.num_embeddings
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, T, D]
+        return self.norm(self.embed(input_ids))
 
 
 def load_client_parts(path: Path, config: PreTrainedConfig, dtype: torch.dtype | None = None):
@@ -311,12 +361,18 @@ def load_client_parts(path: Path, config: PreTrainedConfig, dtype: torch.dtype |
     norm_name = adapter(config).norm
     norm = _materialise(getattr(base, norm_name), f"{prefix}{norm_name}.", path, wmap, dtype, model=model)
     head = model.get_output_embeddings()
-    if "lm_head.weight" in wmap:
-        _materialise(head, "lm_head.", path, wmap, dtype)
+    head_name = next(n for n, m in model.named_modules() if m is head)  # lm_head; embed_out in GPT-NeoX
+    if _checkpoint_keys(model, wmap, f"{head_name}."):
+        _materialise(head, f"{head_name}.", path, wmap, dtype, model=model)
     elif getattr(config, "tie_word_embeddings", False):
         head.weight = embed.weight
     else:
-        raise UnsupportedArchitectureError(f"checkpoint at {path} has no lm_head.weight and does not tie embeddings")
+        raise UnsupportedArchitectureError(
+            f"checkpoint at {path} has no {head_name}.weight and does not tie embeddings")
+    if adapter(config).embed_norm:
+        name = adapter(config).embed_norm
+        embed = EmbeddingWithNorm(embed, _materialise(getattr(base, name), f"{prefix}{name}.", path, wmap, dtype,
+                                                      model=model))
     for m in (embed, norm, head):
         _check_no_meta(m)
     return model.config, embed.eval(), norm.eval(), head.eval(), dtype

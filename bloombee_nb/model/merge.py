@@ -183,6 +183,7 @@ def _alone(runner, step: tuple):
 def _mergeable(runner, s, h: torch.Tensor, p: torch.Tensor, m: torch.Tensor) -> bool:
     """True when ``SpanRunner.forward`` would accept the step as a plain one (else it runs alone,
     where forward raises the typed error that says what is wrong)."""
-    return (h.dim() == 3 and h.shape[0] == s.batch and h.shape[1] >= 1 and h.shape[2] == runner.hidden_size
+    return (getattr(runner, "alibi", None) is None  # ALiBi (BLOOM) builds its bias from one session's mask
+            and h.dim() == 3 and h.shape[0] == s.batch and h.shape[1] >= 1 and h.shape[2] == runner.hidden_size
             and h.dtype == runner.dtype and p.dtype == torch.long and tuple(p.shape) == tuple(h.shape[:2])
             and tuple(m.shape) == tuple(h.shape[:2]) and s.length + h.shape[1] <= s.max_length)

@@ -32,6 +32,7 @@ the device the hidden states came on (a stage decodes frames on the CPU, so it g
 
 from __future__ import annotations
 
+import inspect
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ from .._kernels import check_parents, compact_kv, depths, tree_attention_mask
 from ..errors import (SessionLengthError, SessionLimitError, ShapeMismatchError, SpanError, TreeError,
                       UnknownSessionError, UnsupportedArchitectureError)
 from .checkpoint import resolve_checkpoint, weight_map
-from .family import (MASK_FUNCTIONS, _prefix, _stored_dtype, cache_keyword, decoder_layers, kv_bytes_per_token,
+from .family import (MASK_FUNCTIONS, _prefix, _stored_dtype, alibi_function, cache_keyword, decoder_layers, kv_bytes_per_token,
                      layer_attention_types, layer_prefix, load_config, load_span, meta_model, new_rotary,
                      rotary_per_layer_type)
 from .offload import ColdKVLayer, WeightStreamer, check_fraction, n_offloaded, offload_kv
@@ -107,7 +108,9 @@ class SpanRunner:
         # mask kind -> global index of the first layer of that kind in this span
         self.mask_layer_idx = {k: start + self.layer_kinds.index(k) for k in dict.fromkeys(self.layer_kinds)}
         self.cache_keyword = cache_keyword(self.layers[0])  # read from the family's decoder-layer class
-        self.rotary_per_kind = rotary_per_layer_type(self.rotary)
+        self._layer_params = inspect.signature(self.layers[0].forward).parameters
+        self.rotary_per_kind = self.rotary is not None and rotary_per_layer_type(self.rotary)
+        self.alibi = alibi_function(self.config, self.layers[0])  # BLOOM: the family's own ALiBi builder
         self.offloaded_weight_bytes = sum(self.streamer.layer_bytes) if self.streamer else 0
         self.weight_bytes = self.offloaded_weight_bytes + sum(
             p.numel() * p.element_size() for p in self.layers.parameters() if not p.is_meta)
@@ -203,6 +206,10 @@ class SpanRunner:
             raise SessionLengthError(
                 f"session {session_id!r} reserved max_length={s.max_length} but this step reaches "
                 f"{s.length + T}; open the session with a larger max_length")
+        if tree_parents is not None and self.alibi is not None:
+            raise TreeError(f"layers {self.span} use ALiBi ({self.config.model_type}), whose bias follows the "
+                            "mask's token count, not a tree's depths: token-tree speculation is not supported for "
+                            "this family; generate without assistant_model")
         if tree_parents is not None:
             tree_parents = tree_parents.cpu()  # checked and turned into a mask on the host: a few tiny ops
             self._check_tree(s, tree_parents, position_ids)
@@ -260,22 +267,34 @@ class SpanRunner:
             allowed = tree_attention_mask(tree_parents, s.length).to(hidden.device)  # [T, past + T]
             masks = {kind: _and_tree(m, allowed, s.batch) for kind, m in masks.items()}
         with self._layers() as layers:
-            return self.run_layers(layers, hidden, position_ids, masks, s.cache)
+            return self.run_layers(layers, hidden, position_ids, masks, s.cache, mask)
 
     def position_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict:
         """Layer kind -> the family's rotary (cos, sin) for these positions: one table for every kind,
         or one per kind where the family's rotary module takes a ``layer_type`` (Gemma 3)."""
+        if self.rotary is None:  # ALiBi
+            return dict.fromkeys(self.mask_layer_idx)
         if self.rotary_per_kind:
             return {k: self.rotary(hidden, position_ids, k) for k in self.mask_layer_idx}
         pos = self.rotary(hidden, position_ids)
         return dict.fromkeys(self.mask_layer_idx, pos)
 
-    def run_layers(self, layers, hidden: torch.Tensor, position_ids: torch.Tensor, masks: dict, cache) -> torch.Tensor:
-        """``layers`` (this span's, materialised) on ``hidden [B, T, D]``, each with its kind's mask."""
+    def run_layers(self, layers, hidden: torch.Tensor, position_ids: torch.Tensor, masks: dict, cache,
+                   mask_2d: torch.Tensor | None = None) -> torch.Tensor:
+        """``layers`` (this span's, materialised) on ``hidden [B, T, D]``, each with its kind's mask.
+        ALiBi families (BLOOM) take their bias from ``mask_2d [B, past + T]``, as their model does."""
         pos = self.position_embeddings(hidden, position_ids)
+        kw = {self.cache_keyword: cache, "use_cache": True}
+        if "position_ids" in self._layer_params:
+            kw["position_ids"] = position_ids
+        if self.alibi is not None:
+            kw["alibi"] = self.alibi(mask_2d, self.config.num_attention_heads, dtype=hidden.dtype)
         for layer, kind in zip(layers, self.layer_kinds):
-            hidden = layer(hidden, attention_mask=masks[kind], position_ids=position_ids, use_cache=True,
-                           position_embeddings=pos[kind], **{self.cache_keyword: cache})
+            if pos[kind] is not None:
+                kw["position_embeddings"] = pos[kind]
+            hidden = layer(hidden, attention_mask=masks[kind], **kw)
+            if isinstance(hidden, tuple):  # Falcon and BLOOM layers still return (hidden, …)
+                hidden = hidden[0]
         return hidden
 
     def _layers(self):
