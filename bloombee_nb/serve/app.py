@@ -125,6 +125,9 @@ def create_app(engine: Engine, settings: ServeSettings = ServeSettings()) -> Fas
 
 
 def _spec(engine: Engine, ids, body: p._Sampling, max_tokens: int | None) -> GenerationSpec:
+    if unsupported := body.unsupported():
+        raise InvalidRequestError(f"{', '.join(unsupported)} is not supported by this server: leave it out",
+                                  param=unsupported[0])
     return engine.spec(ids, max_tokens, temperature=body.temperature, top_p=body.top_p, n=body.n,
                        stop=body.stops(), seed=body.seed)
 

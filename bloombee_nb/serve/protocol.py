@@ -29,6 +29,14 @@ class _Sampling(BaseModel):
     stream_options: dict | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
+    # asked for, not provided here: a 400 that says so rather than an answer without them
+    logprobs: int | bool | None = None
+    echo: bool = False
+    tools: list | None = None
+
+    def unsupported(self) -> list[str]:
+        """Fields set that this server does not honour."""
+        return [f for f in ("logprobs", "echo", "tools") if getattr(self, f) not in (None, False)]
 
     def stops(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

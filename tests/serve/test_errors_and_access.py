@@ -46,6 +46,8 @@ def test_malformed_json_and_bad_fields_are_400_and_the_server_keeps_serving(star
     with pytest.raises(openai.BadRequestError, match="temperature") as err:
         client(server).completions.create(model="tiny-llama", prompt=PROMPT, temperature=5)
     assert err.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError, match="logprobs is not supported by this server"):
+        client(server).completions.create(model="tiny-llama", prompt=PROMPT, logprobs=2)
     r = httpx.get(server.url + "/nothing-here")
     assert r.status_code == 404 and "error" in r.json()
     assert ok(client(server))

@@ -1,0 +1,218 @@
+"""The OpenAI endpoint under load: N concurrent streaming clients against `bloombee_nb.serve`.
+
+    python benchmarks/bench_serve.py                       # loopback embedded cluster, 1..32 clients
+    sudo python benchmarks/bench_serve.py --link 100,50    # workers behind the link emulator (100 Mbit/s, 50 ms RTT)
+    python benchmarks/bench_serve.py --quick               # 1 and 4 clients
+
+The shipped tiny model split 2 + 2 + 2 over three workers, served over HTTP on 127.0.0.1 by
+the same server `bloombee-nb serve` runs. The clients are the official ``openai`` package's
+``AsyncOpenAI`` in a separate process (so they do not share the server's interpreter), all
+started together; each streams one greedy completion of ``--new-tokens`` tokens for its own
+prompt. Per client: time to first token (request sent → first text chunk) and decode tokens/s
+(tokens after the first / time after the first); for the run: aggregate tokens/s (all tokens /
+makespan), how many decode steps each stage forward ran (concurrent sessions merging), and
+whether every client's text equals single-process transformers' greedy text (``exact``).
+
+No comparison with a peer's server (llama-cpp-python on a GGUF) here: none is installed on this
+machine and the shipped model has no GGUF; see the README.
+
+Writes benchmarks/results/serve[_<link>].json, .md (table) and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import bloombee_nb as bb
+from bloombee_nb import serve
+from bloombee_nb.serve import ServeSettings
+from bloombee_nb.shipped import default_model_path
+
+RESULTS = Path(__file__).parent / "results"
+SPANS = [(0, 2), (2, 4), (4, 6)]
+USERS = (1, 2, 4, 8, 16, 32)
+SNIPPETS = ["def fibonacci(n):", "import os", "class Config:", "for i in range(", "def main():", "with open(",
+            "from collections import", "try:", "def __init__(self", "return sorted(", "if __name__ ==", "while True:"]
+
+
+def prompt(i: int) -> str:
+    return SNIPPETS[i % len(SNIPPETS)] + " " * (i // len(SNIPPETS))
+
+
+# ---- the clients (run in another process) ---------------------------------------------------
+
+def load(url: str, n: int, new_tokens: int) -> list[dict]:
+    return asyncio.run(_load(url, n, new_tokens))
+
+
+async def _load(url: str, n: int, new_tokens: int) -> list[dict]:
+    import httpx2
+    from openai import AsyncOpenAI
+
+    limits = httpx2.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
+    client = AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600,
+                         http_client=httpx2.AsyncClient(limits=limits, timeout=600))
+    return await asyncio.gather(*(_one(client, prompt(i), new_tokens) for i in range(n)))
+
+
+async def _one(client, text: str, new_tokens: int) -> dict:
+    t0 = time.perf_counter()
+    first, pieces, usage = None, [], None
+    stream = await client.completions.create(model="tiny-llama", prompt=text, max_tokens=new_tokens, temperature=0,
+                                             stream=True, stream_options={"include_usage": True})
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].text:
+            first = first or time.perf_counter()
+            pieces.append(chunk.choices[0].text)
+        if chunk.usage:
+            usage = chunk.usage.completion_tokens
+    end = time.perf_counter()
+    return {"ttft_s": first - t0, "decode_s": end - first, "start": t0, "end": end, "tokens": usage,
+            "text": "".join(pieces)}
+
+
+# ---- the server side ------------------------------------------------------------------------
+
+def reference(n: int, new_tokens: int, tok) -> list[str]:
+    model = AutoModelForCausalLM.from_pretrained(default_model_path()).eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(n):
+            ids = tok(prompt(i), return_tensors="pt")
+            gen = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            out.append(tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    return out
+
+
+def run(server, model, pool, n: int, new_tokens: int, want: list[str]) -> dict:
+    before = model.chain.info()
+    clients = pool.submit(load, server.url, n, new_tokens).result()
+    after = model.chain.info()
+    steps = sum(a["steps"] - b["steps"] for a, b in zip(after, before))
+    forwards = sum(a["forwards"] - b["forwards"] for a, b in zip(after, before))
+    makespan = max(c["end"] for c in clients) - min(c["start"] for c in clients)
+    tokens = sum(c["tokens"] for c in clients)
+    per_client = [(c["tokens"] - 1) / c["decode_s"] for c in clients if c["tokens"] > 1 and c["decode_s"] > 0]
+    return {"users": n, "new_tokens": new_tokens, "tokens": tokens, "makespan_s": makespan,
+            "aggregate_tokens_per_s": tokens / makespan,
+            "ttft_s_mean": statistics.mean(c["ttft_s"] for c in clients),
+            "ttft_s_max": max(c["ttft_s"] for c in clients),
+            "client_tokens_per_s_mean": statistics.mean(per_client), "client_tokens_per_s_min": min(per_client),
+            "steps_per_forward": steps / max(1, forwards),
+            "exact": [c["text"] for c in clients] == want[:n]}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--users", type=int, nargs="*", help=f"numbers of concurrent clients (default {USERS})")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--link", default=None, metavar="MBIT,RTT_MS",
+                    help="workers behind the link emulator (root: namespaces + tc; else in-process shaping)")
+    ap.add_argument("--quick", action="store_true", help="1 and 4 clients")
+    args = ap.parse_args()
+    users = tuple(args.users) if args.users else ((1, 4) if args.quick else USERS)
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    want = reference(max(users), args.new_tokens, tok)
+    with _cluster(args.link) as (cluster, emulation):
+        model = bb.DistributedModelForCausalLM.from_pretrained(default_model_path(), cluster=cluster,
+                                                               workers=cluster.worker_addresses(), spans=SPANS)
+        server = serve.serve(model, tok, port=0, settings=ServeSettings(max_running=max(users), max_queue=max(users)))
+        rows = []
+        try:
+            with ProcessPoolExecutor(1) as pool:
+                run(server, model, pool, 2, 8, want)  # warm-up: first-call costs on every side
+                for n in users:
+                    rows.append(run(server, model, pool, n, args.new_tokens, want))
+                    r = rows[-1]
+                    print(f"{n:>2} clients: {r['aggregate_tokens_per_s']:.1f} tok/s total, per client "
+                          f"{r['client_tokens_per_s_mean']:.1f} tok/s, TTFT {r['ttft_s_mean'] * 1e3:.0f} ms (max "
+                          f"{r['ttft_s_max'] * 1e3:.0f}), {r['steps_per_forward']:.2f} steps/forward, "
+                          f"exact={r['exact']}", flush=True)
+        finally:
+            server.stop()
+            model.close()
+    out = "serve" + (f"_{args.link.replace(',', '_')}" if args.link else "")
+    command = ("python benchmarks/bench_serve.py" + (" --quick" if args.quick else "")
+               + (f" --users {' '.join(map(str, args.users))}" if args.users else "")
+               + (f" --new-tokens {args.new_tokens}" if args.new_tokens != 32 else "")
+               + (f" --link {args.link}" if args.link else ""))
+    result = {"benchmark": "serve", "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)",
+              "model": "shipped tiny-llama (6 layers, hidden 256, fp32)", "spans": SPANS, "link": emulation,
+              "clients": "openai.AsyncOpenAI, streaming, one process", "command": command, "rows": rows}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{out}.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"{out}.md").write_text(table(result))
+    plot(result, RESULTS / f"{out}.png")
+    print(table(result))
+
+
+class _cluster:
+    """(cluster, label): the embedded loopback cluster, or one behind the link emulator."""
+
+    def __init__(self, link: str | None):
+        self.link, self.ctx = link, None
+
+    def __enter__(self):
+        if self.link is None:
+            self.cluster = bb.connect(n_workers=3)
+            self.cluster.wait_for_workers(3, 60)
+            return self.cluster, "loopback (embedded LocalCluster)"
+        from bloombee_nb.cluster import linkemu
+
+        rate, rtt = (float(x) for x in self.link.split(","))
+        self.ctx = linkemu.emulated_cluster(n_workers=3)
+        cluster, shape = self.ctx.__enter__()
+        return cluster, f"{rate:g} Mbit/s, {rtt:g} ms RTT: " + shape(rate, rtt)
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            return self.ctx.__exit__(*exc)
+        self.cluster.close()
+
+
+def table(result: dict) -> str:
+    head = ("| clients | aggregate tok/s | per-client tok/s (mean / min) | TTFT ms (mean / max) | steps per forward "
+            "| exact |\n|---:|---:|---:|---:|---:|:---:|\n")
+    return (f"Command: `{result['command']}` — {result['link']}, {result['machine']}\n\n" + head + "".join(
+        f"| {r['users']} | {r['aggregate_tokens_per_s']:.1f} | {r['client_tokens_per_s_mean']:.1f} / "
+        f"{r['client_tokens_per_s_min']:.1f} | {r['ttft_s_mean'] * 1e3:.0f} / {r['ttft_s_max'] * 1e3:.0f} | "
+        f"{r['steps_per_forward']:.2f} | {'yes' if r['exact'] else 'NO'} |\n" for r in result["rows"]))
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    n = [r["users"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(n, [r["aggregate_tokens_per_s"] for r in rows], "o-", label="aggregate")
+    a.plot(n, [r["client_tokens_per_s_mean"] for r in rows], "s--", label="per client (mean)")
+    a.set(xscale="log", xlabel="concurrent streaming clients", ylabel="tokens/s", title="throughput")
+    a.set_xticks(n, [str(x) for x in n])
+    a.legend()
+    b.plot(n, [r["ttft_s_mean"] * 1e3 for r in rows], "o-", label="mean")
+    b.plot(n, [r["ttft_s_max"] * 1e3 for r in rows], "s--", label="max")
+    b.set(xscale="log", xlabel="concurrent streaming clients", ylabel="ms", title="time to first token")
+    b.set_xticks(n, [str(x) for x in n])
+    b.legend()
+    fig.suptitle(f"bloombee-nb serve, tiny-llama 2+2+2 — {result['link'][:60]}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
