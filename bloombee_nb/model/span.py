@@ -156,6 +156,12 @@ class SpanRunner:
         s = self._get(session_id)
         if not 0 <= length <= s.length:
             raise SessionLengthError(f"cannot roll session {session_id!r} back to {length}: it holds {s.length} positions")
+        window = getattr(self.config, "sliding_window", None)
+        if length < s.length and "sliding_attention" in self.layer_kinds and s.length >= window:
+            raise SessionLengthError(
+                f"layers {self.span} use sliding-window attention (window {window}) and session {session_id!r} "
+                f"holds {s.length} positions: those layers keep only the last {window - 1}, so it cannot roll back "
+                "to an earlier position; start a new session from that position's tokens")
         if length < s.length:
             self._crop(s, length)
             s.mask = s.mask[:, :length]

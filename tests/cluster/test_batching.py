@@ -13,7 +13,7 @@ from bloombee_nb.cluster.stage import StageActor, _Job
 from bloombee_nb.errors import ShapeMismatchError
 from bloombee_nb.model.merge import forward_many
 from bloombee_nb.model.span import SpanRunner
-from tests.conftest import padded_batch
+from tests.conftest import FAMILIES, padded_batch
 
 SPANS = [(0, 2), (2, 4), (4, 5)]
 
@@ -27,8 +27,8 @@ def _generate_all(model, jobs, new_tokens):
         return list(pool.map(run, range(len(jobs))))
 
 
-@pytest.mark.parametrize("family, offload", [("llama", {}), ("mistral", {}), ("qwen2", {}), ("qwen3", {}),
-                                             ("llama", dict(weight_offload=0.5, kv_offload=0.5))])
+@pytest.mark.parametrize("family, offload", [(f, {}) for f in FAMILIES]  # BLOOM (ALiBi) runs its steps alone
+                         + [("llama", dict(weight_offload=0.5, kv_offload=0.5))])
 def test_merged_steps_of_different_sessions_equal_separate_steps(checkpoints, reference, family, offload):
     """Sessions of different lengths and batch sizes, one forward: the same outputs as one forward
     each (to float rounding), also with streamed weights and cold KV, and a bad step fails alone

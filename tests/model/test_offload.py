@@ -17,7 +17,7 @@ from bloombee_nb.cluster.stage import StageActor
 from bloombee_nb.errors import CheckpointNotFoundError, SpanError
 from bloombee_nb.model.offload import ColdKVLayer, n_offloaded
 from bloombee_nb.model.span import SpanRunner
-from tests.conftest import make_checkpoint, padded_batch
+from tests.conftest import FAMILIES, make_checkpoint, padded_batch
 
 FRACTIONS = (0.0, 0.5, 1.0)
 
@@ -228,10 +228,17 @@ def test_streamer_fills_device_buffers(checkpoints):
     streamer.close()
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+#: The script rolls back and runs a tree, so families whose 8-position window it outgrows (rollback is
+#: refused past the window) and BLOOM (ALiBi refuses trees) are left out; Mixtral and Qwen3-MoE store
+#: their experts in another layout and refuse weight_offload (test_checkpoint.py).
+OFFLOAD_FAMILIES = [f for f in FAMILIES if f not in ("llama", "mixtral", "qwen3_moe", "mistral_sliding", "gemma2",
+                                                     "gemma3_text", "bloom")]
+
+
+@pytest.mark.parametrize("family", OFFLOAD_FAMILIES)
 def test_other_families_offload_exactly(checkpoints, reference, family):
     """Weights and KV offloaded in each supported family; sliding-window layers keep their KV in memory."""
-    embed = reference[family].model.embed_tokens
+    embed = reference[family].get_input_embeddings()
     resident = SpanRunner(checkpoints[family], 1, 5)
     runner = SpanRunner(checkpoints[family], 1, 5, weight_offload=0.5, kv_offload=0.5)
     with torch.inference_mode():

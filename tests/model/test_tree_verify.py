@@ -18,9 +18,15 @@ from bloombee_nb._kernels import branching_parents, leaves, path, tree_position_
 from bloombee_nb.cluster.stage import StageActor
 from bloombee_nb.errors import SessionLengthError, ShapeMismatchError, TreeError, UnknownSessionError
 from bloombee_nb.model.span import SpanRunner, _and_tree
-from tests.conftest import VOCAB, make_checkpoint, padded_batch
+from tests.conftest import FAMILIES, VOCAB, make_checkpoint, padded_batch
 
 TIGHT = dict(rtol=1e-6, atol=1e-6)
+
+
+def tight(family: str) -> dict:
+    """OLMo 2 normalises q and k over all heads at once: a tree's 11 rows and a path's 4 take other
+    BLAS blockings there (observed up to 3.2e-6 apart); the tokens are checked by test_exactness."""
+    return dict(rtol=1e-5, atol=1e-5) if family == "olmo2" else TIGHT
 
 
 def run(spans, sid, h, pos, mask, tree=None):
@@ -67,10 +73,15 @@ class Chain:
 @pytest.fixture
 def chain(checkpoints, reference):
     """family -> a fresh Chain (a failing test leaves no session open for the next one)."""
-    return lambda family: Chain(checkpoints[family], reference[family].model.embed_tokens)
+    return lambda family: Chain(checkpoints[family], reference[family].get_input_embeddings())
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])
+#: every family but those whose 8-position windows the test's tree outgrows (trees are refused past the
+#: window: test_sliding_window_layers_inside_the_window) and BLOOM (ALiBi refuses trees: below)
+TREE_FAMILIES = [f for f in FAMILIES if f not in ("mistral_sliding", "gemma2", "gemma3_text", "bloom")]
+
+
+@pytest.mark.parametrize("family", TREE_FAMILIES)
 @torch.inference_mode()
 def test_tree_paths_equal_linear_runs_and_keep_path_continues_them(chain, family):
     c = chain(family)
@@ -84,7 +95,7 @@ def test_tree_paths_equal_linear_runs_and_keep_path_continues_them(chain, family
         p = path(parents, leaf)
         c.open("linear", ids, mask)
         want = c.step("linear", toks[:, p], tree_position_ids(torch.arange(-1, len(p) - 1), used))
-        torch.testing.assert_close(out[:, p], want, **TIGHT)
+        torch.testing.assert_close(out[:, p], want, **tight(family))
         c.close("linear")
     # the client accepts one path; the next step must equal the linear run's next step
     p = path(parents, 9)  # [0, 2, 5, 9]
@@ -93,11 +104,11 @@ def test_tree_paths_equal_linear_runs_and_keep_path_continues_them(chain, family
     c.open("linear", ids, mask)
     c.step("linear", toks[:, p], tree_position_ids(torch.arange(-1, 3), used))
     nxt = tokens(B, 1, seed=2)
-    torch.testing.assert_close(c.step("tree", nxt, used[:, None] + 4), c.step("linear", nxt, used[:, None] + 4), **TIGHT)
+    torch.testing.assert_close(c.step("tree", nxt, used[:, None] + 4), c.step("linear", nxt, used[:, None] + 4), **tight(family))
     for s in c.spans:  # and the caches agree entry for entry
         for a, b in zip(s.sessions["tree"].cache.layers[s.start:s.end], s.sessions["linear"].cache.layers[s.start:s.end]):
-            torch.testing.assert_close(a.keys, b.keys, **TIGHT)
-            torch.testing.assert_close(a.values, b.values, **TIGHT)
+            torch.testing.assert_close(a.keys, b.keys, **tight(family))
+            torch.testing.assert_close(a.values, b.values, **tight(family))
     c.close("tree"), c.close("linear")
 
 
@@ -285,3 +296,33 @@ def test_stage_keep_path_runs_on_the_stage_thread(checkpoints, reference):
         return (await stage.info())["sessions"], stage.runner.sessions["s"].length
 
     assert asyncio.run(go()) == (1, 2)
+
+
+@torch.inference_mode()
+def test_alibi_families_refuse_token_trees_and_stay_usable(chain):
+    """BLOOM's ALiBi bias follows the mask's token count, not a tree's depths: a typed refusal,
+    and the session goes on with linear steps."""
+    c = chain("bloom")
+    ids, mask = padded_batch([5])
+    c.open("s", ids, mask)
+    parents = branching_parents((2,))
+    with pytest.raises(TreeError, match="ALiBi.*without assistant_model"):
+        c.step("s", tokens(1, 3), tree_position_ids(parents, 5)[None], parents)
+    assert all(s.sessions["s"].length == 5 for s in c.spans)
+    c.step("s", tokens(1, 1), torch.full((1, 1), 5))
+    c.close("s")
+
+
+@torch.inference_mode()
+def test_rollback_past_a_sliding_window_is_a_typed_refusal(chain):
+    """Sliding-window layers keep only the last window - 1 positions: once a session has passed the
+    window (8 here) it cannot roll back; the refusal changes nothing and decoding goes on."""
+    c = chain("mistral_sliding")
+    ids, mask = padded_batch([10])
+    c.open("s", ids, mask)
+    for s in c.spans:
+        with pytest.raises(SessionLengthError, match="sliding-window.*cannot roll back"):
+            s.rollback("s", 7)
+        assert s.sessions["s"].length == 10
+    c.step("s", tokens(1, 1), torch.full((1, 1), 10))
+    c.close("s")
