@@ -42,3 +42,17 @@ def test_prefill_logits_match(models, reference, family):
     got = models[family, 3](ids, attention_mask=mask, position_ids=pos).logits
     real = mask.bool()  # padded positions carry no meaning
     torch.testing.assert_close(got[real], want[real], rtol=0, atol=PREFILL_LOGITS_ATOL)
+
+
+@pytest.mark.parametrize("family", ["gemma", "granite", "cohere", "mixtral", "gpt_neox", "falcon"])
+def test_speculative_greedy_equals_transformers(models, reference, family):
+    """Token trees verified by the 3-stage chain, with the family's client math (Gemma's embedding
+    scale, Granite's multipliers, Cohere's logit scale) on the verify path too: a perfect draft (the
+    family's own reference) and a wrong one (another family's) both give transformers' greedy tokens."""
+    model, ref = models[family, 3], reference[family]
+    ids, mask = padded_batch([4, 11, 7], seed=5)
+    want = ref.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    for draft in (ref, reference["llama" if family != "llama" else "qwen2"]):
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                             assistant_model=draft, tree_widths=(2, 2, 1))
+        assert torch.equal(got, want), (family, got.tolist(), want.tolist())
