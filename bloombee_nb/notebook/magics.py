@@ -231,6 +231,7 @@ class BloombeeMagics(Magics):
             raise UsageError("--workers only applies to `connect local`; a remote cluster has the workers it has")
         compression = None if args.compression in (None, "raw") else args.compression
         direct = not (args.through_scheduler or (target != "local" and "google.colab" in sys.modules))
+        _stop_servers_of(session().model)
         session().connect(None if target == "local" else target, n_workers=args.workers or self.workers,
                           direct_to_workers=direct, model_path=args.model or self.model or None,
                           load_model=not args.no_model, relay=args.relay, compression=compression,
@@ -245,6 +246,7 @@ class BloombeeMagics(Magics):
             show(server)
 
     def _disconnect(self, args, cell):
+        _stop_servers_of(session().model)
         print("disconnected" if session().disconnect() else "not connected")
 
     def _profile(self, args, cell):
@@ -323,6 +325,14 @@ class BloombeeMagics(Magics):
         from .frontend import show_figure
 
         show(live(fig)) if self.live else show_figure(fig)
+
+
+def _stop_servers_of(model) -> None:
+    """`%bloombee serve` servers must not outlive the model they serve (disconnect, or a connect replacing it)."""
+    from .. import serve as http
+
+    for port in http.stop_serving(model):
+        print(f"stopped serving on port {port}")
 
 
 def _placed_plan(model, profile):

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from .errors import ServeError, ServeStartError
 
-__all__ = ["serve", "Server", "ServeSettings", "TLSFiles", "ServeError", "ServeStartError", "running", "stop"]
+__all__ = ["serve", "Server", "ServeSettings", "TLSFiles", "ServeError", "ServeStartError", "running", "stop", "stop_serving"]
 
 _RUNNING: dict[int, "Server"] = {}   # port -> server started by serve() in this process
 
@@ -68,7 +68,15 @@ def running() -> dict[int, "Server"]:
 
 def stop(port: int | None = None) -> list[int]:
     """Stop the server on ``port`` (None: every one); the ports stopped."""
-    ports = [p for p in running() if port is None or p == port]
+    return _stop([p for p in running() if port is None or p == port])
+
+
+def stop_serving(model) -> list[int]:
+    """Stop every server of this process that serves ``model`` (none for ``None``); the ports stopped."""
+    return _stop([p for p, s in running().items() if model is not None and s.app.state.bloombee.engine.model is model])
+
+
+def _stop(ports: list[int]) -> list[int]:
     for p in ports:
         _RUNNING.pop(p).stop()
     return ports

@@ -63,3 +63,16 @@ def test_magic_without_a_model_says_what_to_do(ip):
     session().model = None
     with pytest.raises(UsageError, match="no model is placed"):
         ip.run_line_magic("bloombee", "serve --port 0")
+
+
+
+def test_disconnect_stops_the_servers_first(ip, capsys):
+    s = session()
+    s.cluster = s.model = s.tokenizer = None     # the fixtures' cluster and model are not the notebook's to close
+    ip.run_line_magic("bloombee", "connect local --workers 1")
+    ip.run_line_magic("bloombee", "serve --port 0 --out srv")
+    server = ip.user_ns["srv"]
+    ip.run_line_magic("bloombee", "disconnect")
+    out = capsys.readouterr().out
+    assert f"stopped serving on port {server.port}" in out and out.rstrip().endswith("disconnected")
+    assert not server.running
