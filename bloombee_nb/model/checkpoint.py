@@ -25,7 +25,8 @@ META_PATTERNS = ["*.json", "*.model", "*.txt", "*.jinja"]
 
 
 def resolve_checkpoint(name_or_path: str | Path, revision: str | None = None) -> Path:
-    """A local folder with ``config.json`` + safetensors, or a Hub id fetched into the HF cache.
+    """A local folder with ``config.json`` + safetensors, a GGUF file (converted once into such a
+    folder: ``gguf.py``), or a Hub id fetched into the HF cache.
 
     For a Hub id only the metadata (config, index, tokenizer) is fetched here; a process then
     downloads just the safetensors shards holding the tensors it reads (:func:`load_tensors`), so a
@@ -35,8 +36,13 @@ def resolve_checkpoint(name_or_path: str | Path, revision: str | None = None) ->
     if path.is_dir():
         _check_folder(path)
         return path
+    if path.suffix.lower() == ".gguf" and path.is_file():  # llama.cpp's format: converted once (gguf.py)
+        from .gguf import gguf_checkpoint
+
+        return gguf_checkpoint(path)
     if path.exists():
-        raise CheckpointNotFoundError(f"{path} is a file; pass the checkpoint *folder* (with config.json)")
+        raise CheckpointNotFoundError(f"{path} is a file; pass the checkpoint *folder* (with config.json), "
+                                      "or a .gguf file")
     try:  # a Hub id such as "meta-llama/Llama-3.2-1B"; works offline if it is already cached
         from huggingface_hub import hf_hub_download, snapshot_download
 

