@@ -67,7 +67,7 @@ def start_cluster(tmp: Path, rtt_ms: dict[str, float]):
     addr = json.loads(sched_file.read_text())["address"]
     for name in ("w0", "w1", "w2"):
         env = dict(os.environ, BLOOMBEE_EMULATED_RTT_MS=str(rtt_ms.get(name, 0)))
-        procs.append(subprocess.Popen([BIN, "worker", addr, "--name", name, "--host", "127.0.0.1"], env=env,
+        procs.append(subprocess.Popen([BIN, "worker", addr, "--name", name, "--listen", "127.0.0.1"], env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     return addr, procs
 

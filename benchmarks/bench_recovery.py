@@ -94,7 +94,7 @@ class Loopback:
 
     def spawn(self, name: str) -> None:
         log = open(self.log_dir / f"{name}.log", "a")
-        self.procs[name] = subprocess.Popen([BIN, "worker", self.address, "--name", name, "--host", "127.0.0.1"],
+        self.procs[name] = subprocess.Popen([BIN, "worker", self.address, "--name", name, "--listen", "127.0.0.1"],
                                             stdout=log, stderr=subprocess.STDOUT,
                                             env=dict(os.environ, OMP_NUM_THREADS="1"))
 

@@ -19,6 +19,9 @@ _LAZY = {
     "DistributedModelForCausalLM": "bloombee_nb.generate.model",
     "InferenceSession": "bloombee_nb.generate.session",
     "errors": "bloombee_nb.errors",
+    "host": "bloombee_nb.cluster.swarm",
+    "unhost": "bloombee_nb.cluster.swarm",
+    "swarm": "bloombee_nb.cluster.swarm",
 }
 
 __all__ = [*_LAZY, "__version__", "load_ipython_extension", "unload_ipython_extension"]

@@ -2,6 +2,9 @@
 
     bloombee-nb worker tcp://host:8786          # serve whatever span the scheduler's clients place here
                                                 # (SIGTERM / Ctrl-C: hand the spans over, then exit; twice: exit now)
+    bloombee-nb worker tcp://host:8786 --host MODEL   # lend it to the swarm: host the span of MODEL the swarm
+                                                # needs most, for every client (and only MODEL)
+    bloombee-nb swarm tcp://host:8786           # which worker hosts which layers of which model
     bloombee-nb credentials ./creds             # TLS credentials; then `scheduler --tls ./creds`, `worker … --tls ./creds`
     bloombee-nb generate "def fibonacci(n):"    # embedded local cluster + the shipped model
     bloombee-nb serve --port 8000               # OpenAI-compatible HTTP API (bloombee_nb/serve/)
@@ -52,7 +55,7 @@ def _worker(args) -> int:
     from distributed import Worker
 
     async def serve():
-        async with Worker(args.scheduler, nthreads=args.nthreads, name=args.name, host=args.host,
+        async with Worker(args.scheduler, nthreads=args.nthreads, name=args.name, host=args.listen_host,
                           memory_limit=args.memory_limit, security=_security(args),
                           protocol="tls" if args.tls else None) as worker:
             leave = _Leave(worker, args.leave_grace_s)
@@ -60,9 +63,38 @@ def _worker(args) -> int:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, leave.signal)
             print(f"bloombee-nb worker {worker.address} joined {args.scheduler}", flush=True)
+            if args.host or args.allow:
+                from .cluster.policy import POLICY, HostPolicy
+
+                await worker.plugin_add(HostPolicy([*args.host, *args.allow]), name=POLICY)
+            for model in args.host:
+                await asyncio.to_thread(_host_here, args, worker.address, model)
             await worker.finished()
 
     asyncio.run(serve())
+    return 0
+
+
+def _host_here(args, address: str, model: str) -> None:
+    """``--host MODEL``: this worker takes the span of MODEL the swarm needs most (see
+    :func:`bloombee_nb.cluster.swarm.host`), as many layers as ``--layers`` (default: all)."""
+    import bloombee_nb as bb
+
+    with bb.connect(args.scheduler, security=_security(args)) as cluster:
+        try:
+            (span,) = bb.host(model, cluster, workers=[address], layers_per_worker=args.layers or 1 << 30,
+                              num_threads=args.nthreads)
+        except Exception as exc:  # noqa: BLE001 — the worker keeps serving; the owner reads why
+            print(f"bloombee-nb worker {address} could not host {model}: {type(exc).__name__}: {exc}", flush=True)
+            return
+    print(f"bloombee-nb worker {address} hosts layers {span.start}–{span.end - 1} of {span.model}", flush=True)
+
+
+def _swarm(args) -> int:
+    import bloombee_nb as bb
+
+    with bb.connect(args.scheduler, security=_security(args)) as cluster:
+        print(repr(bb.swarm(cluster)))
     return 0
 
 
@@ -140,7 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("scheduler", help="scheduler address, e.g. tcp://10.0.0.5:8786")
     w.add_argument("--nthreads", type=int, default=1)
     w.add_argument("--name", default=None)
-    w.add_argument("--host", default=None, help="address to listen on (default: the one facing the scheduler)")
+    w.add_argument("--listen", dest="listen_host", default=None,
+                   help="address to listen on (default: the one facing the scheduler)")
+    w.add_argument("--host", metavar="MODEL", action="append", default=[],
+                   help="host a span of MODEL (checkpoint folder or Hub id) for the swarm; repeatable")
+    w.add_argument("--allow", metavar="MODEL", action="append", default=[],
+                   help="also allow clients to place spans of MODEL here; with --host/--allow no other model loads")
+    w.add_argument("--layers", type=int, default=None, help="with --host: at most this many layers (default: all)")
     w.add_argument("--memory-limit", default="auto")
     w.add_argument("--tls", metavar="FOLDER", default=None,
                    help="credentials folder (bloombee-nb credentials): mutual TLS, tls:// scheduler address")
@@ -159,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--dashboard-address", default=":8787")
     s.add_argument("--tls", metavar="FOLDER", default=None, help="credentials folder: mutual TLS")
     s.set_defaults(run=_scheduler)
+
+    sw = sub.add_parser("swarm", help="show which worker hosts which layers of which model, and their load")
+    sw.add_argument("scheduler", help="scheduler address")
+    sw.add_argument("--tls", metavar="FOLDER", default=None, help="credentials folder for a scheduler with TLS")
+    sw.set_defaults(run=_swarm)
 
     g = sub.add_parser("generate", help="generate text on the embedded local cluster (or --scheduler)")
     g.add_argument("prompt")

@@ -24,6 +24,15 @@ class UnknownSessionError(BloombeeError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class SessionOwnerError(BloombeeError, PermissionError):
+    """A client asked a stage to close, roll back or compact a session another client opened."""
+
+
+class SwarmError(BloombeeError, RuntimeError):
+    """The swarm cannot do what was asked: a model not hosted (or not fully), a worker whose owner
+    did not allow a model, no route through the hosted spans. The message says what to host where."""
+
+
 class SessionLengthError(BloombeeError, ValueError):
     """A step would write past the session's reserved ``max_length``."""
 

@@ -39,7 +39,7 @@ def scheduler(tmp_path):
 
 
 def test_workers_started_from_the_command_line_generate_exactly(scheduler, checkpoints, reference, tmp_path):
-    workers = [subprocess.Popen([BIN, "worker", scheduler, "--name", f"cli-{i}", "--host", "127.0.0.1"],
+    workers = [subprocess.Popen([BIN, "worker", scheduler, "--name", f"cli-{i}", "--listen", "127.0.0.1"],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     try:
         with bb.connect(scheduler) as cluster:

@@ -782,8 +782,10 @@ bloombee-nb worker tcp://<A>:8786 --name lab-gpu-1
 ```
 
 `bloombee-nb worker` is a Dask worker with one thread that leaves cleanly on Ctrl-C or SIGTERM.
-Its options: `--name` (how the planner and the link map call it), `--host` (the address it listens
-on, default: the one facing the scheduler), `--nthreads`, `--memory-limit`. Workers must reach
+Its options: `--name` (how the planner and the link map call it), `--listen` (the address it listens
+on, default: the one facing the scheduler), `--nthreads`, `--memory-limit`, and `--host MODEL` to
+lend it to the swarm: it hosts a span of MODEL for every client (and only the models named with
+`--host`/`--allow`). Workers must reach
 the scheduler *and each other* (stages forward hidden states straight to the next stage).
 
 Below, the same commands run for real on this machine, on 127.0.0.1, started from the notebook."""),
@@ -820,7 +822,7 @@ file, so this notebook never collides with something else on port 8786."""),
 address = wait_for_file(work / "scheduler.json")["address"]
 address"""),
     ("md", """Join two workers, as two other machines would:"""),
-    ("code", """workers = [start(cli("bloombee-nb"), "worker", address, "--name", f"box-{i}", "--host", "127.0.0.1",
+    ("code", """workers = [start(cli("bloombee-nb"), "worker", address, "--name", f"box-{i}", "--listen", "127.0.0.1",
                  log=f"worker-{i}.log") for i in range(2)]"""),
     ("md", """Connect the notebook. `direct_to_workers=False` sends every call through the scheduler:
 that is what a notebook behind NAT needs — a Colab runtime, a laptop on home Wi-Fi — since the

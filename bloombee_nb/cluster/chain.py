@@ -38,7 +38,7 @@ from .. import transport
 from ..errors import BloombeeError, StageHungError, StageLeavingError, StageUnavailableError
 from ..transport.emulation import hold
 from .placement import Placement, StageSpec
-from .stage import GROUP, StageActor, extra_nbytes
+from .stage import GROUP, Route, StageActor, extra_nbytes
 
 #: Seconds an actor call may take before its worker counts as gone. Dask never resolves a call
 #: whose arguments fail to serialise, so every call carries a timeout.
@@ -89,16 +89,23 @@ class RemoteChain:
                  relay: str = "chain", compression: str | None = None, min_compress_bytes: int = 64 << 10,
                  liveness_interval_s: float | None = DEFAULT_LIVENESS_INTERVAL_S,
                  ping_timeout_s: float = DEFAULT_PING_TIMEOUT_S, micro_batch: int | None = None,
-                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, group: bool = True):
+                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, group: bool = True, shared: bool = False):
+        """``futures``: the stage actors' futures, or (``shared``) handles on the swarm's hosted
+        stages (``cluster/swarm.py``), which other clients use too and the swarm keeps alive:
+        nothing chain-wide is set on them (each session carries its own route, stages keep their
+        own codecs) and steps travel one session at a time (no group)."""
         if relay not in RELAYS:
             raise ValueError(f"relay must be one of {RELAYS}, got {relay!r}")
         self.client, self.placement, self.timeout_s, self.relay = client, placement, timeout_s, relay
         self.liveness_interval_s, self.ping_timeout_s = liveness_interval_s, ping_timeout_s
-        self.released = False
-        self._futures = futures  # an actor lives as long as its future is held
-        self.actors = gather_actors(client, futures, placement)
+        self.released, self.shared = False, shared
+        self.owner = client.id   # the stages bind this client's sessions to it
+        self._futures = [] if shared else futures  # an actor lives as long as its future is held
+        self.actors = list(futures) if shared else gather_actors(client, futures, placement)
         for a, b, st, spec in zip(self.actors, self.actors[1:], placement.stages, placement.stages[1:]):
-            _settle(st, a, "set_next", b, unavailable_message(spec), self.actors[-1], spec.worker, timeout_s=timeout_s)
+            if not shared:
+                _settle(st, a, "set_next", b, unavailable_message(spec), self.actors[-1], spec.worker,
+                        timeout_s=timeout_s)
         # the codec each sender uses on each of its links: the client's per stage it sends to
         # (chain: only the first), each stage's for its one outgoing link
         n = len(self.actors)
@@ -113,7 +120,7 @@ class RemoteChain:
         self._steps = itertools.count()
         self._acks: list[asyncio.Future] = []  # chain mode: first-stage acceptances not yet checked
         self.micro_batch, self.prefill_chunk = micro_batch, prefill_chunk
-        self.group = group  # chain relay: concurrent sessions' plain steps travel together (_Groups)
+        self.group = group and not shared  # chain relay: concurrent sessions' plain steps travel together (_Groups)
         self._groups: _Groups | None = None
         self._parts: dict[str, list[tuple[str, int, int]]] = {}  # session -> (stage session id, rows a:b)
         self._seq: dict[str, int] = {}                            # stage session id -> its next step's seq
@@ -153,9 +160,12 @@ class RemoteChain:
         return [*((-1, i) for i in range(n)), *((i, -1) for i in range(n))]
 
     def set_policies(self, client_policies: list, stage_policies: list) -> None:
-        """Install who encodes what: the client's policy per destination stage, each stage's own."""
+        """Install who encodes what: the client's policy per destination stage, each stage's own (a
+        shared stage keeps its own: other clients' steps leave it too)."""
         self.client_policies, self.stage_policies = list(client_policies), list(stage_policies)
         for st, a, p in zip(self.placement.stages, self.actors, stage_policies):
+            if self.shared:
+                break
             _settle(st, a, "set_compression", p.to_dict(), timeout_s=self.timeout_s)
 
     def choose_compression(self, bandwidth_Bps: dict[tuple[int, int], float], sample: torch.Tensor) -> None:
@@ -195,10 +205,19 @@ class RemoteChain:
         m = self.micro_batch or batch
         parts = [(session_id if batch <= m else f"{session_id}/{k}", a, min(a + m, batch))
                  for k, a in enumerate(range(0, batch, m))]
-        self._gather([self._call(i, "open_session", sub, b - a, max_length)
+        self._gather([self._call(i, "open_session", sub, b - a, max_length, self._route(i), self.owner)
                       for sub, a, b in parts for i in range(len(self.actors))])
         self._parts[session_id] = parts
         self._seq.update({sub: 0 for sub, _, _ in parts})
+
+    def _route(self, i: int) -> Route | None:
+        """Stage ``i``'s route for a session of a shared chain (a private chain set it once: None)."""
+        if not self.shared:
+            return None
+        nxt = i + 1 < len(self.actors)
+        spec = self.placement.stages[i + 1] if nxt else None
+        return Route(self.actors[i + 1] if nxt else None, self.actors[-1], spec.worker if nxt else None,
+                     unavailable_message(spec) if nxt else "")
 
     def stage_sessions(self, session_id: str) -> list[str]:
         """The ids ``session_id`` goes by on the stages (one per micro-batch)."""
@@ -211,11 +230,11 @@ class RemoteChain:
             self._seq.pop(sub, None)
             if self._groups is not None:
                 self._groups.forget(sub)
-        self._gather([self._call(i, "close_session", sub) for sub in subs for i in range(len(self.actors))])
+        self._gather([self._call(i, "close_session", sub, self.owner) for sub in subs for i in range(len(self.actors))])
 
     def rollback(self, session_id: str, length: int) -> None:
         """Keep the first ``length`` positions of the session on every stage."""
-        self._gather([self._call(i, "rollback", sub, int(length))
+        self._gather([self._call(i, "rollback", sub, int(length), self.owner)
                       for sub in self.stage_sessions(session_id) for i in range(len(self.actors))])
 
     def _gather(self, calls: list) -> list:
@@ -305,7 +324,8 @@ class RemoteChain:
         """Every stage keeps only the accepted path of the session's last tree step (``keep [K]`` or
         ``[B, K]`` node indices, root first, -1 padded; see ``SpanRunner.keep_path``)."""
         keep = torch.as_tensor(keep, dtype=torch.long)
-        calls = [self._call(i, "keep_path", sub, int(past_len), (keep[a:b] if keep.dim() == 2 else keep).tolist())
+        calls = [self._call(i, "keep_path", sub, int(past_len), (keep[a:b] if keep.dim() == 2 else keep).tolist(),
+                            self.owner)
                  for sub, a, b in self._parts.get(session_id) or [(session_id, 0, None)]
                  for i in range(len(self.actors))]
         self._gather(calls)

@@ -35,6 +35,12 @@ Every tensor is a frame (``bytes``) decoded here; every error raised is a typed
 :mod:`bloombee_nb.errors` exception that reaches the caller with its type, and leaves every
 other session on this stage untouched.
 
+Swarm (``cluster/swarm.py``): a hosted stage serves many clients, each routing its own chain
+through the swarm's replicas, so "the next stage" is per session: ``open_session(route=...)``
+gives each session its :class:`Route`; a stage without one uses the chain-wide ``set_next``. A
+session is bound to the client that opened it (``owner``): only that client may close it, roll it
+back or keep a path of it, and the stage never tells anyone its id.
+
 Leaving: when its worker is asked to leave (``bloombee-nb worker`` gets SIGTERM,
 :func:`begin_leaving`), a stage answers new steps and sessions with :class:`StageLeavingError`
 — its clients replay their sessions elsewhere — and still closes sessions and answers pings, so
@@ -51,10 +57,11 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import transport
-from ..errors import BloombeeError, StageHungError, StageLeavingError, StageUnavailableError
+from ..errors import BloombeeError, SessionOwnerError, StageHungError, StageLeavingError, StageUnavailableError
 from ..model.merge import forward_many
 from ..model.span import SpanRunner
 from ..transport.emulation import hold
+from .policy import check_allowed
 
 
 #: Set in a worker process that is leaving: no new stage loads there.
@@ -82,12 +89,23 @@ class _Job:
         return self.tree is None and self.keep is None and self.rows > 0 and not self.skip
 
 
+@dataclass(frozen=True)
+class Route:
+    """Where one session's output goes from this stage, in chain relay."""
+
+    next: object | None = None      # the next stage's actor handle (None: this stage is the session's last)
+    last: object | None = None      # the session's last stage: where failures are reported
+    next_worker: str | None = None  # the next stage's worker address (named in errors)
+    unavailable: str = ""           # what to say when the next stage cannot be reached
+
+
 class StageActor:
     def __init__(self, path: str, start: int, end: int, dtype: str | None = None, num_threads: int = 1,
                  max_kv_bytes: int | None = None, max_sessions: int | None = None,
                  allow_unverified_architecture: bool = False, weight_offload: float = 0.0, kv_offload: float = 0.0,
                  micro_batch: int | None = None, merge: bool = True, device: str | None = None):
         self.address = _worker_address()
+        check_allowed(path)
         if _LEAVING:
             raise StageLeavingError(f"the worker {self.address} is leaving and takes no new spans; place the "
                                     "model on other workers", workers=(self.address,))
@@ -100,6 +118,9 @@ class StageActor:
                                  weight_offload=weight_offload, kv_offload=kv_offload, **kw)
         self.max_frame_bytes = transport.frame.DEFAULT_MAX_BYTES
         self.next = self.last = self._next_worker = None  # chain mode: the next and the last stage's actor handles
+        self._next_unavailable = ""
+        self._routes: dict[str, Route] = {}         # session -> its own route (swarm clients)
+        self._owners: dict[str, str] = {}           # session -> the client that opened it
         self._sending: set[asyncio.Task] = set()  # outputs on their way to the next stage
         self.out_policy = transport.CodecPolicy()  # which codec this stage's outgoing frames use, by size
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="bloombee-stage")
@@ -140,14 +161,43 @@ class StageActor:
                           encode_s=c.encode_s, decode_s=c.decode_s) for c in st] for st in stats]
         return await self._run(run)
 
-    async def open_session(self, session_id: str, batch: int, max_length: int) -> None:
+    async def open_session(self, session_id: str, batch: int, max_length: int, route: Route | None = None,
+                           owner: str | None = None) -> None:
+        """Reserve a session's KV; ``route``: where its outputs go (else the chain-wide next stage);
+        ``owner``: the client that may later close it, roll it back or keep its paths. Its owner
+        opening it again (a swarm client re-routed after losing another stage, replaying its
+        history) starts it afresh."""
         self._check_staying()
+        if owner is not None and session_id in self.runner.sessions and self._owners.get(session_id) == owner:
+            await self.close_session(session_id, owner)
         await self._run(self.runner.open, session_id, batch, max_length)
         self._next_seq[session_id] = 0
+        if route is not None:
+            self._routes[session_id] = route
+        if owner is not None:
+            self._owners[session_id] = owner
+
+    def _route(self, session_id: str) -> Route:
+        return self._routes.get(session_id) or Route(self.next, self.last, self._next_worker, self._next_unavailable)
+
+    def _check_owner(self, session_id: str, owner: str | None) -> None:
+        held = self._owners.get(session_id)
+        if held is not None and owner != held:
+            raise SessionOwnerError(f"session {session_id[:8]}… on layers {self.runner.start}–{self.runner.end - 1} "
+                                    "belongs to another client; a client can only use its own sessions")
+
+    def sessions_by_owner(self) -> dict[str, int]:
+        """owner -> open sessions here (sessions opened without an owner count under "")."""
+        out: dict[str, int] = {}
+        for sid in list(self.runner.sessions):
+            owner = self._owners.get(sid, "")
+            out[owner] = out.get(owner, 0) + 1
+        return out
 
     async def ping(self) -> dict:
         """Answered on the worker's event loop, even while a step computes: alive, leaving, sessions."""
-        return {"leaving": self.leaving, "sessions": len(self.runner.sessions)}
+        return {"leaving": self.leaving, "sessions": len(self.runner.sessions), "queued": len(self._queue),
+                "clients": len(set(self._owners.values()))}
 
     def _check_staying(self) -> None:
         if self.leaving:
@@ -155,17 +205,22 @@ class StageActor:
                                     f"{self.runner.end - 1} is leaving the cluster; the session moves to other "
                                     "workers", workers=(self.address,))
 
-    async def close_session(self, session_id: str) -> None:
+    async def close_session(self, session_id: str, owner: str | None = None) -> None:
+        self._check_owner(session_id, owner)
         for key in [k for k in self._outputs if k[0] == session_id]:
             self._outputs.pop(key).cancel()
         await self._run(self.runner.close, session_id)
         self._next_seq.pop(session_id, None)
+        self._routes.pop(session_id, None)
+        self._owners.pop(session_id, None)
 
-    async def rollback(self, session_id: str, length: int) -> None:
+    async def rollback(self, session_id: str, length: int, owner: str | None = None) -> None:
+        self._check_owner(session_id, owner)
         await self._run(self.runner.rollback, session_id, length)
 
-    async def keep_path(self, session_id: str, past_len: int, keep: list) -> None:
+    async def keep_path(self, session_id: str, past_len: int, keep: list, owner: str | None = None) -> None:
         """Speculation: keep only the accepted path of the last tree step (see ``SpanRunner.keep_path``)."""
+        self._check_owner(session_id, owner)
         await self._run(self.runner.keep_path, session_id, past_len, keep)
 
     def _compute(self, session_id: str, hidden: bytes, position_ids: bytes, attention_mask: bytes,
@@ -202,14 +257,14 @@ class StageActor:
         except BaseException as exc:
             if step is not None:
                 await self._report(session_id, step, exc)
-                if seq is not None and self.next is not None:
+                if seq is not None and self._route(session_id).next is not None:
                     self._spawn(self._skip_on(session_id, seq))
             raise
         computes = (*computes, (compute_s, len(out)))
         if step is None:
             await hold(len(out))  # emulated link out of this worker (benchmarks only)
             return out, computes
-        if self.next is None:
+        if self._route(session_id).next is None:
             await hold(len(out))
             self._output(session_id, step).set_result((out, computes))
             return None, computes
@@ -252,7 +307,7 @@ class StageActor:
         except BloombeeError as exc:
             await self._report(GROUP, step, exc)  # e.g. the next stage is leaving: every entry fails with it
         except (OSError, RuntimeError, TimeoutError) as exc:  # the next worker is gone
-            await self._report(GROUP, step, self._next_gone(exc))
+            await self._report(GROUP, step, self._next_gone(self._route(GROUP), exc))
 
     async def set_seq(self, session_id: str, seq: int) -> None:
         """The client's count of the session's steps, after a step that failed somewhere: stages that
@@ -265,12 +320,12 @@ class StageActor:
         """Step ``seq`` of the session failed before it got here: stop waiting for it, and tell the
         stages after this one."""
         await self._submit(_Job(session_id, (), None, None, seq, 0, 0, skip=True))
-        if self.next is not None:
+        if self._route(session_id).next is not None:
             await self._skip_on(session_id, seq)
 
     async def _skip_on(self, session_id: str, seq: int) -> None:
         try:
-            await self.next.skip(session_id, seq)
+            await self._route(session_id).next.skip(session_id, seq)
         except (BloombeeError, OSError, RuntimeError, TimeoutError):
             pass  # the next stage is gone: its sessions recover elsewhere anyway
 
@@ -363,24 +418,27 @@ class StageActor:
                        keep=None, seq=None) -> None:
         try:
             await hold(len(out) + len(position_ids) + len(attention_mask) + extra_nbytes(tree, keep))
-            await self.next.forward(session_id, out, position_ids, attention_mask, step, computes, tree, keep, seq)
+            route = self._route(session_id)
+            await route.next.forward(session_id, out, position_ids, attention_mask, step, computes, tree, keep, seq)
         except BloombeeError:
             pass  # the stage that raised it has reported it to the last stage
         except (OSError, RuntimeError, TimeoutError) as exc:  # the next worker is gone
-            await self._report(session_id, step, self._next_gone(exc))
+            await self._report(session_id, step, self._next_gone(self._route(session_id), exc))
 
-    def _next_gone(self, exc: BaseException) -> StageUnavailableError:
+    @staticmethod
+    def _next_gone(route: Route, exc: BaseException) -> StageUnavailableError:
         """What the client gets when this stage's output cannot reach the next stage."""
-        named = (self._next_worker,) if self._next_worker else ()
-        return StageUnavailableError(f"{self._next_unavailable} [{type(exc).__name__}: {exc}]", workers=named)
+        named = (route.next_worker,) if route.next_worker else ()
+        return StageUnavailableError(f"{route.unavailable} [{type(exc).__name__}: {exc}]", workers=named)
 
     async def _report(self, session_id: str, step: int, exc: BaseException) -> None:
         """Chain mode: make the client's ``collect`` of ``step`` raise ``exc``."""
-        if self.next is None:
+        route = self._route(session_id)
+        if route.next is None:
             await self.fail(session_id, step, exc)
-        elif self.last is not None:
+        elif route.last is not None:
             try:
-                await self.last.fail(session_id, step, exc)
+                await route.last.fail(session_id, step, exc)
             except (OSError, RuntimeError, TimeoutError):
                 pass  # the last stage is gone: the client's collect fails by itself
 

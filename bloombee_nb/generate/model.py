@@ -20,7 +20,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ..cluster import BloombeeCluster, Placement, connect, place
 from ..cluster.chain import (DEFAULT_CALL_TIMEOUT_S, DEFAULT_LIVENESS_INTERVAL_S, DEFAULT_PING_TIMEOUT_S,
                              DEFAULT_PREFILL_CHUNK, RemoteChain)
-from ..errors import RecoveryError, StageUnavailableError
+from ..errors import RecoveryError, StageUnavailableError, SwarmError
 from ..cluster.profiling import measure_links, profile_cluster
 from ..model.checkpoint import resolve_checkpoint
 from ..model.family import ClientMath, client_math, load_client_parts, load_config
@@ -62,7 +62,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                         ping_timeout_s: float = DEFAULT_PING_TIMEOUT_S,
                         liveness_interval_s: float | None = DEFAULT_LIVENESS_INTERVAL_S,
                         micro_batch: int | str | None = "plan", merge: bool = True, group: bool | None = None,
-                        prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+                        prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, swarm: bool | str = "auto",
                         **stage_kwargs) -> "DistributedModelForCausalLM":
         """Load the client parts here and place the decoder layers on the cluster's workers.
 
@@ -100,6 +100,13 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
           a session that loses a stage re-places the spans on live workers and replays its history
           there (exact; ``model.events`` records each recovery); ``False``: the error is raised.
 
+        - Swarm (``cluster/swarm.py``): when the cluster's swarm hosts every layer of the model
+          (``bb.host``, ``bloombee-nb worker --host``), ``swarm="auto"`` (the default, unless
+          ``spans``/``workers``/``plan`` place layers by hand) attaches to those spans — routed
+          through the replicas from this client's own measurements, nothing loaded on its behalf;
+          otherwise it places its own, private spans. ``swarm=True`` insists on attaching
+          (:class:`~bloombee_nb.errors.SwarmError` naming the missing layers); ``False`` never does.
+
         Each worker reads only its own span from its own copy of the checkpoint (a local path
         that exists there, or a Hub id).
         """
@@ -126,9 +133,14 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 workers, spans = plan.workers, plan.layer_spans
             chain_kwargs["micro_batch"] = _micro_batch(micro_batch, plan)
             chain_kwargs["group"] = (merge and plan is not None and plan.objective == "throughput") if group is None else group
-            placement = place(workers or cluster.worker_addresses(), config.num_hidden_layers, spans)
-            chain = RemoteChain.create(cluster.client, placement, worker_path, **chain_kwargs, **stage_kwargs,
-                                       per_stage=_plan_offloads(plan, placement, stage_kwargs))
+            chain = None
+            if swarm and plan is None and spans is None and workers is None:
+                chain = _attach(cluster, worker_path, config.num_hidden_layers, stage_kwargs["dtype"], swarm,
+                                chain_kwargs)
+            if chain is None:
+                placement = place(workers or cluster.worker_addresses(), config.num_hidden_layers, spans)
+                chain = RemoteChain.create(cluster.client, placement, worker_path, **chain_kwargs, **stage_kwargs,
+                                           per_stage=_plan_offloads(plan, placement, stage_kwargs))
             if compression == "auto":
                 choose_compression(chain, cluster, embed, profile)
         except BaseException:
@@ -150,6 +162,11 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     @property
     def placement(self) -> Placement:
         return self.chain.placement
+
+    @property
+    def attached(self) -> bool:
+        """Whether the layers run on the swarm's hosted spans (shared) rather than this model's own."""
+        return self.chain.shared
 
     def replan(self, workload: Workload | None = None, *, profile: ClusterProfile | None = None,
                plan: Plan | None = None) -> Plan:
@@ -214,6 +231,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 if not current.released and not set(current.placement.workers) & set(lost):
                     old.release()
                     return current, tuple(lost.values()), True
+            if current.shared:  # a swarm client re-routes through the replicas left: nothing reloads
+                return self._reroute(old, current, lost), tuple(lost.values()), False
             placement, plan = replacement_placement(
                 current.placement, lost, live_workers(workers, lost), self.config.num_hidden_layers,
                 profile=self.profile, workload=self.plan.workload if self.plan is not None else None,
@@ -229,6 +248,22 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 raise recovery_error(lost, placement, cause) from cause
             self.plan = plan if plan is not None else self.plan
             return self.chain, tuple(lost.values()), False
+
+    def _reroute(self, old: RemoteChain, current: RemoteChain, lost: dict) -> RemoteChain:
+        from ..cluster.swarm import attach_chain, missing_layers
+
+        self._lost = lost
+        chain = attach_chain(self.cluster, self._worker_path, self.config.num_hidden_layers,
+                             dtype=self._stage_kwargs["dtype"], exclude=set(lost), **self._chain_kwargs)
+        if chain is None:
+            gone = missing_layers(self.cluster, self._worker_path, self.config.num_hidden_layers)
+            raise RecoveryError(f"the swarm no longer hosts layers {_ranges(gone) or 'of a live route'} of "
+                                f"{self.name_or_path}: host them (bb.host(model, cluster, workers=[...], spans=[...]) "
+                                "or `bloombee-nb worker SCHEDULER --host MODEL`); the session resumes on the next step")
+        old.release()
+        current.release()
+        self.chain = chain
+        return chain
 
     def _remember_names(self, workers: dict[str, dict]) -> None:
         self._worker_names.update({a: str(w.get("name", a)) for a, w in workers.items()})
@@ -360,14 +395,39 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __repr__(self):
         spans = ", ".join(f"{s.start}–{s.end - 1}@{s.worker}" for s in self.placement.stages)
-        return f"<DistributedModelForCausalLM {self.name_or_path} [{spans}]>"
+        where = "attached to the swarm's spans" if self.attached else "own spans"
+        return f"<DistributedModelForCausalLM {self.name_or_path} [{spans}] ({where})>"
 
     def _repr_html_(self):
         rows = "".join(f"<tr><td>{i}</td><td><code>{html.escape(s.worker)}</code></td><td>{s.start}–{s.end - 1}</td>"
                        f"<td>{s.n_layers}</td></tr>" for i, s in enumerate(self.placement.stages))
         return (f"<div><b>DistributedModelForCausalLM</b> {html.escape(str(self.name_or_path))} "
-                f"({self.config.model_type}, {self.config.num_hidden_layers} layers, {self.dtype})"
+                f"({self.config.model_type}, {self.config.num_hidden_layers} layers, {self.dtype}; "
+                f"{'attached to the swarm: these spans are hosted for every client' if self.attached else 'its own spans: loaded for this client, freed by close()'})"
                 f"<table><tr><th>stage</th><th>worker</th><th>layers</th><th>#</th></tr>{rows}</table></div>")
+
+
+def _attach(cluster, path: str, n_layers: int, dtype: str, swarm: bool | str, chain_kwargs: dict):
+    """The swarm's chain for the model (None: not covered and ``swarm="auto"``)."""
+    from ..cluster.swarm import attach_chain, missing_layers
+
+    chain = attach_chain(cluster, path, n_layers, dtype=dtype, **chain_kwargs)
+    if chain is None and swarm is True:
+        raise SwarmError(f"the swarm does not host layers {_ranges(missing_layers(cluster, path, n_layers))} of {path} "
+                         f"in {dtype}: host them first (bb.host(...) or `bloombee-nb worker SCHEDULER --host MODEL`), "
+                         "or load private spans with swarm=False")
+    return chain
+
+
+def _ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0–2, 5"."""
+    out, start = [], None
+    for i, x in enumerate(layers):
+        start = x if start is None else start
+        if i + 1 == len(layers) or layers[i + 1] != x + 1:
+            out.append(f"{start}–{x}" if x > start else str(x))
+            start = None
+    return ", ".join(out)
 
 
 def _micro_batch(setting: int | str | None, plan: Plan | None) -> int | None:

@@ -322,6 +322,6 @@ def _close_quietly(chain, session_id: str) -> None:
     try:
         for sub in chain.stage_sessions(session_id):
             for actor in chain.actors:
-                actor.close_session(sub)  # not awaited: fire and forget
+                actor.close_session(sub, chain.owner)  # not awaited: fire and forget
     except (BloombeeError, OSError, RuntimeError, KeyError):
         pass

@@ -157,6 +157,17 @@ def build_parser() -> _Parser:
     sv.add_argument("--stop", action="store_true", help="stop the server on --port (without --port: every one)")
     sv.add_argument("--out", metavar="NAME", type=_identifier, help="also store the Server in this variable")
 
+    hs = sub.add_parser("host", help="lend workers to the swarm: host spans of MODEL for every client of this "
+                                     "cluster (they outlive this notebook; clients attach with from_pretrained)")
+    hs.add_argument("model", nargs="?", help="checkpoint folder or Hub id (default: the notebook's model)")
+    hs.add_argument("--workers", nargs="+", metavar="WORKER", help="worker names or addresses (default: every one)")
+    hs.add_argument("--layers", type=_positive_int, help="at most this many layers per worker (default: an even share)")
+    hs.add_argument("--stop", action="store_true", help="stop hosting MODEL (on --workers, default: every one)")
+
+    sw = sub.add_parser("swarm", help="which worker hosts which layers of which model: replicas, load, sessions, "
+                                      "clients")
+    sw.add_argument("--out", metavar="NAME", type=_identifier, help="also store the SwarmView in this variable")
+
     sub.add_parser("help", help="this help")
     return p
 
@@ -249,6 +260,28 @@ class BloombeeMagics(Magics):
         _stop_servers_of(session().model)
         print("disconnected" if session().disconnect() else "not connected")
 
+    def _host(self, args, cell):
+        from ..cluster.swarm import host, swarm, unhost
+        from ..shipped import default_model_path
+
+        s = session()
+        cluster = s.require_cluster()
+        model = args.model or s.model_path or self.model or str(default_model_path())
+        workers = _worker_addresses(cluster, args.workers)
+        if args.stop:
+            gone = unhost(cluster, model, workers)
+            print(f"stopped hosting {len(gone)} spans of {model}")
+        else:
+            host(model, cluster, workers=workers, layers_per_worker=args.layers)
+        show(swarm(cluster))
+
+    def _swarm(self, args, cell):
+        from ..cluster.swarm import swarm
+
+        view = swarm(session().require_cluster())
+        show(view)
+        self._store(args.out, view)
+
     def _profile(self, args, cell):
         from .figures import link_map
 
@@ -333,6 +366,17 @@ def _stop_servers_of(model) -> None:
 
     for port in http.stop_serving(model):
         print(f"stopped serving on port {port}")
+
+
+def _worker_addresses(cluster, names: list[str] | None) -> list[str] | None:
+    """Worker names or addresses -> addresses (None: every worker)."""
+    if not names:
+        return None
+    by_name = {str(w.get("name")): a for a, w in cluster.workers().items()}
+    unknown = [n for n in names if n not in by_name and n not in by_name.values()]
+    if unknown:
+        raise UsageError(f"no worker named {', '.join(unknown)}; the cluster has {', '.join(sorted(by_name))}")
+    return [by_name.get(n, n) for n in names]
 
 
 def _placed_plan(model, profile):

@@ -45,7 +45,7 @@ class Swarm:
     def spawn(self, name: str) -> None:
         """Start worker ``name`` (a replacement joining, when the cluster already runs)."""
         self.logs[name] = self.log_dir / f"{name}.log"
-        self.procs[name] = subprocess.Popen([BIN, "worker", self.address, "--name", name, "--host", "127.0.0.1",
+        self.procs[name] = subprocess.Popen([BIN, "worker", self.address, "--name", name, "--listen", "127.0.0.1",
                                              "--leave-grace-s", "20"], stdout=open(self.logs[name], "w"),
                                             stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
 

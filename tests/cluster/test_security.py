@@ -46,7 +46,7 @@ def test_members_with_credentials_generate_and_outsiders_are_refused(creds, tmp_
     try:
         assert address.startswith("tls://")
         for i in range(2):
-            w, _ = start_process([BIN, "worker", address, "--tls", str(creds), "--name", f"m{i}", "--host", "127.0.0.1"],
+            w, _ = start_process([BIN, "worker", address, "--tls", str(creds), "--name", f"m{i}", "--listen", "127.0.0.1"],
                           r"worker (tls://\S+) joined")
             procs.append(w)
         # an outsider worker: plain TCP, and TLS with someone else's credentials — neither joins

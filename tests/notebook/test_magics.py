@@ -265,3 +265,19 @@ def test_connect_for_throughput_sets_micro_batch_and_groups_and_stays_exact(ip, 
         assert ip.user_ns["r"].text == tok.decode(want[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     finally:
         ip.run_line_magic("bloombee", "connect local --workers 2")
+
+
+def test_host_lends_the_workers_to_the_swarm_and_swarm_shows_it(ip, checkpoints):
+    path = checkpoints["llama"]
+    ip.run_line_magic("bloombee", f"host {path} --layers 3")
+    try:
+        ip.run_line_magic("bloombee", "swarm --out view")
+        view = ip.user_ns["view"]
+        assert view.replicas(path) == [1, 1, 1, 1, 1]
+        assert sorted(s.span for s in view.spans) == [(0, 3), (3, 5)]
+        with pytest.raises(UsageError, match="no worker named nope"):
+            ip.run_line_magic("bloombee", f"host {path} --workers nope")
+    finally:
+        ip.run_line_magic("bloombee", f"host {path} --stop")
+    ip.run_line_magic("bloombee", "swarm --out after")
+    assert ip.user_ns["after"].spans == ()

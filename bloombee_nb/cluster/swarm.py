@@ -1,0 +1,341 @@
+"""The swarm: spans hosted once by lenders, used by any number of clients.
+
+Hosting is separate from using. :func:`host` (or ``bloombee-nb worker … --host MODEL``) starts
+stage actors that belong to the swarm, not to a client: the registry below, a Dask scheduler
+plugin, records them and *wants* their keys on the scheduler (as Dask's own published datasets
+are wanted), so they outlive the client that placed them, and forgets them when their worker
+leaves. A client's ``from_pretrained`` finds the model in the registry and :func:`attach_chain`
+routes a chain through the hosted spans — replicas included — from what it measures itself (its
+round trip to each stage and each stage's load), without loading a layer. Every session on a
+shared stage carries its own route (``stage.Route``), and steps of different clients that meet at
+a stage merge into one forward like any others.
+
+Who may host what is the lender's choice: a worker started with ``--host`` / ``--allow`` carries a
+:class:`HostPolicy` (a Dask worker plugin), and a stage refuses to load any other model there.
+
+    bb.host("path/or/hub-id", cluster)       # even split over the workers (or spans=, workers=)
+    bb.swarm(cluster)                          # who hosts which layers of which model, load, sessions
+    model = bb.DistributedModelForCausalLM.from_pretrained("path/or/hub-id", cluster=cluster)  # attaches
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from distributed import Actor
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+from ..errors import SwarmError
+from ..plan.swarm import choose_span, coverage, route
+from .placement import Placement, StageSpec, even_spans
+from .policy import HostPolicy, model_key  # noqa: F401 (HostPolicy: part of the swarm's API)
+from .stage import StageActor
+
+REGISTRY = "bloombee-swarm"          # the scheduler plugin's name
+OWNER = "bloombee-swarm"             # the pseudo-client that wants hosted actors' keys on the scheduler
+
+
+@dataclass(frozen=True)
+class HostedSpan:
+    """One hosted stage: the one identity of a stage (worker address, name, span) plus its model."""
+
+    model: str       # the model's key (see :func:`model_key`)
+    worker: str      # Dask worker address
+    name: str        # the worker's Dask name
+    start: int       # first layer (inclusive)
+    end: int         # last layer (exclusive)
+    n_layers: int    # layers of the whole model
+    dtype: str       # e.g. "float32"
+    key: str         # the stage actor's Dask key
+
+    @property
+    def span(self) -> tuple[int, int]:
+        return self.start, self.end
+
+    def stage(self) -> StageSpec:
+        return StageSpec(self.worker, self.start, self.end)
+
+
+# ---- the registry (runs inside the Dask scheduler) -----------------------------------------------
+class SwarmRegistry(SchedulerPlugin):
+    """Which worker hosts which span of which model, kept on the scheduler.
+
+    Handlers (called as ``client.scheduler.bloombee_swarm_*``): ``add`` records spans and wants
+    their actors' keys for the swarm; ``remove`` forgets them (the actors stop when no client holds
+    them either); ``list`` answers the records. A worker that leaves takes its records with it.
+    """
+
+    name = REGISTRY
+    idempotent = True  # registering again (every client does) keeps the running registry
+
+    #: a claimed span not hosted within this long (its worker failed to load it) is free again
+    CLAIM_S = 600.0
+
+    def __init__(self):
+        self.spans: dict[str, dict] = {}
+        self.claims: dict[tuple[str, str], tuple[tuple[int, int], float]] = {}  # (model, worker) -> (span, when)
+
+    async def start(self, scheduler) -> None:
+        self.scheduler = scheduler
+        scheduler.handlers.update({"bloombee_swarm_add": self.add, "bloombee_swarm_remove": self.remove,
+                                   "bloombee_swarm_list": self.list, "bloombee_swarm_claim": self.claim})
+
+    def claim(self, model: str, worker: str, n_layers: int, capacity: int) -> tuple[int, int]:
+        """The span ``worker`` should host (``choose_span`` over what is hosted and claimed), claimed
+        for it at once: workers joining together each get a different one."""
+        now = time.time()
+        self.claims = {k: v for k, v in self.claims.items() if now - v[1] < self.CLAIM_S}
+        taken = [(r["start"], r["end"]) for r in self.spans.values() if r["model"] == model]
+        taken += [span for (m, w), (span, _) in self.claims.items() if m == model and w != worker]
+        span = choose_span(n_layers, taken, capacity)
+        self.claims[(model, worker)] = (span, now)
+        return span
+
+    def add(self, spans: list[dict]) -> None:
+        for rec in spans:
+            if rec["worker"] not in self.scheduler.workers:
+                raise SwarmError(f"{rec['worker']} is not a worker of this cluster")
+            self.scheduler.client_desires_keys(keys=[rec["key"]], client=OWNER)
+            self.spans[rec["key"]] = rec
+            self.claims.pop((rec["model"], rec["worker"]), None)
+
+    def remove(self, keys: list[str]) -> None:
+        keys = [k for k in keys if self.spans.pop(k, None) is not None]
+        if keys:
+            self.scheduler.client_releases_keys(keys=keys, client=OWNER, stimulus_id=f"bloombee-unhost-{time.time()}")
+
+    def list(self) -> list[dict]:
+        return list(self.spans.values())
+
+    def remove_worker(self, scheduler, worker: str, *, stimulus_id: str, **kwargs) -> None:
+        self.claims = {k: v for k, v in self.claims.items() if k[1] != worker}
+        gone = [k for k, rec in self.spans.items() if rec["worker"] == worker]
+        if gone:  # after Dask has finished removing the worker
+            asyncio.get_running_loop().call_soon(self.remove, gone)
+
+
+def _registry(client) -> None:
+    """Install the registry on the scheduler, once (later calls find it running)."""
+    if not getattr(client, "_bloombee_swarm", False):
+        client.register_plugin(SwarmRegistry())
+        client._bloombee_swarm = True
+
+
+def hosted(cluster, model: str | None = None) -> list[HostedSpan]:
+    """The spans the swarm hosts (of ``model``, a :func:`model_key`, when given)."""
+    client = cluster.client
+    _registry(client)
+    recs = client.sync(client.scheduler.bloombee_swarm_list)
+    spans = [HostedSpan(**r) for r in recs]
+    return sorted((s for s in spans if model is None or s.model == model), key=lambda s: (s.model, s.start, s.name))
+
+
+# ---- the lender's side -----------------------------------------------------------------------
+def host(model: str | Path, cluster, *, workers: list[str] | None = None, spans: list[tuple[int, int]] | None = None,
+         dtype: str | None = None, layers_per_worker: int | None = None, **stage_kwargs) -> list[HostedSpan]:
+    """Host spans of ``model`` on the cluster's workers for the swarm (they outlive this client).
+
+    ``spans`` (with ``workers``, one span each) places them by hand; otherwise each worker in turn
+    takes :func:`~bloombee_nb.plan.swarm.choose_span` of what the swarm already hosts — on an empty
+    swarm an even split over ``workers`` (default: all), on a covered one a replica of the least
+    served span. ``layers_per_worker`` caps a worker's span (default: an even share).
+    """
+    from ..model.checkpoint import resolve_checkpoint, weight_map
+    from ..model.family import _stored_dtype, load_config
+    from .chain import gather_actors
+
+    key = model_key(model)
+    path = resolve_checkpoint(model)
+    config = load_config(path, stage_kwargs.get("allow_unverified_architecture", False))
+    n = config.num_hidden_layers
+    workers = list(workers or cluster.worker_addresses())
+    if spans is None:
+        _registry(cluster.client)
+        cap = layers_per_worker or max(b - a for a, b in even_spans(n, len(workers)))
+        spans = [tuple(cluster.client.sync(cluster.client.scheduler.bloombee_swarm_claim, model=key, worker=w,
+                                           n_layers=n, capacity=cap)) for w in workers]
+    if len(spans) != len(workers):
+        raise SwarmError(f"{len(spans)} spans for {len(workers)} workers: give one span per worker")
+    dtype = dtype or str(_stored_dtype(path, weight_map(path), config)).removeprefix("torch.")
+    placement = [StageSpec(w, a, b) for w, (a, b) in zip(workers, spans)]
+    futures = [cluster.client.submit(StageActor, key, st.start, st.end, actor=True, pure=False, workers=[st.worker],
+                                     allow_other_workers=False, dtype=dtype, **stage_kwargs)
+               for st in placement]
+    try:
+        gather_actors(cluster.client, futures, _AnyPlacement(tuple(placement)))
+        names = {a: str(w.get("name", a)) for a, w in cluster.workers().items()}
+        recs = [HostedSpan(key, st.worker, names.get(st.worker, st.worker), st.start, st.end, n, dtype, str(f.key))
+                for st, f in zip(placement, futures)]
+        cluster.client.sync(cluster.client.scheduler.bloombee_swarm_add, spans=[r.__dict__ for r in recs])
+    finally:
+        for f in futures:  # the registry wants them now; this client does not need to
+            f.release()
+    return recs
+
+
+@dataclass(frozen=True)
+class _AnyPlacement:
+    """gather_actors' view of stages that need not form a chain (replicas, partial coverage)."""
+
+    stages: tuple[StageSpec, ...]
+
+
+def unhost(cluster, model: str | Path | None = None, workers: list[str] | None = None) -> list[HostedSpan]:
+    """Stop hosting (``model``'s spans, on ``workers``; default every one): the swarm forgets them and
+    each stage stops once no client holds it (sessions open on it finish first)."""
+    gone = [s for s in hosted(cluster, None if model is None else model_key(model))
+            if workers is None or s.worker in workers]
+    cluster.client.sync(cluster.client.scheduler.bloombee_swarm_remove, keys=[s.key for s in gone])
+    return gone
+
+
+# ---- the client's side -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StageLoad:
+    """What a hosted stage answered a ping with, and how long the answer took from this client."""
+
+    rtt_s: float
+    sessions: int
+    queued: int
+    clients: int
+    leaving: bool
+
+
+def actors(cluster, spans: list[HostedSpan]) -> list:
+    """This client's handles on hosted stages. It holds no future of its own: the registry keeps
+    the actors alive (Dask's ``Future(key, client)`` no longer tells the scheduler a client wants a key)."""
+    with cluster.client.as_current():
+        return [Actor(StageActor, s.worker, s.key) for s in spans]
+
+
+def probe(cluster, spans: list[HostedSpan], timeout_s: float = 5.0) -> dict[str, StageLoad | None]:
+    """Ping every hosted stage from this client: ``key -> StageLoad`` (None: no answer in time)."""
+    client = cluster.client
+
+    async def one(actor):
+        try:
+            t0 = time.perf_counter()
+            ans = await asyncio.wait_for(actor.ping(), timeout_s)
+            return StageLoad(time.perf_counter() - t0, ans["sessions"], ans.get("queued", 0), ans.get("clients", 0),
+                             ans["leaving"])
+        except Exception:  # noqa: BLE001 — gone, hung or unreachable: not routable
+            return None
+
+    async def every():
+        return await asyncio.gather(*(one(a) for a in actors(cluster, spans)))
+
+    return dict(zip([s.key for s in spans], client.sync(every)))
+
+
+def choose_route(spans: list[HostedSpan], loads: dict[str, StageLoad | None], n_layers: int,
+                 layer_s: float = 1e-3) -> list[HostedSpan] | None:
+    """The cheapest chain through the answering, staying stages: each stage costs its layers
+    (``layer_s`` each) scaled by its queue and sessions, plus this client's measured round trip
+    to it (the link into it; stage-to-stage links are priced as the mean client round trip)."""
+    live = [s for s in spans if loads.get(s.key) is not None and not loads[s.key].leaving]
+    if not live:
+        return None
+    mean_rtt = sum(loads[s.key].rtt_s for s in live) / len(live)
+    stage_s = [(s.end - s.start) * layer_s * (1 + loads[s.key].queued + 0.25 * loads[s.key].sessions) for s in live]
+
+    def hop(p, i):
+        if p is None:
+            return loads[live[i].key].rtt_s
+        if i is None:
+            return loads[live[p].key].rtt_s
+        return 0.0 if live[p].worker == live[i].worker else mean_rtt
+
+    path = route([s.span for s in live], n_layers, stage_s, hop)
+    return None if path is None else [live[i] for i in path]
+
+
+def attach_chain(cluster, model: str | Path, n_layers: int, *, dtype: str | None = None, exclude=(), **chain_kwargs):
+    """A :class:`~bloombee_nb.cluster.chain.RemoteChain` over the swarm's hosted spans of ``model``
+    (routed by :func:`choose_route`), or None when the swarm does not cover it. ``exclude``:
+    worker addresses not to route through (lost ones)."""
+    from .chain import RemoteChain
+
+    spans = [s for s in hosted(cluster, model_key(model))
+             if s.worker not in exclude and s.n_layers == n_layers and (dtype is None or s.dtype == dtype)]
+    if not spans or 0 in coverage(n_layers, [s.span for s in spans]):
+        return None
+    chosen = choose_route(spans, probe(cluster, spans), n_layers)
+    if chosen is None:
+        return None
+    placement = Placement(tuple(s.stage() for s in chosen))
+    chain_kwargs.pop("group", None)
+    return RemoteChain(cluster.client, placement, actors(cluster, chosen), shared=True, **chain_kwargs)
+
+
+def missing_layers(cluster, model: str | Path, n_layers: int) -> list[int]:
+    """Layers of ``model`` no hosted span holds."""
+    count = coverage(n_layers, [s.span for s in hosted(cluster, model_key(model))])
+    return [i for i, c in enumerate(count) if c == 0]
+
+
+# ---- the view ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SwarmView:
+    """What ``bb.swarm(cluster)`` shows: every hosted span with its load, by model."""
+
+    spans: tuple[HostedSpan, ...]
+    loads: dict = field(default_factory=dict)   # key -> StageLoad | None
+
+    def models(self) -> dict[str, list[HostedSpan]]:
+        out: dict[str, list[HostedSpan]] = {}
+        for s in self.spans:
+            out.setdefault(s.model, []).append(s)
+        return out
+
+    def replicas(self, model: str) -> list[int]:
+        """Per layer of ``model``, how many hosted spans hold it."""
+        spans = self.models().get(model_key(model), [])
+        return coverage(spans[0].n_layers, [s.span for s in spans]) if spans else []
+
+    def _load(self, s: HostedSpan) -> str:
+        ld = self.loads.get(s.key)
+        if ld is None:
+            return "no answer"
+        state = " (leaving)" if ld.leaving else ""
+        return f"{ld.sessions} sessions, {ld.clients} clients, {ld.queued} queued, {ld.rtt_s * 1e3:.1f} ms{state}"
+
+    def __repr__(self):
+        lines = [f"<SwarmView: {len(self.models())} models, {len(self.spans)} hosted spans>"]
+        for model, spans in self.models().items():
+            reps = self.replicas(model)
+            lines.append(f"  {model}  ({spans[0].n_layers} layers, replicas per layer min {min(reps)} max {max(reps)})")
+            lines += [f"    layers {s.start}–{s.end - 1} on {s.name} ({s.worker}): {self._load(s)}" for s in spans]
+        return "\n".join(lines)
+
+    def _repr_html_(self):
+        if not self.spans:
+            return ("<div><b>swarm</b>: nothing hosted yet — <code>bb.host(model, cluster)</code> or "
+                    "<code>bloombee-nb worker SCHEDULER --host MODEL</code></div>")
+        parts = []
+        for model, spans in self.models().items():
+            n = spans[0].n_layers
+            reps = self.replicas(model)
+            bar = "".join(f"<td title='layer {i}: {r} replicas' style='background:{_shade(r)};width:{max(4, 240 // n)}px'>"
+                          "</td>" for i, r in enumerate(reps))
+            rows = "".join(f"<tr><td>{s.start}–{s.end - 1}</td><td>{html.escape(s.name)}</td>"
+                           f"<td><code>{html.escape(s.worker)}</code></td><td>{html.escape(self._load(s))}</td></tr>"
+                           for s in spans)
+            parts.append(f"<div><b>{html.escape(model)}</b> — {n} layers, {spans[0].dtype}; replicas per layer "
+                         f"<table style='border-collapse:collapse'><tr>{bar}</tr></table>"
+                         "<table><tr><th>layers</th><th>worker</th><th>address</th><th>load</th></tr>"
+                         f"{rows}</table></div>")
+        return "<div><b>swarm</b>" + "".join(parts) + "</div>"
+
+
+def _shade(replicas: int) -> str:
+    return ["#d62728", "#9ecae1", "#4292c6", "#08519c"][min(replicas, 3)]
+
+
+def swarm(cluster, *, ping: bool = True) -> SwarmView:
+    """Every span the swarm hosts, with each stage's load as this client measures it."""
+    spans = hosted(cluster)
+    return SwarmView(tuple(spans), probe(cluster, spans) if ping and spans else {})

@@ -1,0 +1,208 @@
+"""The swarm: spans hosted once, used by every client, routed through replicas.
+
+Two real setups: an embedded LocalCluster whose spans are hosted by one client and used by others
+(in-process Dask clients: each is its own Dask client, with its own id), and real
+``bloombee-nb scheduler`` / ``bloombee-nb worker --host MODEL`` processes that pick their own spans.
+Exactness against plain transformers first, always.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+import torch
+
+import bloombee_nb as bb
+from bloombee_nb.cluster.swarm import actors, hosted, model_key
+from bloombee_nb.errors import SessionOwnerError, SwarmError
+from bloombee_nb.plan.swarm import choose_span, route
+from tests.cluster.test_faults import FaultAt, Swarm
+from tests.conftest import BIN, padded_batch
+
+NEW = 6
+
+
+def greedy(model_or_ref, ids, mask=None, **kw):
+    return model_or_ref.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0, **kw)
+
+
+def stage_actors(cluster) -> int:
+    """Stage actors alive on the cluster's workers."""
+    def count(dask_worker):
+        from bloombee_nb.cluster.stage import hosted_stages
+
+        return len(hosted_stages(dask_worker))
+    return sum(cluster.client.run(count).values())
+
+
+# ---- pure functions ------------------------------------------------------------------------------
+def test_joining_workers_fill_gaps_first_then_replicate_the_least_served_aligned_span():
+    have: list[tuple[int, int]] = []
+    for cap in (2, 2, 2):
+        have.append(choose_span(5, have, cap))
+    assert have == [(0, 2), (2, 4), (4, 5)]
+    assert choose_span(5, have, 2) == (0, 2)          # everything once: the first aligned span again
+    assert choose_span(5, have + [(0, 2)], 3) == (2, 5)  # two aligned segments fit: both replicated
+    assert choose_span(5, [], 10) == (0, 5)
+    with pytest.raises(ValueError, match="capacity"):
+        choose_span(5, [], 0)
+
+
+def test_route_takes_the_cheapest_chain_through_replicas_and_none_when_uncovered():
+    spans = [(0, 2), (2, 5), (0, 2), (2, 4), (4, 5)]
+    cost = [1.0, 5.0, 0.5, 1.0, 1.0]
+    assert route(spans, 5, cost, lambda p, i: 0.1) == [2, 3, 4]        # 0.5+1+1 + 4 hops beats 0.5+5 + 3
+    assert route(spans, 5, cost, lambda p, i: 10.0) == [2, 1]          # slow links: fewer hops win
+    assert route([(0, 2), (3, 5)], 5, [1, 1], lambda p, i: 0.0) is None
+
+
+# ---- an embedded cluster: hosting, attaching, sharing, ownership -------------------------------------
+@pytest.fixture(scope="module")
+def local():
+    with bb.connect(n_workers=3) as c:
+        yield c
+
+
+def test_hosted_spans_outlive_their_host_and_clients_attach_without_loading(local, checkpoints, reference):
+    path = checkpoints["llama"]
+    with bb.connect(local.address) as lender:
+        spans = bb.host(path, lender)
+    assert [(s.start, s.end) for s in spans] == [(0, 2), (2, 4), (4, 5)]
+    assert stage_actors(local) == 3                          # the lender left; its spans did not
+    view = bb.swarm(local)
+    assert view.replicas(path) == [1, 1, 1, 1, 1]
+    assert "layers 2–3" in repr(view) and "<table" in view._repr_html_()
+
+    ids, mask = padded_batch([7, 4], seed=1)
+    with bb.connect(local.address) as user:
+        model = bb.DistributedModelForCausalLM.from_pretrained(path, cluster=user)
+        assert model.attached and "attached to the swarm" in repr(model)
+        assert stage_actors(local) == 3                      # nothing loaded on its behalf
+        assert torch.equal(greedy(model, ids, mask), greedy(reference["llama"], ids, mask))
+        model.close()
+    assert stage_actors(local) == 3                          # closing a user frees nothing hosted
+    bb.unhost(local, path)
+
+
+def test_clients_share_the_stages_and_each_stays_exact(local, checkpoints, reference):
+    path = checkpoints["qwen2"]
+    bb.host(path, local)
+    users = [bb.connect(local.address) for _ in range(2)]
+    try:
+        models = [bb.DistributedModelForCausalLM.from_pretrained(path, cluster=u) for u in users]
+        prompts = [padded_batch([5], seed=s) for s in (2, 3)]
+        got, errors = [None, None], []
+
+        def run(i):
+            try:
+                got[i] = greedy(models[i], *prompts[i])
+            except Exception as exc:  # noqa: BLE001 — asserted below
+                errors.append(exc)
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        for i in range(2):
+            assert torch.equal(got[i], greedy(reference["qwen2"], *prompts[i]))
+        assert stage_actors(local) == 3                      # one copy of the model for both clients
+        for m in models:
+            m.close()
+    finally:
+        for u in users:
+            u.close()
+        bb.unhost(local, path)
+
+
+def test_a_client_cannot_close_or_roll_back_another_clients_session(local, checkpoints):
+    path = checkpoints["llama"]
+    bb.host(path, local)
+    a, b = bb.connect(local.address), bb.connect(local.address)
+    try:
+        model = bb.DistributedModelForCausalLM.from_pretrained(path, cluster=a)
+        with model.inference_session(max_length=16) as s:
+            ids, mask = padded_batch([4])
+            model(ids, attention_mask=mask, cache=s)              # a prefill: 4 positions on every stage
+            first = hosted(b, model_key(path))[0]
+            (stage,) = actors(b, [first])                         # client b's handle on a shared stage
+            with pytest.raises(SessionOwnerError, match="another client"):
+                stage.close_session(s.session_id, b.client.id).result()
+            with pytest.raises(SessionOwnerError, match="another client"):
+                stage.rollback(s.session_id, 1, b.client.id).result()
+            assert s.length == 4 and bb.swarm(b).loads[first.key].sessions == 1  # untouched
+            assert s.session_id not in repr(bb.swarm(b)) + bb.swarm(b)._repr_html_()
+        model.close()
+    finally:
+        a.close()
+        b.close()
+        bb.unhost(local, path)
+
+
+def test_attaching_to_a_model_the_swarm_does_not_cover_says_which_layers(local, checkpoints):
+    path = checkpoints["mistral"]
+    bb.host(path, local, workers=local.worker_addresses()[:1], spans=[(0, 2)])
+    try:
+        with pytest.raises(SwarmError, match=r"layers 2–4 .*bb.host"):
+            bb.DistributedModelForCausalLM.from_pretrained(path, cluster=local, swarm=True)
+        model = bb.DistributedModelForCausalLM.from_pretrained(path, cluster=local)  # "auto": its own spans
+        assert not model.attached and "own spans" in repr(model)
+        model.close()
+    finally:
+        bb.unhost(local, path)
+
+
+# ---- real worker processes lent with --host --------------------------------------------------------
+@pytest.fixture(scope="module")
+def lent(tmp_path_factory, checkpoints):
+    """A scheduler and four `bloombee-nb worker --host <llama> --layers 2` processes: they pick
+    (0, 2), (2, 4), (4, 5) and a replica of (0, 2) themselves."""
+    s = Swarm(tmp_path_factory.mktemp("lent"), names=("spare",))   # a worker lent to no one
+    for name in ("w0", "w1", "w2", "w3"):
+        s.logs[name] = s.log_dir / f"{name}.log"
+        s.procs[name] = subprocess.Popen(
+            [BIN, "worker", s.address, "--name", name, "--listen", "127.0.0.1", "--host", checkpoints["llama"],
+             "--layers", "2"], stdout=open(s.logs[name], "w"), stderr=subprocess.STDOUT)
+    s.cluster.wait_for_workers(5, 120)
+    deadline = time.monotonic() + 120
+    while len(hosted(s.cluster)) < 4:
+        assert time.monotonic() < deadline, {n: p.read_text()[-2000:] for n, p in s.logs.items()}
+        time.sleep(0.3)
+    yield s
+    s.close()
+
+
+def test_lent_workers_pick_their_spans_and_the_cli_shows_them(lent, checkpoints):
+    assert sorted(sp.span for sp in hosted(lent.cluster)) == [(0, 2), (0, 2), (2, 4), (4, 5)]
+    out = subprocess.run([BIN, "swarm", lent.address], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "layers 0–1" in out and "layers 4–4" in out and "replicas per layer min 1 max 2" in out
+
+
+def test_a_lent_worker_hosts_only_the_models_its_owner_allowed(lent, checkpoints):
+    with pytest.raises(SwarmError, match="hosts only"):
+        bb.host(checkpoints["qwen3"], lent.cluster, workers=lent.addresses("w1"), spans=[(0, 5)])
+    with pytest.raises(SwarmError, match="hosts only"):
+        bb.DistributedModelForCausalLM.from_pretrained(checkpoints["qwen3"], cluster=lent.cluster,
+                                                       workers=lent.addresses("w1"), spans=[(0, 5)])
+
+
+def test_killing_a_replica_on_the_route_reroutes_without_reloading(lent, checkpoints, reference):
+    model = bb.DistributedModelForCausalLM.from_pretrained(checkpoints["llama"], cluster=lent.cluster)
+    assert model.attached
+    first = model.placement.stages[0].worker
+    by_address = {a: str(w["name"]) for a, w in lent.cluster.workers().items()}
+    victim = lent.procs[by_address[first]]
+    ids, _ = padded_batch([6], seed=4)
+    streamer = FaultAt(3, lambda: victim.send_signal(signal.SIGKILL))
+    got = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, streamer=streamer)
+    assert torch.equal(got, reference["llama"].generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0))
+    (event,) = model.events
+    assert [w.name for w in event.lost] == [by_address[first]]
+    assert model.placement.stages[0].worker != first and model.attached   # the other replica, hosted all along
+    print(f"\nre-route: detect {event.detect_s:.2f} s, rebuild {event.rebuild_s:.2f} s, replay {event.replay_s:.2f} s,"
+          f" longest gap {streamer.longest_gap_s:.2f} s")
+    model.close()
