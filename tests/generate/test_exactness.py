@@ -11,10 +11,23 @@ SPANS = {1: [(0, 5)], 2: [(0, 3), (3, 5)], 3: [(0, 1), (1, 4), (4, 5)]}
 PREFILL_LOGITS_ATOL = 1e-5  # observed: 0.0 (same kernels, same shapes); the bound allows BLAS differences
 
 
+class _Models(dict):
+    """(family, n_stages) -> a distributed model, placed on first use (``-k gemma`` places only Gemma's)."""
+
+    def __init__(self, cluster, checkpoints):
+        super().__init__()
+        self.cluster, self.checkpoints = cluster, checkpoints
+
+    def __missing__(self, key):
+        family, n = key
+        self[key] = m = bb.DistributedModelForCausalLM.from_pretrained(self.checkpoints[family], cluster=self.cluster,
+                                                                       spans=SPANS[n])
+        return m
+
+
 @pytest.fixture(scope="module")
 def models(cluster, checkpoints):
-    loaded = {(f, n): bb.DistributedModelForCausalLM.from_pretrained(checkpoints[f], cluster=cluster, spans=s)
-              for f in FAMILIES for n, s in SPANS.items()}
+    loaded = _Models(cluster, checkpoints)
     yield loaded
     for m in loaded.values():
         m.close()
