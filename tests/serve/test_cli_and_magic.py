@@ -14,7 +14,7 @@ from tests.serve.test_openai_client import PROMPT
 
 
 def test_serve_command_answers_openai_clients_then_exits_on_sigterm(tokenizer):
-    proc, url = start_process([BIN, "serve", "--workers", "2", "--port", "0", "--api-key", "secret"],
+    proc, url = start_process([BIN, "serve", "--workers", "2", "--port", "0", "--api-key", "secret", "--throughput"],
                               r"serving tiny-llama at (\S+)", timeout_s=180)
     try:
         c = openai.OpenAI(base_url=url, api_key="secret", max_retries=0)
