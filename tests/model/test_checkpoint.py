@@ -1,7 +1,9 @@
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,3 +163,13 @@ def test_layers_stored_in_another_layout_load_through_transformers_conversion(ch
     from bloombee_nb.model.span import SpanRunner
     with pytest.raises(UnsupportedArchitectureError, match="weight_offload=0"):
         SpanRunner(path, 2, 4, weight_offload=0.5)
+
+
+@pytest.mark.parametrize("family, flag", [("falcon", "alibi"), ("gemma", "use_bidirectional_attention")])
+def test_flags_this_runtime_does_not_implement_are_refused(tmp_path, checkpoints, family, flag):
+    """Falcon-RW's ALiBi and Gemma's bidirectional (embedding-model) attention would give other tokens."""
+    path = Path(shutil.copytree(checkpoints[family], tmp_path / family))
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, flag: True}))
+    with pytest.raises(UnsupportedArchitectureError, match=f"sets {flag}.*does not implement"):
+        load_config(path)
