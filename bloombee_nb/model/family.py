@@ -118,8 +118,8 @@ def load_config(path: Path, allow_unverified: bool = False) -> PreTrainedConfig:
     on = [flag for flag in adapter(config).must_be_off if getattr(config, flag, False)]
     if on:
         raise UnsupportedArchitectureError(
-            f"{config.model_type!r} checkpoint sets {', '.join(on)}, which this runtime does not implement "
-            "(its stages build causal masks); use a causal-LM checkpoint of the family")
+            f"{config.model_type!r} checkpoint sets {', '.join(on)}, which this runtime does not implement for "
+            "this family (its outputs would differ from transformers'); use a checkpoint of the family without it")
     return config
 
 
@@ -300,7 +300,6 @@ def load_span(path: Path, config: PreTrainedConfig, start: int, end: int, dtype:
     model = meta_model(config)
     wmap = weight_map(path)
     dtype = dtype or _stored_dtype(path, wmap, config)
-    base = getattr(model, model.base_model_prefix)
     prefix = _prefix(model, wmap)
     layers = nn.ModuleList(
         _materialise(decoder_layers(model)[i], layer_prefix(model, prefix, i), path, wmap, dtype, device, model)

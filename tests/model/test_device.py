@@ -7,12 +7,15 @@ whose path is kept; offloaded weights (streamed into device buffers) and KV (col
 file) bit for bit against the resident span on the same GPU; bf16 against transformers on the GPU.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from bloombee_nb._kernels import branching_parents, tree_position_ids
 from bloombee_nb.errors import SpanError
+from bloombee_nb.model.family import client_math, load_client_parts, load_config
 from bloombee_nb.model.offload import ColdKVLayer
 from bloombee_nb.model.span import SpanRunner, resolve_device
 from tests.conftest import FAMILIES, padded_batch
@@ -123,12 +126,21 @@ def greedy(spans, embed, norm, head, ids, mask, n, sid="g"):
     return first, torch.cat(toks, 1)
 
 
+def client_parts(path):
+    """(embed, norm, head) as the client applies them, with the family's client math (Granite's
+    multipliers, Cohere's logit scale, Gemma 2's soft-capping, BLOOM's embedding LayerNorm)."""
+    config = load_config(Path(path))
+    _, embed, norm, head, _ = load_client_parts(Path(path), config)
+    math = client_math(config)
+    return (lambda ids: math.inputs(embed(ids))), norm, (lambda h: math.logits(head(h)))
+
+
 @cuda
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_span_on_gpu_matches_transformers_on_cpu(checkpoints, reference, family):
     """fp32: the whole span on the GPU, and a chain with one span on the GPU and one on the CPU."""
     ref = reference[family]
-    parts = (ref.model.embed_tokens, ref.model.norm, ref.get_output_embeddings())
+    parts = client_parts(checkpoints[family])
     whole = [SpanRunner(checkpoints[family], 0, 5, device="cuda")]
     mixed = [SpanRunner(checkpoints[family], 0, 2, device="cuda"), SpanRunner(checkpoints[family], 2, 5, device="cpu")]
     assert whole[0].device.type == "cuda" and next(whole[0].layers.parameters()).is_cuda
@@ -136,13 +148,13 @@ def test_span_on_gpu_matches_transformers_on_cpu(checkpoints, reference, family)
     for lengths in ([9], [4, 11, 7]):
         ids, mask = padded_batch(lengths, seed=len(lengths))
         with torch.inference_mode():
-            want_h = ref.model(ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
+            want_h = ref.base_model(ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
             want = ref.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
             for spans in (whole, mixed):
                 h, toks = greedy(spans, *parts, ids, mask, 8)
                 assert h.device.type == "cpu"  # back where the input came from
                 real = mask.bool()
-                torch.testing.assert_close(ref.model.norm(h)[real], want_h[real], rtol=0, atol=FP32_ATOL)
+                torch.testing.assert_close(parts[1](h)[real], want_h[real], rtol=0, atol=FP32_ATOL)
                 assert torch.equal(toks, want[:, ids.shape[1]:]), (family, lengths, toks.tolist())
 
 
