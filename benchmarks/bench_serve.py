@@ -5,7 +5,10 @@
     python benchmarks/bench_serve.py --quick               # 1 and 4 clients
 
 The shipped tiny model split 2 + 2 + 2 over three workers, served over HTTP on 127.0.0.1 by
-the same server `bloombee-nb serve` runs. The clients are the official ``openai`` package's
+the same server `bloombee-nb serve` runs, in its two modes, one after the other on the same
+workers: ``latency`` (the default: each request's steps go alone; steps that reach a stage
+together still run as one forward) and ``throughput`` (``--throughput``: the concurrent requests'
+decode steps travel the chain together, one message per hop). The clients are the official ``openai`` package's
 ``AsyncOpenAI`` in a separate process (so they do not share the server's interpreter), all
 started together; each streams one greedy completion of ``--new-tokens`` tokens for its own
 prompt. Per client: time to first token (request sent → first text chunk) and decode tokens/s
@@ -27,6 +30,7 @@ import json
 import os
 import platform
 import statistics
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -41,6 +45,7 @@ from bloombee_nb.shipped import default_model_path
 
 RESULTS = Path(__file__).parent / "results"
 SPANS = [(0, 2), (2, 4), (4, 6)]
+MODES = {"latency": {}, "throughput": {"group": True}}   # from_pretrained keywords (the CLI's --throughput)
 USERS = (1, 2, 4, 8, 16, 32)
 SNIPPETS = ["def fibonacci(n):", "import os", "class Config:", "for i in range(", "def main():", "with open(",
             "from collections import", "try:", "def __init__(self", "return sorted(", "if __name__ ==", "while True:"]
@@ -113,6 +118,49 @@ def run(server, model, pool, n: int, new_tokens: int, want: list[str]) -> dict:
             "exact": [c["text"] for c in clients] == want[:n]}
 
 
+def direct(model, tok, n: int, new_tokens: int) -> float:
+    """The same n greedy generations without HTTP: n threads calling model.generate (aggregate tokens/s)."""
+    counts, threads = [0] * n, []
+
+    def one(i: int) -> None:
+        ids = tok(prompt(i), return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        counts[i] = out.shape[1] - ids["input_ids"].shape[1]
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - t0)
+
+
+def serve_mode(cluster, tok, mode: str, kwargs: dict, users: tuple[int, ...], new_tokens: int,
+               want: list[str]) -> list[dict]:
+    """One server for one mode; every number of clients in turn."""
+    model = bb.DistributedModelForCausalLM.from_pretrained(default_model_path(), cluster=cluster,
+                                                           workers=cluster.worker_addresses(), spans=SPANS, **kwargs)
+    server = serve.serve(model, tok, port=0, settings=ServeSettings(max_running=max(users), max_queue=max(users)))
+    rows = []
+    try:
+        with ProcessPoolExecutor(1) as pool:
+            run(server, model, pool, 2, 8, want)  # warm-up: first-call costs on every side
+            for n in users:
+                r = {"mode": mode, **run(server, model, pool, n, new_tokens, want)}
+                r["direct_tokens_per_s"] = direct(model, tok, n, new_tokens)   # right after, same conditions
+                rows.append(r)
+                print(f"{mode}, {n:>2} clients: {r['aggregate_tokens_per_s']:.1f} tok/s total "
+                      f"(direct, no HTTP: {r['direct_tokens_per_s']:.1f}), per client "
+                      f"{r['client_tokens_per_s_mean']:.1f} tok/s, TTFT {r['ttft_s_mean'] * 1e3:.0f} ms (max "
+                      f"{r['ttft_s_max'] * 1e3:.0f}), {r['steps_per_forward']:.2f} steps/forward, "
+                      f"exact={r['exact']}", flush=True)
+    finally:
+        server.stop()
+        model.close()
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--users", type=int, nargs="*", help=f"numbers of concurrent clients (default {USERS})")
@@ -124,24 +172,10 @@ def main():
     users = tuple(args.users) if args.users else ((1, 4) if args.quick else USERS)
     tok = AutoTokenizer.from_pretrained(default_model_path())
     want = reference(max(users), args.new_tokens, tok)
+    rows, load_before = [], os.getloadavg()[0]
     with _cluster(args.link) as (cluster, emulation):
-        model = bb.DistributedModelForCausalLM.from_pretrained(default_model_path(), cluster=cluster,
-                                                               workers=cluster.worker_addresses(), spans=SPANS)
-        server = serve.serve(model, tok, port=0, settings=ServeSettings(max_running=max(users), max_queue=max(users)))
-        rows = []
-        try:
-            with ProcessPoolExecutor(1) as pool:
-                run(server, model, pool, 2, 8, want)  # warm-up: first-call costs on every side
-                for n in users:
-                    rows.append(run(server, model, pool, n, args.new_tokens, want))
-                    r = rows[-1]
-                    print(f"{n:>2} clients: {r['aggregate_tokens_per_s']:.1f} tok/s total, per client "
-                          f"{r['client_tokens_per_s_mean']:.1f} tok/s, TTFT {r['ttft_s_mean'] * 1e3:.0f} ms (max "
-                          f"{r['ttft_s_max'] * 1e3:.0f}), {r['steps_per_forward']:.2f} steps/forward, "
-                          f"exact={r['exact']}", flush=True)
-        finally:
-            server.stop()
-            model.close()
+        for mode, kwargs in MODES.items():
+            rows += serve_mode(cluster, tok, mode, kwargs, users, args.new_tokens, want)
     out = "serve" + (f"_{args.link.replace(',', '_')}" if args.link else "")
     command = ("python benchmarks/bench_serve.py" + (" --quick" if args.quick else "")
                + (f" --users {' '.join(map(str, args.users))}" if args.users else "")
@@ -149,7 +183,9 @@ def main():
                + (f" --link {args.link}" if args.link else ""))
     result = {"benchmark": "serve", "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)",
               "model": "shipped tiny-llama (6 layers, hidden 256, fp32)", "spans": SPANS, "link": emulation,
-              "clients": "openai.AsyncOpenAI, streaming, one process", "command": command, "rows": rows}
+              "load_avg_1min": [load_before, os.getloadavg()[0]],  # the machine is shared: how busy it was
+              "modes": MODES, "clients": "openai.AsyncOpenAI, streaming, one process", "command": command,
+              "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{out}.json").write_text(json.dumps(result, indent=2))
     (RESULTS / f"{out}.md").write_text(table(result))
@@ -182,10 +218,12 @@ class _cluster:
 
 
 def table(result: dict) -> str:
-    head = ("| clients | aggregate tok/s | per-client tok/s (mean / min) | TTFT ms (mean / max) | steps per forward "
-            "| exact |\n|---:|---:|---:|---:|---:|:---:|\n")
-    return (f"Command: `{result['command']}` — {result['link']}, {result['machine']}\n\n" + head + "".join(
-        f"| {r['users']} | {r['aggregate_tokens_per_s']:.1f} | {r['client_tokens_per_s_mean']:.1f} / "
+    head = ("| mode | clients | aggregate tok/s | without HTTP | per-client tok/s (mean / min) | TTFT ms (mean / max) "
+            "| steps per forward | exact |\n|---|---:|---:|---:|---:|---:|---:|:---:|\n")
+    load = "load average {:.1f} → {:.1f}".format(*result["load_avg_1min"]) if "load_avg_1min" in result else ""
+    return (f"Command: `{result['command']}` — {result['link']}, {result['machine']} {load}\n\n" + head + "".join(
+        f"| {r['mode']} | {r['users']} | {r['aggregate_tokens_per_s']:.1f} | "
+        f"{r['direct_tokens_per_s']:.1f} | {r['client_tokens_per_s_mean']:.1f} / "
         f"{r['client_tokens_per_s_min']:.1f} | {r['ttft_s_mean'] * 1e3:.0f} / {r['ttft_s_max'] * 1e3:.0f} | "
         f"{r['steps_per_forward']:.2f} | {'yes' if r['exact'] else 'NO'} |\n" for r in result["rows"]))
 
@@ -196,19 +234,21 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["rows"]
-    n = [r["users"] for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(n, [r["aggregate_tokens_per_s"] for r in rows], "o-", label="aggregate")
-    a.plot(n, [r["client_tokens_per_s_mean"] for r in rows], "s--", label="per client (mean)")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for mode, color in zip(result["modes"], ("tab:blue", "tab:orange")):
+        rows = [r for r in result["rows"] if r["mode"] == mode]
+        n = [r["users"] for r in rows]
+        a.plot(n, [r["aggregate_tokens_per_s"] for r in rows], "o-", color=color, label=f"{mode}: aggregate")
+        a.plot(n, [r["client_tokens_per_s_mean"] for r in rows], "s--", color=color, label=f"{mode}: per client")
+        a.plot(n, [r["direct_tokens_per_s"] for r in rows], ":", color=color, label=f"{mode}: aggregate, no HTTP")
+        b.plot(n, [r["ttft_s_mean"] * 1e3 for r in rows], "o-", color=color, label=f"{mode}: mean")
+        b.plot(n, [r["ttft_s_max"] * 1e3 for r in rows], "s--", color=color, label=f"{mode}: max")
+    n = sorted({r["users"] for r in result["rows"]})
     a.set(xscale="log", xlabel="concurrent streaming clients", ylabel="tokens/s", title="throughput")
-    a.set_xticks(n, [str(x) for x in n])
-    a.legend()
-    b.plot(n, [r["ttft_s_mean"] * 1e3 for r in rows], "o-", label="mean")
-    b.plot(n, [r["ttft_s_max"] * 1e3 for r in rows], "s--", label="max")
     b.set(xscale="log", xlabel="concurrent streaming clients", ylabel="ms", title="time to first token")
-    b.set_xticks(n, [str(x) for x in n])
-    b.legend()
+    for ax in (a, b):
+        ax.set_xticks(n, [str(x) for x in n])
+        ax.legend(fontsize=8)
     fig.suptitle(f"bloombee-nb serve, tiny-llama 2+2+2 — {result['link'][:60]}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
