@@ -54,11 +54,17 @@ def _scheduler(args) -> int:
 def _worker(args) -> int:
     from distributed import Worker
 
+    for model in args.host:
+        if _looks_like_an_address(model):
+            print(f"bloombee-nb worker: --host names a MODEL to host for the swarm; {model!r} looks like a network "
+                  f"address: listen on it with --listen {model}", file=sys.stderr)
+            return 2
+
     async def serve():
         async with Worker(args.scheduler, nthreads=args.nthreads, name=args.name, host=args.listen_host,
                           memory_limit=args.memory_limit, security=_security(args),
                           protocol="tls" if args.tls else None) as worker:
-            leave = _Leave(worker, args.leave_grace_s)
+            leave = _Leave(worker, args)
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, leave.signal)
@@ -73,6 +79,19 @@ def _worker(args) -> int:
 
     asyncio.run(serve())
     return 0
+
+
+def _looks_like_an_address(text: str) -> bool:
+    import ipaddress
+    from pathlib import Path
+
+    if Path(text).expanduser().exists():
+        return False
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return text in ("localhost", "0.0.0.0")
 
 
 def _host_here(args, address: str, model: str) -> None:
@@ -90,6 +109,19 @@ def _host_here(args, address: str, model: str) -> None:
     print(f"bloombee-nb worker {address} hosts layers {span.start}–{span.end - 1} of {span.model}", flush=True)
 
 
+def _hand_over_here(args, address: str) -> None:
+    import bloombee_nb as bb
+    from .cluster.swarm import hand_over
+
+    try:
+        with bb.connect(args.scheduler, security=_security(args)) as cluster:
+            for s in hand_over(cluster, address):
+                print(f"bloombee-nb worker {address} handed layers {s.start}–{s.end - 1} of {s.model} to {s.name}",
+                      flush=True)
+    except Exception as exc:  # noqa: BLE001 — leaving goes on; clients recover by replay where they can
+        print(f"bloombee-nb worker {address} could not hand its spans over: {type(exc).__name__}: {exc}", flush=True)
+
+
 def _swarm(args) -> int:
     import bloombee_nb as bb
 
@@ -102,10 +134,11 @@ class _Leave:
     """The first SIGTERM/SIGINT: leave gracefully. Every stage here refuses new steps (its clients
     replay their sessions on other workers: a pause, nothing lost), the scheduler stops placing work
     here (status ``closing_gracefully``), and the worker exits once no session is open on its stages
-    or after ``grace_s``. A second signal exits at once."""
+    or after ``grace_s``. A worker lent to the swarm (``--host``) first hands over the spans no other
+    worker replicates (``swarm.hand_over``). A second signal exits at once."""
 
-    def __init__(self, worker, grace_s: float):
-        self.worker, self.grace_s, self.task = worker, grace_s, None
+    def __init__(self, worker, args):
+        self.worker, self.args, self.grace_s, self.task = worker, args, args.leave_grace_s, None
 
     def signal(self) -> None:
         if self.task is None:
@@ -120,6 +153,8 @@ class _Leave:
 
         from .cluster.stage import begin_leaving, open_sessions
 
+        if self.args.host:
+            await asyncio.to_thread(_hand_over_here, self.args, self.worker.address)
         stages = begin_leaving(self.worker)
         self.worker.status = Status.closing_gracefully
         loop = asyncio.get_running_loop()

@@ -69,3 +69,9 @@ def test_generate_command_uses_the_shipped_model_by_default():
     assert "tokens/s" in out.stderr
     text = out.stdout.strip()
     assert text.startswith("def fibonacci(n):") and len(text) > len("def fibonacci(n):") + 5
+
+
+def test_worker_host_takes_a_model_and_an_address_there_says_use_listen():
+    out = subprocess.run([BIN, "worker", "tcp://127.0.0.1:1", "--host", "127.0.0.1"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and "--listen 127.0.0.1" in out.stderr

@@ -144,7 +144,7 @@ class LinkEmulator:
         _wait_port(HUB, self.port)
         for i, (ns, addr) in enumerate(zip(self.namespaces, self.addresses)):
             cmd = ["ip", "netns", "exec", ns, str(bin_dir / "bloombee-nb"), "worker", self.scheduler_address,
-                   "--name", f"emu-{i}", "--host", addr, "--memory-limit", self.memory_limit]
+                   "--name", f"emu-{i}", "--listen", addr, "--memory-limit", self.memory_limit]
             self.procs.append(subprocess.Popen(cmd, env=env, stdout=open(self.log_dir / f"worker-{i}.log", "w"),
                                                stderr=subprocess.STDOUT))
 

@@ -24,6 +24,7 @@ waiting together run as one forward of at most ``micro_batch`` rows (``model/mer
 layers run once on the stacked rows, attention per session against its own cache). Decode steps
 and long steps (prefill chunks) take turns: after a long step, the decode steps waiting go first,
 so a long prompt, sent in chunks, never stalls other sessions' decoding for its whole length.
+Between clients (sessions' owners), the least-served client's steps go first (``fairness.py``).
 ``merge=False`` runs one step at a time in arrival order (the Petals-style server).
 
 Order within a session: a step may carry ``seq``, its index among the session's steps. Chunks of
@@ -61,6 +62,7 @@ from ..errors import BloombeeError, SessionOwnerError, StageHungError, StageLeav
 from ..model.merge import forward_many
 from ..model.span import SpanRunner
 from ..transport.emulation import hold
+from .fairness import FairShare
 from .policy import check_allowed
 
 
@@ -131,6 +133,7 @@ class StageActor:
         self._pump: asyncio.Task | None = None     # the coroutine running them
         self._after_long = False                   # the last batch was a long step: decode steps go next
         self._next_seq: dict[str, int] = {}        # session -> seq of its next step
+        self.fair = FairShare()                    # each client's share of this stage (fairness.py)
         self.merged_steps = self.batches = 0       # counters (info): steps run, forwards they took
 
     async def _run(self, fn, *args):
@@ -362,15 +365,20 @@ class StageActor:
                 if not job.done.done():
                     job.done.set_exception(res) if isinstance(res, BaseException) else job.done.set_result(res)
 
+    def _owner_of(self, job: _Job) -> str:
+        return self._owners.get(job.session_id, "")
+
     def _ready(self, job: _Job) -> bool:
         want = self._next_seq.get(job.session_id)
         return job.seq is None or want is None or job.seq <= want
 
     def _next_batch(self) -> list[_Job]:
-        """The steps to run next (module doc: Batching), taken out of the queue."""
+        """The steps to run next (module doc: Batching), taken out of the queue; the least-served
+        client's steps first (``fairness.py``)."""
         ready = [j for j in self._queue if self._ready(j)]
         if not ready:
             return []
+        ready = self.fair.order(ready, self._owner_of)
         first = ready[0]
         if self.merge and first.plain:
             decode = [j for j in ready if j.plain and j.tokens == 1]
@@ -386,6 +394,8 @@ class StageActor:
         else:
             batch = [first]
         self._after_long = batch[0].tokens > 1
+        for j in batch:
+            self.fair.charge(self._owner_of(j), max(j.rows, 1) * max(j.tokens, 1))
         taken = set(map(id, batch))
         self._queue = [j for j in self._queue if id(j) not in taken]
         return batch

@@ -193,6 +193,30 @@ def unhost(cluster, model: str | Path | None = None, workers: list[str] | None =
     return gone
 
 
+def hand_over(cluster, leaving: str) -> list[HostedSpan]:
+    """Before the worker ``leaving`` goes: each model it hosts that the other workers' spans could no
+    longer route is hosted again elsewhere first — its span on the live worker hosting the fewest
+    spans that accepts the model. Returns the spans hosted anew. (The leaving worker's own records go
+    when it leaves; meanwhile its stages answer ``leaving`` and clients route around them.)"""
+    running = [a for a, w in cluster.workers().items() if a != leaving and w.get("status", "running") == "running"]
+    new: list[HostedSpan] = []
+    for mine in [s for s in hosted(cluster) if s.worker == leaving]:
+        others = [o for o in hosted(cluster, mine.model) if o.worker != leaving]
+        if route([o.span for o in others], mine.n_layers, [1.0] * len(others), lambda p, i: 0.0) is not None:
+            continue
+        load = {a: sum(o.worker == a for o in hosted(cluster)) for a in running}
+        for candidate in sorted(running, key=lambda a: load[a]):
+            try:
+                new += host(mine.model, cluster, workers=[candidate], spans=[mine.span], dtype=mine.dtype)
+                break
+            except SwarmError:
+                continue  # its owner did not allow this model: the next one
+        else:
+            raise SwarmError(f"no other worker accepts layers {mine.start}–{mine.end - 1} of {mine.model}: clients "
+                             "lose this model until a worker hosts them")
+    return new
+
+
 # ---- the client's side -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StageLoad:

@@ -41,7 +41,7 @@ def test_an_error_in_the_middle_of_the_chain_reaches_the_client_typed(models):
     ids, _ = padded_batch([4])
     with model.inference_session(max_length=16) as s:
         model(ids, cache=s)
-        model.chain.actors[1].close_session(s.session_id).result(timeout=30)  # the middle stage forgets it
+        model.chain.actors[1].close_session(s.session_id, model.chain.owner).result(timeout=30)  # the middle stage forgets it
         with pytest.raises(UnknownSessionError, match=r"layers \[1, 4\)"):
             model(ids[:, :1], cache=s)
 

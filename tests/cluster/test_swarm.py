@@ -206,3 +206,19 @@ def test_killing_a_replica_on_the_route_reroutes_without_reloading(lent, checkpo
     print(f"\nre-route: detect {event.detect_s:.2f} s, rebuild {event.rebuild_s:.2f} s, replay {event.replay_s:.2f} s,"
           f" longest gap {streamer.longest_gap_s:.2f} s")
     model.close()
+
+
+def test_a_lent_worker_leaving_hands_its_span_over_first(lent, checkpoints, reference):
+    holder = next(s for s in hosted(lent.cluster) if s.span == (2, 4))
+    model = bb.DistributedModelForCausalLM.from_pretrained(checkpoints["llama"], cluster=lent.cluster)
+    ids, _ = padded_batch([5], seed=6)
+    streamer = FaultAt(3, lambda: lent.procs[holder.name].send_signal(signal.SIGTERM))
+    got = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, streamer=streamer)
+    assert torch.equal(got, reference["llama"].generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0))
+    assert [(s.name, s.span) for s in hosted(lent.cluster) if s.span == (2, 4) and s.worker != holder.worker] == [
+        ("spare", (2, 4))]
+    assert "handed layers 2–3" in lent.logs[holder.name].read_text()
+    lent.procs[holder.name].wait(60)   # it left once no session was open on it
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0), got)
+    assert model.attached and holder.worker not in model.placement.workers   # routed through the spare's span
+    model.close()

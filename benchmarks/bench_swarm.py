@@ -1,0 +1,214 @@
+"""Many independent clients on one swarm vs each client with its own private pipeline.
+
+    python benchmarks/bench_swarm.py                 # ~4 minutes on 2 cores; --users 1 4 8 16 --new-tokens 32
+
+A scheduler and three ``bloombee-nb worker`` processes on loopback. For each number of users U,
+the users are spread over min(U, 4) client *processes* (threads inside each), each user generating
+``--new-tokens`` greedy tokens from its own prompt with the shipped ``tiny-llama``:
+
+- ``swarm``: the spans are hosted once (``bb.host``) and every client process attaches to them
+  (``from_pretrained`` finds the model in the swarm's registry); their sessions' steps meet at the
+  same stages.
+- ``private``: every client process loads its own spans (``swarm=False``): the pipeline mode
+  every client used before the swarm.
+
+Measured per configuration: tokens/s over all users (first step to last token), each user's mean
+time per token, the workers' resident memory once every client has loaded (one copy of the model
+for everyone, or one per client process), stage actors alive, and exactness: every user's tokens
+against single-process transformers. Writes benchmarks/results/swarm.json, swarm.md and swarm.png.
+A real Petals swarm is not part of this run (see swarm.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+BIN = str(Path(sys.executable).with_name("bloombee-nb"))
+PROMPTS = ["def fibonacci(n):", "import numpy as np\n", "class Stack:\n", "for i in range(10):\n",
+           "def quicksort(xs):", "with open(path) as f:\n", "import torch\n", "def main():\n"]
+
+
+# ---- one client process ----------------------------------------------------------------------------
+def client(args) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import bloombee_nb as bb
+    from bloombee_nb.shipped import default_model_path
+
+    torch.set_num_threads(1)
+    path = default_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    prompts = [PROMPTS[(args.first + i) % len(PROMPTS)] for i in range(args.users)]
+    with bb.connect(args.client) as cluster:
+        model = bb.DistributedModelForCausalLM.from_pretrained(path, cluster=cluster, swarm=args.mode == "swarm")
+        print(json.dumps({"ready": True, "attached": model.attached}), flush=True)
+        sys.stdin.readline()  # GO
+        results = [None] * args.users
+
+        def user(i):
+            ids = tok(prompts[i], return_tensors="pt")
+            t0 = time.time()
+            out = model.generate(**ids, max_new_tokens=args.new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+            results[i] = dict(start=t0, end=time.time(), tokens=out[0, ids["input_ids"].shape[1]:].tolist())
+        threads = [threading.Thread(target=user, args=(i,)) for i in range(args.users)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        model.close()
+    ref = AutoModelForCausalLM.from_pretrained(path).eval()
+    for i, r in enumerate(results):
+        ids = tok(prompts[i], return_tensors="pt")
+        want = ref.generate(**ids, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        r["exact"] = want[0, ids["input_ids"].shape[1]:].tolist() == r["tokens"]
+    print(json.dumps({"users": results}), flush=True)
+
+
+# ---- the run -----------------------------------------------------------------------------------------
+def start(cmd, pattern: str, log: Path):
+    """Start ``cmd``; return it and the first group of the first output line matching ``pattern``
+    (its output goes on into ``log``)."""
+    import re
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    f = open(log, "w")
+    for line in proc.stdout:
+        f.write(line)
+        if m := re.search(pattern, line):
+            threading.Thread(target=lambda: [f.write(x) for x in proc.stdout], daemon=True).start()
+            return proc, m.group(1)
+    raise RuntimeError(f"{cmd} exited: see {log}")
+
+
+def worker_memory(cluster) -> dict:
+    def rss(dask_worker):
+        import psutil
+
+        from bloombee_nb.cluster.stage import hosted_stages
+
+        return {"rss_bytes": psutil.Process().memory_info().rss, "stages": len(hosted_stages(dask_worker))}
+    return cluster.client.run(rss)
+
+
+def configuration(address: str, cluster, mode: str, users: int, new_tokens: int) -> dict:
+    procs_n = min(users, 4)
+    share = [users // procs_n + (1 if i < users % procs_n else 0) for i in range(procs_n)]
+    firsts = [sum(share[:i]) for i in range(procs_n)]
+    procs = [subprocess.Popen([sys.executable, __file__, "--client", address, "--mode", mode, "--users", str(n),
+                               "--first", str(f), "--new-tokens", str(new_tokens)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+             for n, f in zip(share, firsts)]
+    ready = [json.loads(p.stdout.readline()) for p in procs]
+    mem = worker_memory(cluster)
+    for p in procs:
+        p.stdin.write("GO\n")
+        p.stdin.flush()
+    results = [u for p in procs for u in json.loads(p.stdout.readline())["users"]]
+    for p in procs:
+        p.wait(120)
+    wall = max(r["end"] for r in results) - min(r["start"] for r in results)
+    tokens = sum(len(r["tokens"]) for r in results)
+    return dict(mode=mode, users=users, client_processes=procs_n, attached=[r["attached"] for r in ready],
+                tokens=tokens, wall_s=wall, tokens_per_s=tokens / wall,
+                ms_per_token_per_user=[1e3 * (r["end"] - r["start"]) / len(r["tokens"]) for r in results],
+                exact=all(r["exact"] for r in results),
+                worker_rss_bytes=sum(m["rss_bytes"] for m in mem.values()),
+                stage_actors=sum(m["stages"] for m in mem.values()))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--users", type=int, nargs="+", default=[1, 4, 8, 16])
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--client", help=argparse.SUPPRESS)
+    p.add_argument("--mode", help=argparse.SUPPRESS)
+    p.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.client:
+        args.users = args.users[0]
+        return client(args)
+
+    import bloombee_nb as bb
+    from bloombee_nb.shipped import default_model_path
+
+    logs = Path(os.environ.get("TMPDIR", "/tmp")) / "bench_swarm"
+    logs.mkdir(exist_ok=True)
+    sched, address = start([BIN, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", ":0"],
+                           r"scheduler at (tcp://\S+)", logs / "scheduler.log")
+    workers = [start([BIN, "worker", address, "--name", f"w{i}", "--listen", "127.0.0.1"], r"(joined)",
+                     logs / f"w{i}.log")[0] for i in range(3)]
+    rows = []
+    try:
+        with bb.connect(address) as cluster:
+            cluster.wait_for_workers(3, 120)
+            for mode in ("swarm", "private"):  # swarm first: private's memory may keep what swarm freed
+                if mode == "swarm":
+                    bb.host(default_model_path(), cluster)
+                else:
+                    bb.unhost(cluster)
+                for users in args.users:
+                    row = configuration(address, cluster, mode, users, args.new_tokens)
+                    rows.append(row)
+                    print(f"{mode:8s} users={users:2d} procs={row['client_processes']} {row['tokens_per_s']:7.1f} tok/s "
+                          f"worker RSS {row['worker_rss_bytes'] / 2**20:7.0f} MiB stages {row['stage_actors']} "
+                          f"exact={row['exact']}", flush=True)
+    finally:
+        for proc in [*workers, sched]:
+            proc.kill()
+    out = dict(command="python benchmarks/bench_swarm.py " + " ".join(sys.argv[1:]), machine=platform.platform(),
+               cpus=os.cpu_count(), new_tokens=args.new_tokens, rows=rows)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "swarm.json").write_text(json.dumps(out, indent=1))
+    write_md(out)
+    plot(out)
+
+
+def write_md(out: dict) -> None:
+    lines = [f"# Swarm vs private pipelines ({out['machine']}, {out['cpus']} CPUs)", "",
+             f"`{out['command']}`: shipped tiny-llama, {out['new_tokens']} greedy tokens per user, 3 workers on "
+             "loopback, users spread over up to 4 client processes.", "",
+             "| mode | users | client processes | tokens/s | mean ms/token per user | worker RSS (MiB) | stage actors | exact |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in out["rows"]:
+        ms = sum(r["ms_per_token_per_user"]) / len(r["ms_per_token_per_user"])
+        lines.append(f"| {r['mode']} | {r['users']} | {r['client_processes']} | {r['tokens_per_s']:.1f} | {ms:.1f} | "
+                     f"{r['worker_rss_bytes'] / 2**20:.0f} | {r['stage_actors']} | {r['exact']} |")
+    lines += ["", "A real Petals 2.2 swarm was not measured in this run (issue 16 asks for it; not done yet)."]
+    (RESULTS / "swarm.md").write_text("\n".join(lines) + "\n")
+
+
+def plot(out: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for mode in ("private", "swarm"):
+        rows = [r for r in out["rows"] if r["mode"] == mode]
+        a.plot([r["users"] for r in rows], [r["tokens_per_s"] for r in rows], "o-", label=mode)
+        b.plot([r["users"] for r in rows], [r["worker_rss_bytes"] / 2**20 for r in rows], "o-", label=mode)
+    a.set(xlabel="users", ylabel="tokens/s (all users)", title="throughput")
+    b.set(xlabel="users", ylabel="workers' resident memory (MiB)", title="memory held by the workers")
+    for ax in (a, b):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "swarm.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
