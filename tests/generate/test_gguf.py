@@ -88,6 +88,25 @@ def test_a_two_turn_chat_is_token_exact_and_keeps_its_kv_on_the_stages(model, re
     assert "Paris" in tok.decode(out1[0, first.shape[1]:])
 
 
+def test_chat_sends_each_turn_once_and_matches_transformers(model, ref, tok):
+    from bloombee_nb.generate.chat import Chat
+
+    with Chat(model, tok, max_length=256, max_new_tokens=12) as chat:
+        r1 = chat.say("What is the capital of France?")
+        turn1 = chat.tokens
+        r2 = chat.say("And of Italy?")
+        assert chat.resent == 0 and torch.equal(chat.prompt[:, :turn1.shape[1]], turn1)  # turn 2 extended turn 1
+        steps = [t.tokens for t in chat.session.traces]
+    assert "Paris" in r1 and r2
+    # the stages saw every token once: turn 2's first step carried only what turn 1 had not sent
+    assert sum(steps) == chat.tokens.shape[1] - 1
+    cache = transformers.DynamicCache(config=ref.config)
+    want1 = ref.generate(chat_ids(tok, [{"role": "user", "content": "What is the capital of France?"}]), cache=cache,
+                         do_sample=False, max_new_tokens=12)
+    want2 = ref.generate(chat.prompt, cache=cache, do_sample=False, max_new_tokens=12)
+    assert torch.equal(turn1, want1) and torch.equal(chat.tokens, want2)
+
+
 def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
     nll = torch.nn.functional.cross_entropy(logits[0, :-1].double(), ids[0, 1:])
     return math.exp(nll.item())
