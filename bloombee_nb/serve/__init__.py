@@ -27,7 +27,8 @@ from __future__ import annotations
 
 from .errors import ServeError, ServeStartError
 
-__all__ = ["serve", "Server", "ServeSettings", "TLSFiles", "ServeError", "ServeStartError", "running", "stop", "stop_serving"]
+__all__ = ["serve", "Server", "ServeSettings", "TLSFiles", "ServeError", "ServeStartError", "running", "stop",
+           "stop_serving"]
 
 _RUNNING: dict[int, "Server"] = {}   # port -> server started by serve() in this process
 

@@ -8,7 +8,8 @@ import sys
 
 def add_serve_command(sub) -> None:
     """Add ``serve`` to the ``bloombee-nb`` subcommands."""
-    s = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (embedded cluster or --scheduler)")
+    s = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API "
+                                     "(embedded cluster or --scheduler)")
     s.add_argument("model", nargs="?", default=None,
                    help="checkpoint folder or Hub id (default: the shipped tiny model)")
     s.add_argument("--scheduler", default=None, help="use this Dask scheduler instead of an embedded cluster")

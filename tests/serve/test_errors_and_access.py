@@ -115,7 +115,8 @@ def test_tls_serves_https_with_the_given_certificate(start, tmp_path):
     server = start(tls=tls, settings=ServeSettings(api_keys=("k",)))
     assert server.url.startswith("https://127.0.0.1:")
     trust = ssl.create_default_context(cafile=tls.certfile)
-    c = openai.OpenAI(base_url=server.url, api_key="k", max_retries=0, http_client=openai.DefaultHttpxClient(verify=trust))
+    c = openai.OpenAI(base_url=server.url, api_key="k", max_retries=0,
+                      http_client=openai.DefaultHttpxClient(verify=trust))
     assert ok(c)
     with pytest.raises(openai.APIConnectionError):     # a client that does not trust the certificate
         ok(openai.OpenAI(base_url=server.url, api_key="k", max_retries=0))

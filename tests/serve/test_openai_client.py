@@ -5,7 +5,6 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
-import pytest
 
 from tests.serve.conftest import greedy_reference
 
@@ -58,7 +57,8 @@ def test_chat_uses_the_tokenizers_template_streaming_and_not(start, chat_tokeniz
     server = start(tok=chat_tokenizer)
     messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "def add(a, b):"}]
     text = chat_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    want, n = greedy_reference(hf_model, chat_tokenizer(text, add_special_tokens=False)["input_ids"], 20, chat_tokenizer)
+    ids = chat_tokenizer(text, add_special_tokens=False)["input_ids"]
+    want, n = greedy_reference(hf_model, ids, 20, chat_tokenizer)
     c = client(server)
     got = c.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=20, temperature=0)
     assert got.choices[0].message.content == want and got.choices[0].message.role == "assistant"
