@@ -28,6 +28,20 @@ def test_serve_command_answers_openai_clients_then_exits_on_sigterm(tokenizer):
     assert code == 0
 
 
+
+def test_serve_command_on_a_running_scheduler(cluster, tokenizer):
+    """--scheduler: the server is one more client of an existing cluster (here the session's)."""
+    proc, url = start_process([BIN, "serve", "--scheduler", cluster.address, "--port", "0",
+                               "--served-model-name", "pooled"], r"serving pooled at (\S+)", timeout_s=180)
+    try:
+        c = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
+        assert [m.id for m in c.models.list().data] == ["pooled"]
+        assert c.completions.create(model="pooled", prompt=PROMPT, max_tokens=4, temperature=0).choices[0].text
+    finally:
+        proc.terminate()
+        code = proc.wait(60)
+    assert code == 0
+
 @pytest.fixture
 def ip(cluster, served_model, tokenizer):
     """A shell whose notebook session holds the session's model (connected from Python, as the

@@ -89,5 +89,9 @@ def test_seeded_sampling_repeats_and_n_gives_n_choices(start):
     assert [x.text for x in a.choices] == [x.text for x in b.choices]
     assert [x.index for x in a.choices] == [0, 1, 2] and len({x.text for x in a.choices}) > 1
     assert 3 <= a.usage.completion_tokens <= 3 * 12 and a.usage.prompt_tokens > 0
+    streamed = ["", "", ""]
+    for chunk in c.completions.create(**ask, stream=True):
+        streamed[chunk.choices[0].index] += chunk.choices[0].text
+    assert streamed == [x.text for x in a.choices]        # the same draws, streamed choice by choice
     other = c.completions.create(**{**ask, "seed": 8})
     assert [x.text for x in other.choices] != [x.text for x in a.choices]
