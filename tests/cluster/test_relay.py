@@ -46,14 +46,15 @@ def test_an_error_in_the_middle_of_the_chain_reaches_the_client_typed(models):
             model(ids[:, :1], cache=s)
 
 
-@pytest.mark.parametrize("relay", ["chain", "star"])
-def test_compressed_links_are_lossless(cluster, checkpoints, reference, relay):
-    model = bb.DistributedModelForCausalLM.from_pretrained(checkpoints["llama"], cluster=cluster, spans=[(0, 2), (2, 5)],
+@pytest.mark.parametrize("family, relay", [("llama", "chain"), ("llama", "star"),
+                                           ("gemma2", "chain"), ("granite", "chain"), ("bloom", "chain")])
+def test_compressed_links_are_lossless(cluster, checkpoints, reference, family, relay):
+    model = bb.DistributedModelForCausalLM.from_pretrained(checkpoints[family], cluster=cluster, spans=[(0, 2), (2, 5)],
                                                            relay=relay, compression="zstd-1+shuffle")
     every = CodecPolicy.fixed(Codec.parse("zstd-1+shuffle"))  # decode-sized frames too
     model.chain.set_policies([every] * 2, [every] * 2)
     ids, mask = padded_batch([30, 12], seed=4)
-    want = reference["llama"].generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    want = reference[family].generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     with model.inference_session(max_length=64) as s:
         got = model.generate(ids, attention_mask=mask, session=s, max_new_tokens=6, do_sample=False, pad_token_id=0)
         prefill = s.traces[0]
