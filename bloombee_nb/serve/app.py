@@ -37,6 +37,7 @@ class ServeStats:
     """Counters the status view shows (updated on the server's threads)."""
 
     served: int = 0
+    cancelled: int = 0                        # clients that hung up mid-stream (their sessions end early)
     failed: int = 0
     refused: int = 0
     tokens: int = 0
@@ -78,11 +79,13 @@ class _State:
 
     def _done(self, fut) -> None:
         self.admission.leave()
-        if fut.exception() is None:
-            self.stats.served += 1
-            self.stats.tokens += fut.result().completion_tokens
-        else:
+        if fut.cancelled() or fut.exception() is not None:
             self.stats.failed += 1
+            return
+        result = fut.result()
+        self.stats.cancelled += result.cancelled
+        self.stats.served += not result.cancelled
+        self.stats.tokens += result.completion_tokens
 
 
 def create_app(engine: Engine, settings: ServeSettings = ServeSettings()) -> FastAPI:

@@ -59,8 +59,9 @@ class Choice:
 
 @dataclass(frozen=True)
 class Result:
-    choices: tuple[Choice, ...]
+    choices: tuple[Choice, ...]       # the choices that finished (all of them unless cancelled)
     prompt_tokens: int
+    cancelled: bool = False           # the client hung up before every choice finished
 
     @property
     def completion_tokens(self) -> int:
@@ -214,7 +215,7 @@ class Engine:
         cancel = cancel or threading.Event()
         tracker = RowTracker(self.tokenizer, spec, self.eos_ids, emit, cancel)
         if cancel.is_set():
-            return Result((), len(spec.prompt_ids))
+            return Result((), len(spec.prompt_ids), cancelled=True)
         ids = torch.tensor([spec.prompt_ids] * spec.n, dtype=torch.long)   # [n, T]
         try:
             self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=spec.max_new_tokens,
@@ -222,7 +223,8 @@ class Engine:
                                 stopping_criteria=StoppingCriteriaList([tracker]), pad_token_id=self.pad_id)
         except BloombeeError as exc:
             raise GenerationFailedError(f"the swarm could not run this request: {exc}") from exc
-        return Result(tuple(c for c in tracker.choices if c is not None), len(spec.prompt_ids))
+        done = tuple(c for c in tracker.choices if c is not None)
+        return Result(done, len(spec.prompt_ids), cancelled=len(done) < spec.n)
 
 
 def _sampling(spec: GenerationSpec) -> LogitsProcessorList:

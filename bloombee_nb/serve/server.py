@@ -89,7 +89,7 @@ class Server:
         st = self.app.state.bloombee
         s = st.stats
         return (f"{st.engine.name} at {self.url} ({'running' if self.running else 'stopped'}): {s.served} served, "
-                f"{st.admission.admitted} in flight, {s.failed} failed, {s.refused} refused (429), "
+                f"{st.admission.admitted} in flight, {s.cancelled} cancelled, {s.failed} failed, {s.refused} refused (429), "
                 f"{s.tokens} tokens generated")
 
     def __repr__(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import ssl
+import time
 
 import httpx2 as httpx
 import openai
@@ -87,6 +88,17 @@ def test_a_full_queue_answers_429_at_once(start):
         ok(c)
     assert err.value.code == "queue_full"
     long.close()                        # hang up: the generation is cancelled, the slot frees
+    state = server.app.state.bloombee
+    wait_until(lambda: state.admission.admitted == 0)
+    assert state.stats.cancelled == 1
+    assert ok(c)
+
+
+def wait_until(predicate, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 def self_signed(folder) -> TLSFiles:
