@@ -47,6 +47,8 @@ FAMILIES = {
     # layouts other than model.layers (names of the shared arguments mapped by each config's attribute_map)
     "gpt_neox": (tf.GPTNeoXConfig, tf.GPTNeoXForCausalLM, dict(tie_word_embeddings=False)),
     "falcon": (tf.FalconConfig, tf.FalconForCausalLM, dict(new_decoder_architecture=True, num_kv_heads=2)),
+    "falcon_7b_style": (tf.FalconConfig, tf.FalconForCausalLM,  # multi-query attention, parallel attention + MLP
+                        dict(new_decoder_architecture=False, multi_query=True, parallel_attn=True)),
     "bloom": (tf.BloomConfig, tf.BloomForCausalLM, dict()),  # ALiBi, embeddings LayerNorm on the client
 }
 
