@@ -65,6 +65,13 @@ SUPPORTED_FAMILIES = tuple(ADAPTERS)
 MASK_FUNCTIONS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
 
+#: Config attributes by which some families' ``*ForCausalLM`` adds arithmetic around the decoder layers,
+#: with the value that makes it a no-op. An unverified family that sets one is refused: without an
+#: adapter row the client would skip that arithmetic and the tokens would differ from transformers'.
+CLIENT_MATH_CONFIG = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0,
+                      "embedding_multiplier": 1.0, "scale_emb": 1.0}
+
+
 def adapter(config: PreTrainedConfig) -> Adapter:
     return ADAPTERS.get(config.model_type, Adapter())
 
@@ -115,6 +122,14 @@ def load_config(path: Path, allow_unverified: bool = False) -> PreTrainedConfig:
             f"architecture {config.model_type!r} ({', '.join(config.architectures or [])}) is not supported; "
             f"supported: {', '.join(SUPPORTED_FAMILIES)}. A *ForCausalLM with the same model.layers layout may "
             "work: pass allow_unverified_architecture=True and compare its output with transformers first.")
+    if config.model_type not in ADAPTERS:
+        odd = [k for k, identity in CLIENT_MATH_CONFIG.items() if getattr(config, k, identity) != identity]
+        if odd:
+            raise UnsupportedArchitectureError(
+                f"{config.model_type!r} sets {', '.join(odd)}: its *ForCausalLM adds arithmetic around the decoder "
+                "layers that this runtime applies only for families in its adapter table (ADAPTERS in "
+                "bloombee_nb/model/family.py); without a row there the tokens would differ from transformers'. "
+                f"Supported: {', '.join(SUPPORTED_FAMILIES)}")
     on = [flag for flag in adapter(config).must_be_off if getattr(config, flag, False)]
     if on:
         raise UnsupportedArchitectureError(

@@ -173,3 +173,14 @@ def test_flags_this_runtime_does_not_implement_are_refused(tmp_path, checkpoints
     (path / "config.json").write_text(json.dumps({**cfg, flag: True}))
     with pytest.raises(UnsupportedArchitectureError, match=f"sets {flag}.*does not implement"):
         load_config(path)
+
+
+def test_an_unverified_family_with_client_arithmetic_is_refused(tmp_path):
+    """GraniteMoe scales its embeddings and logits in its *ForCausalLM: without an adapter row the
+    client would skip that, so even allow_unverified_architecture refuses it, saying why."""
+    from transformers import GraniteMoeConfig
+
+    GraniteMoeConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2, vocab_size=64,
+                     embedding_multiplier=12.0, logits_scaling=8.0).save_pretrained(tmp_path / "gm")
+    with pytest.raises(UnsupportedArchitectureError, match="'granitemoe' sets logits_scaling, embedding_multiplier.*ADAPTERS"):
+        load_config(tmp_path / "gm", allow_unverified=True)
