@@ -14,8 +14,9 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}
                  "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def served_model(cluster):
+    """Placed per module and freed after it: other tests on the session's cluster never see these spans."""
     model = bb.DistributedModelForCausalLM.from_pretrained(default_model_path(), cluster=cluster)
     yield model
     model.close()
