@@ -24,7 +24,7 @@ COLAB_BRANCH = "main"
 COLAB_INSTALL = f'''# On Colab (detected, not assumed) install bloombee_nb first; elsewhere it is already installed.
 # SOURCE: where to install from (the project's repository; set BLOOMBEE_NB_SOURCE to use another)
 import importlib.util, os, subprocess, sys
-SOURCE = os.environ.get("BLOOMBEE_NB_SOURCE", "bloombee_nb[notebook] @ git+https://github.com/{COLAB_REPO}@{COLAB_BRANCH}")
+SOURCE = os.environ.get("BLOOMBEE_NB_SOURCE", "bloombee_nb[notebook,serve] @ git+https://github.com/{COLAB_REPO}@{COLAB_BRANCH}")
 if "google.colab" in sys.modules and not importlib.util.find_spec("bloombee_nb"):  # not installed yet
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", SOURCE], check=True)'''
 
@@ -61,6 +61,18 @@ distributed = session.model.generate(**ids, max_new_tokens=16, do_sample=False)
 local = AutoModelForCausalLM.from_pretrained(default_model_path()).generate(**ids, max_new_tokens=16, do_sample=False)
 assert torch.equal(distributed, local)
 print(tok.decode(distributed[0], skip_special_tokens=True))"""),
+    ("md", """Any OpenAI client can use the model too: `%bloombee serve` starts an OpenAI-compatible HTTP
+server (`/v1/completions`, `/v1/chat/completions`, streaming) in the background of this kernel —
+`--port 8000` for a fixed port, `--api-key KEY` to require a key; from a shell, `bloombee-nb serve`.
+Every request is its own session on the workers, and concurrent requests decode together."""),
+    ("code", "%bloombee serve --port 0 --out server"),
+    ("code", """from openai import OpenAI
+
+client = OpenAI(base_url=server.url, api_key="none")
+for chunk in client.completions.create(model="tiny-llama", prompt="def fibonacci(n):", max_tokens=24,
+                                       temperature=0, stream=True):
+    print(chunk.choices[0].text, end="")"""),
+    ("md", "The status panel lists the server and the requests it served; `disconnect` stops it first."),
     ("code", "%bloombee status"),
     ("code", "%bloombee disconnect"),
 ]
