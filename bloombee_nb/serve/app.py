@@ -54,9 +54,10 @@ class _State:
         self.limiter = RateLimiter(settings.rate_per_minute, settings.burst) if settings.rate_per_minute else None
         self.stats = ServeStats(started_s=time.time())
         self.created = int(time.time())
+        self._stats_lock = threading.Lock()
 
     def admit(self, request: Request) -> None:
-        """Key, rate and queue checks, in that order; raises a 401/429 :class:`ServeError`."""
+        """Key, then rate (the queue is checked when a generation is submitted); raises 401/429."""
         key = check_key(request.headers.get("authorization"), self.settings.api_keys)
         if self.limiter is not None:
             self.limiter.take(key or (request.client.host if request.client else "?"))
@@ -79,13 +80,14 @@ class _State:
 
     def _done(self, fut) -> None:
         self.admission.leave()
-        if fut.cancelled() or fut.exception() is not None:
-            self.stats.failed += 1
-            return
-        result = fut.result()
-        self.stats.cancelled += result.cancelled
-        self.stats.served += not result.cancelled
-        self.stats.tokens += result.completion_tokens
+        result = None if fut.cancelled() or fut.exception() is not None else fut.result()
+        with self._stats_lock:  # done callbacks run on the pool's threads
+            if result is None:
+                self.stats.failed += 1
+                return
+            self.stats.cancelled += result.cancelled
+            self.stats.served += not result.cancelled
+            self.stats.tokens += result.completion_tokens
 
 
 def create_app(engine: Engine, settings: ServeSettings = ServeSettings()) -> FastAPI:
