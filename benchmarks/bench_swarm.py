@@ -1,10 +1,12 @@
 """Many independent clients on one swarm vs each client with its own private pipeline.
 
-    python benchmarks/bench_swarm.py                 # ~4 minutes on 2 cores; --users 1 4 8 16 --new-tokens 32
+    python benchmarks/bench_swarm.py                 # ~3 minutes on 2 cores; --users 1 4 8 16 --new-tokens 32
+    python benchmarks/bench_swarm.py --synthetic 58m # a random-init 58M Llama (bench_pipeline's): memory shows
 
 A scheduler and three ``bloombee-nb worker`` processes on loopback. For each number of users U,
 the users are spread over min(U, 4) client *processes* (threads inside each), each user generating
-``--new-tokens`` greedy tokens from its own prompt with the shipped ``tiny-llama``:
+``--new-tokens`` greedy tokens from its own 16-token prompt (random ids, seeded per user) with the
+shipped ``tiny-llama`` (or ``--synthetic 58m``):
 
 - ``swarm``: the spans are hosted once (``bb.host``) and every client process attaches to them
   (``from_pretrained`` finds the model in the swarm's registry); their sessions' steps meet at the
@@ -33,22 +35,20 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 BIN = str(Path(sys.executable).with_name("bloombee-nb"))
-PROMPTS = ["def fibonacci(n):", "import numpy as np\n", "class Stack:\n", "for i in range(10):\n",
-           "def quicksort(xs):", "with open(path) as f:\n", "import torch\n", "def main():\n"]
 
 
 # ---- one client process ----------------------------------------------------------------------------
 def client(args) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     import bloombee_nb as bb
-    from bloombee_nb.shipped import default_model_path
 
     torch.set_num_threads(1)
-    path = default_model_path()
-    tok = AutoTokenizer.from_pretrained(path)
-    prompts = [PROMPTS[(args.first + i) % len(PROMPTS)] for i in range(args.users)]
+    path = args.model
+    vocab = AutoConfig.from_pretrained(path).vocab_size
+    prompts = [torch.randint(3, vocab, (1, 16), generator=torch.Generator().manual_seed(args.first + i))
+               for i in range(args.users)]
     with bb.connect(args.client) as cluster:
         model = bb.DistributedModelForCausalLM.from_pretrained(path, cluster=cluster, swarm=args.mode == "swarm")
         print(json.dumps({"ready": True, "attached": model.attached}), flush=True)
@@ -56,11 +56,9 @@ def client(args) -> None:
         results = [None] * args.users
 
         def user(i):
-            ids = tok(prompts[i], return_tensors="pt")
             t0 = time.time()
-            out = model.generate(**ids, max_new_tokens=args.new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
-            results[i] = dict(start=t0, end=time.time(), tokens=out[0, ids["input_ids"].shape[1]:].tolist())
+            out = model.generate(prompts[i], max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+            results[i] = dict(start=t0, end=time.time(), tokens=out[0, 16:].tolist())
         threads = [threading.Thread(target=user, args=(i,)) for i in range(args.users)]
         for t in threads:
             t.start()
@@ -69,9 +67,8 @@ def client(args) -> None:
         model.close()
     ref = AutoModelForCausalLM.from_pretrained(path).eval()
     for i, r in enumerate(results):
-        ids = tok(prompts[i], return_tensors="pt")
-        want = ref.generate(**ids, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        r["exact"] = want[0, ids["input_ids"].shape[1]:].tolist() == r["tokens"]
+        want = ref.generate(prompts[i], max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+        r["exact"] = want[0, 16:].tolist() == r["tokens"]
     print(json.dumps({"users": results}), flush=True)
 
 
@@ -98,16 +95,18 @@ def worker_memory(cluster) -> dict:
 
         from bloombee_nb.cluster.stage import hosted_stages
 
-        return {"rss_bytes": psutil.Process().memory_info().rss, "stages": len(hosted_stages(dask_worker))}
+        stages = hosted_stages(dask_worker)
+        return {"rss_bytes": psutil.Process().memory_info().rss, "stages": len(stages),
+                "weight_bytes": sum(st.runner.info()["resident_weight_bytes"] for st in stages)}
     return cluster.client.run(rss)
 
 
-def configuration(address: str, cluster, mode: str, users: int, new_tokens: int) -> dict:
+def configuration(address: str, cluster, model: str, mode: str, users: int, new_tokens: int) -> dict:
     procs_n = min(users, 4)
     share = [users // procs_n + (1 if i < users % procs_n else 0) for i in range(procs_n)]
     firsts = [sum(share[:i]) for i in range(procs_n)]
     procs = [subprocess.Popen([sys.executable, __file__, "--client", address, "--mode", mode, "--users", str(n),
-                               "--first", str(f), "--new-tokens", str(new_tokens)],
+                               "--first", str(f), "--new-tokens", str(new_tokens), "--model", model],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                               env=dict(os.environ, OMP_NUM_THREADS="1"))
              for n, f in zip(share, firsts)]
@@ -126,6 +125,7 @@ def configuration(address: str, cluster, mode: str, users: int, new_tokens: int)
                 ms_per_token_per_user=[1e3 * (r["end"] - r["start"]) / len(r["tokens"]) for r in results],
                 exact=all(r["exact"] for r in results),
                 worker_rss_bytes=sum(m["rss_bytes"] for m in mem.values()),
+                stage_weight_bytes=sum(m["weight_bytes"] for m in mem.values()),
                 stage_actors=sum(m["stages"] for m in mem.values()))
 
 
@@ -133,6 +133,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--users", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--synthetic", choices=["58m"], default=None, help="a random-init 58M Llama instead")
+    p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--client", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
     p.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
@@ -144,8 +146,15 @@ def main() -> None:
     import bloombee_nb as bb
     from bloombee_nb.shipped import default_model_path
 
+    load0 = os.getloadavg()
     logs = Path(os.environ.get("TMPDIR", "/tmp")) / "bench_swarm"
     logs.mkdir(exist_ok=True)
+    model = str(default_model_path())
+    if args.synthetic:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from bench_pipeline import synthetic_checkpoint
+
+        model = synthetic_checkpoint(logs / "synthetic_58m")
     sched, address = start([BIN, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", ":0"],
                            r"scheduler at (tcp://\S+)", logs / "scheduler.log")
     workers = [start([BIN, "worker", address, "--name", f"w{i}", "--listen", "127.0.0.1"], r"(joined)",
@@ -156,41 +165,49 @@ def main() -> None:
             cluster.wait_for_workers(3, 120)
             for mode in ("swarm", "private"):  # swarm first: private's memory may keep what swarm freed
                 if mode == "swarm":
-                    bb.host(default_model_path(), cluster)
+                    bb.host(model, cluster)
                 else:
                     bb.unhost(cluster)
                 for users in args.users:
-                    row = configuration(address, cluster, mode, users, args.new_tokens)
+                    row = configuration(address, cluster, model, mode, users, args.new_tokens)
                     rows.append(row)
                     print(f"{mode:8s} users={users:2d} procs={row['client_processes']} {row['tokens_per_s']:7.1f} tok/s "
-                          f"worker RSS {row['worker_rss_bytes'] / 2**20:7.0f} MiB stages {row['stage_actors']} "
+                          f"weights held {row['stage_weight_bytes'] / 2**20:6.0f} MiB (RSS {row['worker_rss_bytes'] / 2**20:5.0f}) "
+                          f"stages {row['stage_actors']} "
                           f"exact={row['exact']}", flush=True)
     finally:
         for proc in [*workers, sched]:
             proc.kill()
+    name = "swarm" + (f"_{args.synthetic}" if args.synthetic else "")
     out = dict(command="python benchmarks/bench_swarm.py " + " ".join(sys.argv[1:]), machine=platform.platform(),
-               cpus=os.cpu_count(), new_tokens=args.new_tokens, rows=rows)
+               cpus=os.cpu_count(), model=args.synthetic or "shipped tiny-llama", new_tokens=args.new_tokens,
+               load_average_before=load0, load_average_after=os.getloadavg(), rows=rows)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "swarm.json").write_text(json.dumps(out, indent=1))
-    write_md(out)
-    plot(out)
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1))
+    write_md(out, name)
+    plot(out, name)
 
 
-def write_md(out: dict) -> None:
+def write_md(out: dict, name: str) -> None:
     lines = [f"# Swarm vs private pipelines ({out['machine']}, {out['cpus']} CPUs)", "",
-             f"`{out['command']}`: shipped tiny-llama, {out['new_tokens']} greedy tokens per user, 3 workers on "
+             f"`{out['command']}`: {out['model']}, {out['new_tokens']} greedy tokens per user, 3 workers on "
              "loopback, users spread over up to 4 client processes.", "",
-             "| mode | users | client processes | tokens/s | mean ms/token per user | worker RSS (MiB) | stage actors | exact |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| mode | users | client processes | tokens/s | mean ms/token per user | weights held by the stages (MiB) | workers' RSS (MiB) | stage actors | exact |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in out["rows"]:
         ms = sum(r["ms_per_token_per_user"]) / len(r["ms_per_token_per_user"])
         lines.append(f"| {r['mode']} | {r['users']} | {r['client_processes']} | {r['tokens_per_s']:.1f} | {ms:.1f} | "
-                     f"{r['worker_rss_bytes'] / 2**20:.0f} | {r['stage_actors']} | {r['exact']} |")
-    lines += ["", "A real Petals 2.2 swarm was not measured in this run (issue 16 asks for it; not done yet)."]
-    (RESULTS / "swarm.md").write_text("\n".join(lines) + "\n")
+                     f"{r['stage_weight_bytes'] / 2**20:.0f} | {r['worker_rss_bytes'] / 2**20:.0f} | {r['stage_actors']} | {r['exact']} |")
+    lines += ["", "Weights held: the stages' own accounting of resident weight bytes (one copy per stage actor). "
+              "Workers' RSS is the processes' resident memory: freed spans stay in the allocator, so the private "
+              "runs (after the swarm runs, in the same workers) do not show their copies there.",
+              f"Load average before / after the run: {out['load_average_before']} / {out['load_average_after']} "
+              "(2 cores, shared).", "",
+              "A real Petals 2.2 swarm was not measured in this run (issue 16 asks for it; not done yet)."]
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
-def plot(out: dict) -> None:
+def plot(out: dict, name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -200,14 +217,14 @@ def plot(out: dict) -> None:
     for mode in ("private", "swarm"):
         rows = [r for r in out["rows"] if r["mode"] == mode]
         a.plot([r["users"] for r in rows], [r["tokens_per_s"] for r in rows], "o-", label=mode)
-        b.plot([r["users"] for r in rows], [r["worker_rss_bytes"] / 2**20 for r in rows], "o-", label=mode)
+        b.plot([r["users"] for r in rows], [r["stage_weight_bytes"] / 2**20 for r in rows], "o-", label=mode)
     a.set(xlabel="users", ylabel="tokens/s (all users)", title="throughput")
-    b.set(xlabel="users", ylabel="workers' resident memory (MiB)", title="memory held by the workers")
+    b.set(xlabel="users", ylabel="weights held by the stages (MiB)", title="memory held by the workers")
     for ax in (a, b):
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(RESULTS / "swarm.png", dpi=120)
+    fig.savefig(RESULTS / f"{name}.png", dpi=120)
 
 
 if __name__ == "__main__":

@@ -263,6 +263,44 @@ class RemoteChain:
         (each hand-off costs ~0.5 ms on a busy 2-core machine).
         """
         self._check_usable()
+        relays, parts, n_chunks = self._step_relays(session_id, hidden, position_ids, attention_mask, tree_parents, keep)
+        T = hidden.shape[1]
+        t0 = time.perf_counter()
+        try:
+            results = self.client.sync(self._watched, _all(relays))
+        except StageUnavailableError:
+            raise  # the chain is being left behind (recovery): nothing to put right on it
+        except BaseException:
+            self._resync([sub for sub, _, _ in parts])
+            raise
+        outs = [torch.cat([transport.decode(r[0]) for r in results[p * n_chunks:(p + 1) * n_chunks]], dim=1)
+                for p in range(len(parts))]
+        trace = _merge_traces(results, self.relay, T, hidden.numel() * hidden.element_size(),
+                              time.perf_counter() - t0)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0), trace
+
+    def replay(self, session_id: str, steps: list[tuple]) -> None:
+        """Re-send ``steps`` (each one :meth:`forward`'s arguments, as first sent) all at once: the
+        stages run a session's steps in order (``seq``), so replaying a history costs about one
+        traversal plus the compute instead of one traversal per step. Same shapes, same order: the
+        KV is bit-identical to the first time."""
+        self._check_usable()
+        relays, subs = [], set()
+        for args in steps:
+            r, parts, _ = self._step_relays(session_id, *args)
+            relays += r
+            subs.update(sub for sub, _, _ in parts)
+        try:
+            self.client.sync(self._watched, _all(relays))
+        except StageUnavailableError:
+            raise
+        except BaseException:
+            self._resync(sorted(subs))
+            raise
+
+    def _step_relays(self, session_id, hidden, position_ids, attention_mask, tree_parents=None, keep=None):
+        """The coroutines that send one step (its micro-batches and chunks, each with its seq), the
+        session's parts, and the chunks per part."""
         B, T = hidden.shape[:2]
         parts = self._parts.get(session_id) or [(session_id, 0, B)]
         c = self.prefill_chunk if tree_parents is None and self.prefill_chunk and T > self.prefill_chunk else T
@@ -279,20 +317,7 @@ class RemoteChain:
                     self._seq[sub] = seq + 1
                 relays.append(self._relay(sub, hidden[a:b, cols], position_ids[a:b, cols],
                                           attention_mask[a:b, cols], tree_parents, k, seq))
-        t0 = time.perf_counter()
-        try:
-            results = self.client.sync(self._watched, _all(relays))
-        except StageUnavailableError:
-            raise  # the chain is being left behind (recovery): nothing to put right on it
-        except BaseException:
-            self._resync([sub for sub, _, _ in parts])
-            raise
-        n_chunks = -(-T // c)
-        outs = [torch.cat([transport.decode(r[0]) for r in results[p * n_chunks:(p + 1) * n_chunks]], dim=1)
-                for p in range(len(parts))]
-        trace = _merge_traces(results, self.relay, T, hidden.numel() * hidden.element_size(),
-                              time.perf_counter() - t0)
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0), trace
+        return relays, parts, -(-T // c)
 
     def _resync(self, subs: list[str]) -> None:
         """After a failed step: every stage learns how many steps of each stage session the client

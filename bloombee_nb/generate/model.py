@@ -254,7 +254,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
         self._lost = lost
         chain = attach_chain(self.cluster, self._worker_path, self.config.num_hidden_layers,
-                             dtype=self._stage_kwargs["dtype"], exclude=set(lost), **self._chain_kwargs)
+                             dtype=self._stage_kwargs["dtype"], exclude=set(lost), **_swarm_kwargs(self._chain_kwargs))
         if chain is None:
             gone = missing_layers(self.cluster, self._worker_path, self.config.num_hidden_layers)
             raise RecoveryError(f"the swarm no longer hosts layers {_ranges(gone) or 'of a live route'} of "
@@ -411,12 +411,23 @@ def _attach(cluster, path: str, n_layers: int, dtype: str, swarm: bool | str, ch
     """The swarm's chain for the model (None: not covered and ``swarm="auto"``)."""
     from ..cluster.swarm import attach_chain, missing_layers
 
-    chain = attach_chain(cluster, path, n_layers, dtype=dtype, **chain_kwargs)
+    chain = attach_chain(cluster, path, n_layers, dtype=dtype, **_swarm_kwargs(chain_kwargs))
     if chain is None and swarm is True:
         raise SwarmError(f"the swarm does not host layers {_ranges(missing_layers(cluster, path, n_layers))} of {path} "
                          f"in {dtype}: host them first (bb.host(...) or `bloombee-nb worker SCHEDULER --host MODEL`), "
                          "or load private spans with swarm=False")
     return chain
+
+
+#: How often a swarm client's slow call checks its stages' workers: failing over is only a re-route
+#: to a replica that already holds the weights, so finding the loss fast is most of the pause.
+SWARM_LIVENESS_INTERVAL_S = 0.2
+
+
+def _swarm_kwargs(chain_kwargs: dict) -> dict:
+    if chain_kwargs.get("liveness_interval_s") == DEFAULT_LIVENESS_INTERVAL_S:  # the user left the default
+        return {**chain_kwargs, "liveness_interval_s": SWARM_LIVENESS_INTERVAL_S}
+    return chain_kwargs
 
 
 def _ranges(layers: list[int]) -> str:

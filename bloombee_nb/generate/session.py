@@ -226,7 +226,7 @@ class InferenceSession(Cache):
         chain, lost, reused = self.model._replacement_chain(old, exc)
         self.chain, rebuild_s = chain, time.perf_counter() - t0
         if self._opened_on is not None and self._opened_on is not chain:
-            _close_quietly(self._opened_on, self.session_id)
+            _close_quietly(self._opened_on, self.session_id, keep=chain)
             self._opened_on = None
         t1 = time.perf_counter()
         replayed = self._replay() if self.batch is not None else 0
@@ -238,12 +238,20 @@ class InferenceSession(Cache):
         self.model.events.append(event)
 
     def _replay(self) -> int:
-        """Open the session on the current chain and re-send every call of the history, in order."""
+        """Open the session on the current chain and re-send every call of the history, in order:
+        runs of steps go at once (the stages keep their order), kept paths and rollbacks alone."""
         self._open_on(self.chain)
-        for call in self.history:
-            if call.kind == "step":
-                self.chain.forward(self.session_id, *call.args)
-            elif call.kind == "keep":
+        steps: list[tuple] = []
+        for call in [*self.history, None]:
+            if call is not None and call.kind == "step":
+                steps.append(call.args)
+                continue
+            if steps:
+                self.chain.replay(self.session_id, steps)
+                steps = []
+            if call is None:
+                break
+            if call.kind == "keep":
                 self.chain.keep_path(self.session_id, *call.args)
             else:
                 self.chain.rollback(self.session_id, *call.args)
@@ -315,13 +323,16 @@ def _kept(args: tuple) -> tuple:
     return tuple((a[0], own(a[1])) if isinstance(a, tuple) else own(a) for a in args)
 
 
-def _close_quietly(chain, session_id: str) -> None:
-    """Best effort: a stage that is gone or hung has nothing left to free (and is not waited for)."""
+def _close_quietly(chain, session_id: str, keep=None) -> None:
+    """Best effort: a stage that is gone or hung has nothing left to free (and is not waited for).
+    Stages that ``keep`` (the chain the session moves to) shares are left alone: the session
+    re-opens there, and a close arriving after that would undo it."""
     if chain.released:
         return
+    staying = {a.key for a in keep.actors} if keep is not None else set()
     try:
         for sub in chain.stage_sessions(session_id):
-            for actor in chain.actors:
+            for actor in [a for a in chain.actors if a.key not in staying]:
                 actor.close_session(sub, chain.owner)  # not awaited: fire and forget
     except (BloombeeError, OSError, RuntimeError, KeyError):
         pass

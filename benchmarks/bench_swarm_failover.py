@@ -1,0 +1,130 @@
+"""How long a swarm client pauses when a worker on its route dies and a replica holds the span.
+
+    python benchmarks/bench_swarm_failover.py            # ~2 minutes on 2 cores; --runs 10
+
+A scheduler and four ``bloombee-nb worker --host <shipped tiny-llama> --layers 3`` processes on
+loopback: they claim layers 0-2, 3-5 and a replica of each. Each run, a client attaches
+(``from_pretrained``), generates 32 greedy tokens, and after 8 tokens the worker hosting the first
+stage of its route is SIGKILLed; the session re-routes through the other replica (no weights load:
+it already holds them) and replays its history there. Then a fresh worker joins with ``--host`` and
+claims the span that lost its replica, so the next run starts from two replicas again.
+
+Measured per run: the longest gap between two streamed tokens (what the user sees), and the
+recovery's detection / re-route / replay times; every output is checked against the uninterrupted
+run. Writes benchmarks/results/swarm_failover.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+import bloombee_nb as bb
+from bloombee_nb.cluster.swarm import hosted
+from bloombee_nb.shipped import default_model_path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_swarm import BIN, RESULTS, start  # noqa: E402
+
+NEW, FAULT_AT = 32, 8
+
+
+class Stream(BaseStreamer):
+    def __init__(self, fault):
+        self.fault, self.times, self.prompt_seen = fault, [], False
+
+    def put(self, value):
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.times.append(time.perf_counter())
+        if len(self.times) == FAULT_AT:
+            self.fault()
+
+    def end(self):
+        pass
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--runs", type=int, default=10)
+    args = p.parse_args()
+    load0 = os.getloadavg()
+    logs = Path(os.environ.get("TMPDIR", "/tmp")) / "bench_swarm_failover"
+    logs.mkdir(exist_ok=True)
+    model_path = str(default_model_path())
+    sched, address = start([BIN, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", ":0"],
+                           r"scheduler at (tcp://\S+)", logs / "scheduler.log")
+    procs = {}
+
+    def lend(name):
+        procs[name] = start([BIN, "worker", address, "--name", name, "--listen", "127.0.0.1", "--host", model_path,
+                             "--layers", "3"], r"(hosts layers)", logs / f"{name}.log")[0]
+
+    for i in range(4):
+        lend(f"w{i}")
+    runs = []
+    ids = torch.randint(3, 500, (1, 12), generator=torch.Generator().manual_seed(0))
+    try:
+        with bb.connect(address) as cluster:
+            want = None
+            for run in range(args.runs):
+                model = bb.DistributedModelForCausalLM.from_pretrained(model_path, cluster=cluster, swarm=True)
+                if want is None:
+                    want = model.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+                names = {a: str(w["name"]) for a, w in cluster.workers().items()}
+                victim = names[model.placement.stages[0].worker]
+                streamer = Stream(lambda: procs[victim].send_signal(signal.SIGKILL))
+                got = model.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0, streamer=streamer)
+                (event,) = model.events
+                gaps = [b - a for a, b in zip(streamer.times, streamer.times[1:])]
+                runs.append(dict(victim=victim, exact=bool(torch.equal(got, want)), longest_gap_s=max(gaps),
+                                 median_gap_s=statistics.median(gaps), detect_s=event.detect_s,
+                                 reroute_s=event.rebuild_s, replay_s=event.replay_s, pause_s=event.pause_s))
+                print(f"run {run}: killed {victim}, longest gap {max(gaps) * 1e3:.0f} ms (detect "
+                      f"{event.detect_s * 1e3:.0f}, re-route {event.rebuild_s * 1e3:.0f}, replay "
+                      f"{event.replay_s * 1e3:.0f}) exact={runs[-1]['exact']}", flush=True)
+                model.close()
+                procs[victim].wait(30)
+                lend(f"w{4 + run}")  # a new lender claims the span that lost its replica
+                deadline = time.monotonic() + 60
+                while len(hosted(cluster)) < 4 and time.monotonic() < deadline:
+                    time.sleep(0.2)
+    finally:
+        for proc in [*procs.values(), sched]:
+            proc.kill()
+    gaps = sorted(r["longest_gap_s"] for r in runs)
+    p95 = gaps[min(len(gaps) - 1, int(round(0.95 * (len(gaps) - 1))))]
+    out = dict(command="python benchmarks/bench_swarm_failover.py " + " ".join(sys.argv[1:]),
+               machine=platform.platform(), cpus=os.cpu_count(), load_average_before=load0,
+               load_average_after=os.getloadavg(), new_tokens=NEW, fault_at=FAULT_AT,
+               p95_longest_gap_s=p95, median_longest_gap_s=statistics.median(gaps),
+               all_exact=all(r["exact"] for r in runs), runs=runs)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "swarm_failover.json").write_text(json.dumps(out, indent=1))
+    lines = [f"# Swarm failover: a replica on the route killed ({out['machine']}, {out['cpus']} CPUs)", "",
+             f"`{out['command']}`: {len(runs)} runs, shipped tiny-llama, 2 replicas of each span on 4 lent workers, "
+             f"SIGKILL after {FAULT_AT} of {NEW} tokens.", "",
+             f"Longest gap between streamed tokens: median {out['median_longest_gap_s'] * 1e3:.0f} ms, "
+             f"p95 {p95 * 1e3:.0f} ms; every output exact: {out['all_exact']}. "
+             f"Load average before/after: {load0} / {out['load_average_after']}.", "",
+             "| run | killed | longest gap (ms) | median gap (ms) | detect (ms) | re-route (ms) | replay (ms) | exact |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {i} | {r['victim']} | {r['longest_gap_s'] * 1e3:.0f} | {r['median_gap_s'] * 1e3:.1f} | "
+              f"{r['detect_s'] * 1e3:.0f} | {r['reroute_s'] * 1e3:.0f} | {r['replay_s'] * 1e3:.0f} | {r['exact']} |"
+              for i, r in enumerate(runs)]
+    (RESULTS / "swarm_failover.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
