@@ -5,6 +5,7 @@
     bloombee-nb worker tcp://host:8786 --host MODEL   # lend it to the swarm: host the span of MODEL the swarm
                                                 # needs most, for every client (and only MODEL)
     bloombee-nb swarm tcp://host:8786           # which worker hosts which layers of which model
+    bloombee-nb chat --model smollm2.gguf       # a conversation whose KV cache stays on the stages
     bloombee-nb credentials ./creds             # TLS credentials; then `scheduler --tls ./creds`, `worker … --tls ./creds`
     bloombee-nb generate "def fibonacci(n):"    # embedded local cluster + the shipped model
     bloombee-nb serve --port 8000               # OpenAI-compatible HTTP API (bloombee_nb/serve/)
@@ -122,6 +123,34 @@ def _hand_over_here(args, address: str) -> None:
         print(f"bloombee-nb worker {address} could not hand its spans over: {type(exc).__name__}: {exc}", flush=True)
 
 
+def _chat(args) -> int:
+    """A conversation on stdin/stdout; the KV cache of the whole conversation stays on the stages."""
+    from transformers import AutoTokenizer, TextStreamer
+
+    import bloombee_nb as bb
+    from bloombee_nb.generate.chat import Chat
+    from bloombee_nb.model.checkpoint import resolve_checkpoint
+
+    tok = AutoTokenizer.from_pretrained(resolve_checkpoint(args.model))
+    if not getattr(tok, "chat_template", None):
+        print(f"bloombee-nb chat: {args.model} has no chat template; give an instruct model (a .gguf file works: "
+              "`python -m bloombee_nb.model.gguf` fetches SmolLM2-135M-Instruct)", file=sys.stderr)
+        return 2
+    cluster = bb.connect(args.scheduler, security=_security(args)) if args.scheduler else bb.connect(n_workers=args.workers)
+    with cluster:
+        model = bb.DistributedModelForCausalLM.from_pretrained(args.model, cluster=cluster)
+        with Chat(model, tok, system=args.system, max_new_tokens=args.max_new_tokens) as chat:
+            while True:
+                print("> ", end="", flush=True)
+                line = sys.stdin.readline()
+                if not line or line.strip() in ("/exit", "/quit"):
+                    break
+                if line.strip():
+                    chat.say(line.strip(), streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True))
+        model.close()
+    return 0
+
+
 def _swarm(args) -> int:
     import bloombee_nb as bb
 
@@ -232,6 +261,15 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--dashboard-address", default=":8787")
     s.add_argument("--tls", metavar="FOLDER", default=None, help="credentials folder: mutual TLS")
     s.set_defaults(run=_scheduler)
+
+    ch = sub.add_parser("chat", help="talk to an instruct model; the conversation's KV cache stays on the stages")
+    ch.add_argument("--model", required=True, help="checkpoint folder with a chat template, or a .gguf file")
+    ch.add_argument("--scheduler", default=None, help="use this Dask scheduler instead of an embedded cluster")
+    ch.add_argument("--workers", type=int, default=3, help="workers of the embedded cluster")
+    ch.add_argument("--system", default=None, help="a system message")
+    ch.add_argument("--max-new-tokens", type=int, default=128)
+    ch.add_argument("--tls", metavar="FOLDER", default=None, help="credentials folder for a --scheduler with TLS")
+    ch.set_defaults(run=_chat)
 
     sw = sub.add_parser("swarm", help="show which worker hosts which layers of which model, and their load")
     sw.add_argument("scheduler", help="scheduler address")

@@ -75,3 +75,41 @@ def test_worker_host_takes_a_model_and_an_address_there_says_use_listen():
     out = subprocess.run([BIN, "worker", "tcp://127.0.0.1:1", "--host", "127.0.0.1"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2 and "--listen 127.0.0.1" in out.stderr
+
+
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_chat_streams_replies_that_equal_transformers_and_keeps_the_conversation(tmp_path):
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bloombee_nb.shipped import default_model_path
+
+    folder = tmp_path / "chat-model"
+    shutil.copytree(default_model_path(), folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(folder)
+    out = subprocess.run([BIN, "chat", "--model", str(folder), "--workers", "2", "--max-new-tokens", "6"],
+                         input="def add(a, b):\nand subtract?\n", capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    ids = tok(tok.apply_chat_template([{"role": "user", "content": "def add(a, b):"}], add_generation_prompt=True,
+                                      tokenize=False), add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ref = AutoModelForCausalLM.from_pretrained(folder).eval()
+    first = tok.decode(ref.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:],
+                       skip_special_tokens=True)
+    turns = out.stdout.split("> ")
+    assert len(turns) == 4 and first.strip() in turns[1], out.stdout     # prompt, reply 1, reply 2, EOF
+    assert turns[2].strip(), out.stdout
+
+
+def test_chat_without_a_chat_template_says_what_to_give(tmp_path):
+    from bloombee_nb.shipped import default_model_path
+
+    out = subprocess.run([BIN, "chat", "--model", str(default_model_path())], input="", capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "no chat template" in out.stderr

@@ -147,6 +147,12 @@ def build_parser() -> _Parser:
                    help="--speculative tree: children per node at each depth, e.g. 2,2,1 (default: auto, for the link)")
     g.add_argument("--out", metavar="NAME", type=_identifier, help="also store the GenerationResult in this variable")
 
+    ch = sub.add_parser("chat", help="(cell magic) %%%%bloombee chat: the cell body is your message; the reply "
+                                     "streams, and the conversation's KV cache stays on the stages between cells")
+    ch.add_argument("--system", help="start a new conversation with this system message")
+    ch.add_argument("--reset", action="store_true", help="start a new conversation")
+    ch.add_argument("--max-new-tokens", type=_positive_int, help="(%%config BloombeeMagics.max_new_tokens)")
+
     sv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API (/v1/completions, "
                                       "/v1/chat/completions) in the background of the kernel")
     sv.add_argument("--port", type=int, help="port to listen on (default 8000; 0: any free port)")
@@ -213,8 +219,8 @@ class BloombeeMagics(Magics):
         except _Exit:
             return None
         command = args.command or "help"
-        if cell is not None and command != "generate":
-            raise UsageError(f"only `%%bloombee generate` takes a cell body, not `{command}`")
+        if cell is not None and command not in ("generate", "chat"):
+            raise UsageError(f"only `%%bloombee generate` and `%%bloombee chat` take a cell body, not `{command}`")
         try:
             return getattr(self, "_" + command)(args, cell)
         except BloombeeError as exc:
@@ -338,6 +344,25 @@ class BloombeeMagics(Magics):
                                speculative=args.speculative, draft=args.draft, tree_widths=args.tree)
         s.last_generation = result
         self._store(args.out, result)
+
+    def _chat(self, args, cell):
+        from transformers import TextStreamer
+
+        from ..generate.chat import Chat
+
+        if cell is None or not cell.strip():
+            raise UsageError("chat is a cell magic: `%%bloombee chat` on the first line, your message below")
+        s = session()
+        model, tok = s.require_model(), s.require_tokenizer()
+        if s.chat is None or args.reset or args.system is not None or s.chat.model is not model:
+            if s.chat is not None:
+                s.chat.close()
+            try:
+                s.chat = Chat(model, tok, system=args.system)
+            except ValueError as exc:  # no chat template
+                raise UsageError(str(exc)) from None
+        s.chat.generate_kwargs["max_new_tokens"] = args.max_new_tokens or self.max_new_tokens
+        s.chat.say(cell.strip(), streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True))
 
     def _serve(self, args, cell):
         from .. import serve as http

@@ -36,6 +36,7 @@ class NotebookSession:
     profile: object = None          # ClusterProfile, once measured
     plan_widget: object = None      # the last PlanWidget shown
     last_generation: object = None  # the last GenerationResult
+    chat: object = None             # the conversation of `%%bloombee chat` (generate/chat.py)
 
     # ---- lifecycle ------------------------------------------------------------------------
     def connect(self, address: str | None = None, *, n_workers: int = 3, direct_to_workers: bool = True,
@@ -71,6 +72,7 @@ class NotebookSession:
         import bloombee_nb as bb
         from transformers import AutoTokenizer
 
+        from ..model.checkpoint import resolve_checkpoint
         from ..shipped import default_model_path
 
         path = model_path or default_model_path()
@@ -79,19 +81,21 @@ class NotebookSession:
         self.model = bb.DistributedModelForCausalLM.from_pretrained(path, cluster=cluster, **model_kwargs)
         self.model_path = path
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(path))  # a .gguf: its converted folder
         except (OSError, ValueError):
             self.tokenizer = None  # generation then says what is missing
 
     def disconnect(self) -> bool:
         """Free the model's spans and close the cluster (stopping it if it is embedded). False if idle."""
         was = self.cluster is not None
+        if self.chat is not None:
+            self.chat.close()
         if self.model is not None:
             self.model.close()
         if self.cluster is not None:
             self.cluster.close()
         self.cluster = self.model = self.tokenizer = self.model_path = self.profile = None
-        self.plan_widget = self.last_generation = None
+        self.plan_widget = self.last_generation = self.chat = None
         return was
 
     # ---- what commands need ------------------------------------------------------------------

@@ -281,3 +281,27 @@ def test_host_lends_the_workers_to_the_swarm_and_swarm_shows_it(ip, checkpoints)
         ip.run_line_magic("bloombee", f"host {path} --stop")
     ip.run_line_magic("bloombee", "swarm --out after")
     assert ip.user_ns["after"].spans == ()
+
+
+def test_chat_cells_continue_one_conversation_on_the_stages(ip, capsys):
+    from bloombee_nb.generate.chat import Chat
+
+    s = session()
+    with pytest.raises(UsageError, match="chat template"):
+        ip.run_cell_magic("bloombee", "chat", "hello")
+    s.tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    try:
+        ip.run_cell_magic("bloombee", "chat --max-new-tokens 5", "def add(a, b):\n")
+        chat = s.chat
+        assert isinstance(chat, Chat) and len(chat.messages) == 2
+        held = chat.tokens.shape[1]
+        ip.run_cell_magic("bloombee", "chat --max-new-tokens 5", "and subtract?\n")
+        assert s.chat is chat and len(chat.messages) == 4 and chat.resent == 0   # same session, KV kept
+        assert chat.tokens.shape[1] > held and chat.session.length >= held
+        assert chat.messages[1]["content"] in capsys.readouterr().out           # the reply streamed
+    finally:
+        s.tokenizer.chat_template = None
+        if s.chat is not None:
+            s.chat.close()
+            s.chat = None
