@@ -121,7 +121,12 @@ class SwarmRegistry(SchedulerPlugin):
 def _registry(client) -> None:
     """Install the registry on the scheduler, once (later calls find it running)."""
     if not getattr(client, "_bloombee_swarm", False):
-        client.register_plugin(SwarmRegistry())
+        try:
+            client.register_plugin(SwarmRegistry())
+        except Exception as exc:  # noqa: BLE001 — e.g. the scheduler's Python cannot import bloombee_nb
+            raise SwarmError(f"the scheduler could not start the swarm's registry ({type(exc).__name__}: {exc}); "
+                             "run the scheduler where bloombee_nb is installed (`bloombee-nb scheduler`, or "
+                             "`dask scheduler` in the same environment)") from exc
         client._bloombee_swarm = True
 
 

@@ -411,7 +411,12 @@ def _attach(cluster, path: str, n_layers: int, dtype: str, swarm: bool | str, ch
     """The swarm's chain for the model (None: not covered and ``swarm="auto"``)."""
     from ..cluster.swarm import attach_chain, missing_layers
 
-    chain = attach_chain(cluster, path, n_layers, dtype=dtype, **_swarm_kwargs(chain_kwargs))
+    try:
+        chain = attach_chain(cluster, path, n_layers, dtype=dtype, **_swarm_kwargs(chain_kwargs))
+    except SwarmError:
+        if swarm is True:
+            raise
+        return None  # "auto" on a scheduler without the swarm's registry: nothing can be hosted there anyway
     if chain is None and swarm is True:
         raise SwarmError(f"the swarm does not host layers {_ranges(missing_layers(cluster, path, n_layers))} of {path} "
                          f"in {dtype}: host them first (bb.host(...) or `bloombee-nb worker SCHEDULER --host MODEL`), "
