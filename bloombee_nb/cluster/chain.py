@@ -369,7 +369,7 @@ class RemoteChain:
             into.append(len(frame))
             await hold(nbytes)  # emulated client link (benchmarks only)
             frame, ((compute_s, out_bytes),) = await self._call(i, "forward", session_id, frame, pos, mask,
-                                                                 None, (), *spec, seq)
+                                                                 None, (), *spec, seq, self.owner)
             walls.append(time.perf_counter() - t0)
             computes.append((compute_s, out_bytes))
             back.append(len(frame))
@@ -379,7 +379,7 @@ class RemoteChain:
                            seq: int | None = None):
         sent = len(frame) + len(pos) + len(mask) + extra_nbytes(*spec)
         (out, computes), wall = await self._first_to_last(
-            session_id, sent, "forward", lambda step: (session_id, frame, pos, mask, step, (), *spec, seq))
+            session_id, sent, "forward", lambda step: (session_id, frame, pos, mask, step, (), *spec, seq, self.owner))
         hops = [len(frame), *(b for _, b in computes)]
         return out, [wall], list(computes), sent, hops
 
@@ -417,7 +417,8 @@ class RemoteChain:
         :meth:`StageActor.forward_group`); returns each entry's ``(out, walls, computes, sent,
         hops)`` or the exception its step raised."""
         sizes = [len(e[1]) + len(e[2]) + len(e[3]) for e in entries]
-        outs, wall = await self._first_to_last(GROUP, sum(sizes), "forward_group", lambda step: (entries, step))
+        outs, wall = await self._first_to_last(GROUP, sum(sizes), "forward_group",
+                                               lambda step: (entries, step, self.owner))
         return [res if isinstance(res, BaseException) else
                 (res, [wall], list(computes), sent, [len(e[1]), *(b for _, b in computes)])
                 for e, sent, (_, res, _, _, _, computes) in zip(entries, sizes, outs)]

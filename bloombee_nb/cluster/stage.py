@@ -39,8 +39,8 @@ other session on this stage untouched.
 Swarm (``cluster/swarm.py``): a hosted stage serves many clients, each routing its own chain
 through the swarm's replicas, so "the next stage" is per session: ``open_session(route=...)``
 gives each session its :class:`Route`; a stage without one uses the chain-wide ``set_next``. A
-session is bound to the client that opened it (``owner``): only that client may close it, roll it
-back or keep a path of it, and the stage never tells anyone its id.
+session is bound to the client that opened it (``owner``): only that client may send it steps,
+close it, roll it back or keep a path of it, and the stage never tells anyone its id.
 
 Leaving: when its worker is asked to leave (``bloombee-nb worker`` gets SIGTERM,
 :func:`begin_leaving`), a stage answers new steps and sessions with :class:`StageLeavingError`
@@ -183,6 +183,13 @@ class StageActor:
     def _route(self, session_id: str) -> Route:
         return self._routes.get(session_id) or Route(self.next, self.last, self._next_worker, self._next_unavailable)
 
+    def _owner_error(self, session_id: str, owner: str | None) -> SessionOwnerError | None:
+        try:
+            self._check_owner(session_id, owner)
+        except SessionOwnerError as exc:
+            return exc
+        return None
+
     def _check_owner(self, session_id: str, owner: str | None) -> None:
         held = self._owners.get(session_id)
         if held is not None and owner != held:
@@ -241,7 +248,8 @@ class StageActor:
 
     async def forward(self, session_id: str, hidden: bytes, position_ids: bytes, attention_mask: bytes,
                       step: int | None = None, computes: tuple = (), tree: bytes | None = None,
-                      keep: tuple[int, bytes] | None = None, seq: int | None = None) -> tuple[bytes | None, tuple]:
+                      keep: tuple[int, bytes] | None = None, seq: int | None = None,
+                      owner: str | None = None) -> tuple[bytes | None, tuple]:
         """One step of one session. Star: returns (output frame, ((compute seconds, output frame
         bytes) of each stage so far)).
 
@@ -251,12 +259,16 @@ class StageActor:
         ``tree`` (a frame of int64 parents ``[T]``) makes the step a token tree; ``keep``
         (``past_len``, a frame of int64 ``[B, K]`` paths) first keeps the accepted path of the last
         tree step (see :meth:`SpanRunner.keep_path`). ``seq``: the step's index among the session's
-        steps; it runs after step ``seq - 1`` (module doc).
+        steps; it runs after step ``seq - 1`` (module doc). ``owner``: the client sending it, which
+        must be the one that opened the session.
         """
         try:
             self._check_staying()
+            self._check_owner(session_id, owner)
             out, compute_s = await self._submit(_job(session_id, (hidden, position_ids, attention_mask), tree, keep,
                                                       seq, self.max_frame_bytes))
+        except SessionOwnerError:
+            raise  # to the sender only: reporting it would reach the owner's collect, skipping its order
         except BaseException as exc:
             if step is not None:
                 await self._report(session_id, step, exc)
@@ -271,10 +283,11 @@ class StageActor:
             await hold(len(out))
             self._output(session_id, step).set_result((out, computes))
             return None, computes
-        self._spawn(self._send_on(session_id, out, position_ids, attention_mask, step, computes, tree, keep, seq))
+        self._spawn(self._send_on(session_id, out, position_ids, attention_mask, step, computes, tree, keep, seq,
+                                  owner))
         return None, computes
 
-    async def forward_group(self, entries: list, step: int) -> None:
+    async def forward_group(self, entries: list, step: int, owner: str | None = None) -> None:
         """Chain mode: the steps of several sessions travelling as one message — a micro-batch of the
         client's concurrent sessions. ``entries``: ``[session_id, hidden frame, position_ids frame,
         attention_mask frame, seq, computes]`` each; they join the queue together (and so run as one
@@ -285,7 +298,10 @@ class StageActor:
             self._check_staying()
         except StageLeavingError as exc:
             entries = [[sid, exc, pos, mask, seq, c] for sid, _, pos, mask, seq, c in entries]
-        jobs = [_Job(sid, (), None, None, seq, 0, 0, skip=True) if isinstance(hidden, BaseException)
+        entries = [[sid, self._owner_error(sid, owner) or hidden, pos, mask, seq, c]
+                   for sid, hidden, pos, mask, seq, c in entries]
+        jobs = [_Job(sid, (), None, None, None if isinstance(hidden, SessionOwnerError) else seq, 0, 0, skip=True)
+                if isinstance(hidden, BaseException)
                 else _job(sid, (hidden, pos, mask), None, None, seq, self.max_frame_bytes)
                 for sid, hidden, pos, mask, seq, _ in entries]
         results = await asyncio.gather(*(self._submit(j) for j in jobs), return_exceptions=True)
@@ -301,12 +317,12 @@ class StageActor:
             await hold(sum(len(e[1]) for e in out if isinstance(e[1], bytes)))
             self._output(GROUP, step).set_result(out)
         else:
-            self._spawn(self._send_group(out, step))
+            self._spawn(self._send_group(out, step, owner))
 
-    async def _send_group(self, entries: list, step: int) -> None:
+    async def _send_group(self, entries: list, step: int, owner: str | None = None) -> None:
         try:
             await hold(sum(len(e[1]) + len(e[2]) + len(e[3]) for e in entries if isinstance(e[1], bytes)))
-            await self.next.forward_group(entries, step)
+            await self.next.forward_group(entries, step, owner)
         except BloombeeError as exc:
             await self._report(GROUP, step, exc)  # e.g. the next stage is leaving: every entry fails with it
         except (OSError, RuntimeError, TimeoutError) as exc:  # the next worker is gone
@@ -425,11 +441,12 @@ class StageActor:
         return results
 
     async def _send_on(self, session_id, out, position_ids, attention_mask, step, computes, tree=None,
-                       keep=None, seq=None) -> None:
+                       keep=None, seq=None, owner=None) -> None:
         try:
             await hold(len(out) + len(position_ids) + len(attention_mask) + extra_nbytes(tree, keep))
             route = self._route(session_id)
-            await route.next.forward(session_id, out, position_ids, attention_mask, step, computes, tree, keep, seq)
+            await route.next.forward(session_id, out, position_ids, attention_mask, step, computes, tree, keep, seq,
+                                     owner)
         except BloombeeError:
             pass  # the stage that raised it has reported it to the last stage
         except (OSError, RuntimeError, TimeoutError) as exc:  # the next worker is gone

@@ -39,10 +39,10 @@ def test_a_flooding_client_does_not_starve_another(checkpoints, reference, merge
             await stage.open_session(sid, 1, 16, None, owner)
         done: list[str] = []
 
-        async def step(sid):
-            await stage.forward(sid, *frames)
+        async def step(sid, owner):
+            await stage.forward(sid, *frames, owner=owner)
             done.append(sid)
-        await asyncio.gather(*(step(sid) for sid, _ in sessions))
+        await asyncio.gather(*(step(sid, owner) for sid, owner in sessions))
         return done
 
     loop = asyncio.new_event_loop()  # not asyncio.run: it would leave this thread without a current loop

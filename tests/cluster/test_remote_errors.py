@@ -27,9 +27,9 @@ def test_garbage_frames_and_unknown_sessions_are_typed_and_harmless(model, refer
         frame = transport.encode(torch.zeros(1, 1, 64))
         pos, m = transport.encode(torch.zeros(1, 1, dtype=torch.long)), transport.encode(torch.ones(1, 1))
         with pytest.raises(FrameError, match="truncated"):
-            stage.forward(s.session_id, frame[:-3], pos, m).result(timeout=30)
+            stage.forward(s.session_id, frame[:-3], pos, m, owner=model.chain.owner).result(timeout=30)
         with pytest.raises(FrameError, match="not a bloombee frame"):
-            stage.forward(s.session_id, b"\x80\x04pickle?" + bytes(40), pos, m).result(timeout=30)
+            stage.forward(s.session_id, b"\x80\x04pickle?" + bytes(40), pos, m, owner=model.chain.owner).result(timeout=30)
         with pytest.raises(UnknownSessionError, match="not open"):
             stage.forward("someone-elses-session", frame, pos, m).result(timeout=30)
         # the session that was interrupted by garbage still finishes exactly

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import bloombee_nb as bb
+from bloombee_nb import transport
 from bloombee_nb.cluster.swarm import actors, hosted, model_key
 from bloombee_nb.errors import SessionOwnerError, SwarmError
 from bloombee_nb.plan.swarm import choose_span, route
@@ -134,6 +135,11 @@ def test_a_client_cannot_close_or_roll_back_another_clients_session(local, check
                 stage.close_session(s.session_id, b.client.id).result()
             with pytest.raises(SessionOwnerError, match="another client"):
                 stage.rollback(s.session_id, 1, b.client.id).result()
+            h = model.embed_tokens(ids[:, -1:]).detach()
+            frames = [transport.encode(t.contiguous()) for t in (h, torch.tensor([[4]]), torch.ones(1, 1, dtype=torch.long))]
+            for someone in (b.client.id, None):   # a step into another client's session, named or not
+                with pytest.raises(SessionOwnerError, match="another client"):
+                    stage.forward(s.session_id, *frames, None, (), None, None, None, someone).result()
             assert s.length == 4 and bb.swarm(b).loads[first.key].sessions == 1  # untouched
             assert s.session_id not in repr(bb.swarm(b)) + bb.swarm(b)._repr_html_()
         model.close()
@@ -215,10 +221,10 @@ def test_a_lent_worker_leaving_hands_its_span_over_first(lent, checkpoints, refe
     streamer = FaultAt(3, lambda: lent.procs[holder.name].send_signal(signal.SIGTERM))
     got = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, streamer=streamer)
     assert torch.equal(got, reference["llama"].generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0))
+    lent.procs[holder.name].wait(60)   # it handed its span over, then left once no session was open on it
     assert [(s.name, s.span) for s in hosted(lent.cluster) if s.span == (2, 4) and s.worker != holder.worker] == [
-        ("spare", (2, 4))]
+        ("spare", (2, 4))], lent.logs[holder.name].read_text()[-3000:]
     assert "handed layers 2–3" in lent.logs[holder.name].read_text()
-    lent.procs[holder.name].wait(60)   # it left once no session was open on it
     assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0), got)
     assert model.attached and holder.worker not in model.placement.workers   # routed through the spare's span
     model.close()

@@ -140,7 +140,7 @@ def test_cell_errors_are_usage_errors(ip):
         ip.run_cell_magic("bloombee", "generate --tree 2,2", "hi")
     with pytest.raises(UsageError, match="cannot load the draft model"):
         ip.run_cell_magic("bloombee", "generate --speculative --draft /nonexistent/draft", "hi")
-    with pytest.raises(UsageError, match="only `%%bloombee generate` takes a cell body"):
+    with pytest.raises(UsageError, match="only `%%bloombee generate` and `%%bloombee chat` take a cell body"):
         ip.run_cell_magic("bloombee", "status", "x")
 
 
