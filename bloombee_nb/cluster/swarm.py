@@ -73,7 +73,7 @@ class SwarmRegistry(SchedulerPlugin):
     idempotent = True  # registering again (every client does) keeps the running registry
 
     #: a claimed span not hosted within this long (its worker failed to load it) is free again
-    CLAIM_S = 600.0
+    CLAIM_S = 120.0
 
     def __init__(self):
         self.spans: dict[str, dict] = {}
@@ -82,7 +82,8 @@ class SwarmRegistry(SchedulerPlugin):
     async def start(self, scheduler) -> None:
         self.scheduler = scheduler
         scheduler.handlers.update({"bloombee_swarm_add": self.add, "bloombee_swarm_remove": self.remove,
-                                   "bloombee_swarm_list": self.list, "bloombee_swarm_claim": self.claim})
+                                   "bloombee_swarm_list": self.list, "bloombee_swarm_claim": self.claim,
+                                   "bloombee_swarm_unclaim": self.unclaim})
 
     def claim(self, model: str, worker: str, n_layers: int, capacity: int) -> tuple[int, int]:
         """The span ``worker`` should host (``choose_span`` over what is hosted and claimed), claimed
@@ -94,6 +95,11 @@ class SwarmRegistry(SchedulerPlugin):
         span = choose_span(n_layers, taken, capacity)
         self.claims[(model, worker)] = (span, now)
         return span
+
+    def unclaim(self, model: str, workers: list[str]) -> None:
+        """Claims of ``workers`` that will not be hosted after all (their stages failed to load)."""
+        for w in workers:
+            self.claims.pop((model, w), None)
 
     def add(self, spans: list[dict]) -> None:
         for rec in spans:
@@ -158,6 +164,7 @@ def host(model: str | Path, cluster, *, workers: list[str] | None = None, spans:
     config = load_config(path, stage_kwargs.get("allow_unverified_architecture", False))
     n = config.num_hidden_layers
     workers = list(workers or cluster.worker_addresses())
+    claimed = spans is None
     if spans is None:
         _registry(cluster.client)
         cap = layers_per_worker or max(b - a for a, b in even_spans(n, len(workers)))
@@ -176,6 +183,10 @@ def host(model: str | Path, cluster, *, workers: list[str] | None = None, spans:
         recs = [HostedSpan(key, st.worker, names.get(st.worker, st.worker), st.start, st.end, n, dtype, str(f.key))
                 for st, f in zip(placement, futures)]
         cluster.client.sync(cluster.client.scheduler.bloombee_swarm_add, spans=[r.__dict__ for r in recs])
+    except BaseException:
+        if claimed:  # free the spans this call claimed, for the next worker that joins
+            cluster.client.sync(cluster.client.scheduler.bloombee_swarm_unclaim, model=key, workers=workers)
+        raise
     finally:
         for f in futures:  # the registry wants them now; this client does not need to
             f.release()
@@ -191,7 +202,8 @@ class _AnyPlacement:
 
 def unhost(cluster, model: str | Path | None = None, workers: list[str] | None = None) -> list[HostedSpan]:
     """Stop hosting (``model``'s spans, on ``workers``; default every one): the swarm forgets them and
-    each stage stops once no client holds it (sessions open on it finish first)."""
+    the stages stop now. Sessions on them re-route through the replicas left, or say which layers to
+    host (``RecoveryError``)."""
     gone = [s for s in hosted(cluster, None if model is None else model_key(model))
             if workers is None or s.worker in workers]
     cluster.client.sync(cluster.client.scheduler.bloombee_swarm_remove, keys=[s.key for s in gone])

@@ -191,6 +191,11 @@ def test_lent_workers_pick_their_spans_and_the_cli_shows_them(lent, checkpoints)
 def test_a_lent_worker_hosts_only_the_models_its_owner_allowed(lent, checkpoints):
     with pytest.raises(SwarmError, match="hosts only"):
         bb.host(checkpoints["qwen3"], lent.cluster, workers=lent.addresses("w1"), spans=[(0, 5)])
+    with pytest.raises(SwarmError, match="hosts only"):   # claims layers 0-1 for w1, then fails to load them
+        bb.host(checkpoints["qwen3"], lent.cluster, workers=lent.addresses("w1"), layers_per_worker=2)
+    (given,) = bb.host(checkpoints["qwen3"], lent.cluster, workers=lent.addresses("spare"), layers_per_worker=2)
+    assert given.span == (0, 2)                           # the failed claim was given back
+    bb.unhost(lent.cluster, checkpoints["qwen3"])
     with pytest.raises(SwarmError, match="hosts only"):
         bb.DistributedModelForCausalLM.from_pretrained(checkpoints["qwen3"], cluster=lent.cluster,
                                                        workers=lent.addresses("w1"), spans=[(0, 5)])
