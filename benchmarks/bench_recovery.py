@@ -54,17 +54,17 @@ PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n"
 
 
 class Stream(BaseStreamer):
-    """Token arrival times; ``fault()`` once ``FAULT_AT`` new tokens arrived."""
+    """Token arrival times; ``fault()`` once ``at`` new tokens arrived."""
 
-    def __init__(self, fault=None):
-        self.fault, self.times, self.prompt_seen = fault, [], False
+    def __init__(self, fault=None, at: int = FAULT_AT):
+        self.fault, self.at, self.times, self.prompt_seen = fault, at, [], False
 
     def put(self, value):
         if not self.prompt_seen:
             self.prompt_seen = True
             return
         self.times.append(time.perf_counter())
-        if len(self.times) == FAULT_AT and self.fault is not None:
+        if len(self.times) == self.at and self.fault is not None:
             self.fault()
 
     def end(self):

@@ -27,32 +27,16 @@ import time
 from pathlib import Path
 
 import torch
-from transformers.generation.streamers import BaseStreamer
 
 import bloombee_nb as bb
 from bloombee_nb.cluster.swarm import hosted
 from bloombee_nb.shipped import default_model_path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_recovery import Stream  # noqa: E402
 from bench_swarm import BIN, RESULTS, start  # noqa: E402
 
 NEW, FAULT_AT = 32, 8
-
-
-class Stream(BaseStreamer):
-    def __init__(self, fault):
-        self.fault, self.times, self.prompt_seen = fault, [], False
-
-    def put(self, value):
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        self.times.append(time.perf_counter())
-        if len(self.times) == FAULT_AT:
-            self.fault()
-
-    def end(self):
-        pass
 
 
 def main() -> None:
@@ -84,7 +68,7 @@ def main() -> None:
                     want = model.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
                 names = {a: str(w["name"]) for a, w in cluster.workers().items()}
                 victim = names[model.placement.stages[0].worker]
-                streamer = Stream(lambda: procs[victim].send_signal(signal.SIGKILL))
+                streamer = Stream(lambda: procs[victim].send_signal(signal.SIGKILL), at=FAULT_AT)
                 got = model.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0, streamer=streamer)
                 (event,) = model.events
                 gaps = [b - a for a, b in zip(streamer.times, streamer.times[1:])]

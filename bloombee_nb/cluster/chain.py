@@ -101,7 +101,7 @@ class RemoteChain:
         self.released, self.shared = False, shared
         self.owner = client.id   # the stages bind this client's sessions to it
         self._futures = [] if shared else futures  # an actor lives as long as its future is held
-        self.actors = list(futures) if shared else gather_actors(client, futures, placement)
+        self.actors = list(futures) if shared else gather_actors(client, futures, placement.stages)
         for a, b, st, spec in zip(self.actors, self.actors[1:], placement.stages, placement.stages[1:]):
             if not shared:
                 _settle(st, a, "set_next", b, unavailable_message(spec), self.actors[-1], spec.worker,
@@ -660,7 +660,7 @@ def _lost_message(placement: Placement, workers: list[str], what: str) -> str:
     return f"{spans} {what}"
 
 
-def gather_actors(client: Client, futures: list, placement: Placement, poll_s: float = 1.0) -> list:
+def gather_actors(client: Client, futures: list, stages: tuple[StageSpec, ...], poll_s: float = 1.0) -> list:
     """The actor handles of ``futures`` once every stage has loaded its span.
 
     Loading may take long (a real span is gigabytes), so there is no overall timeout; instead a
@@ -675,7 +675,7 @@ def gather_actors(client: Client, futures: list, placement: Placement, poll_s: f
         except TimeoutError:
             pass
         workers = client.sync(client.scheduler.identity, n_workers=-1)["workers"]
-        for fut, st in zip(futures, placement.stages):
+        for fut, st in zip(futures, stages):
             state = workers.get(st.worker, {}).get("status")
             if not fut.done() and state != "running":
                 for f in futures:

@@ -119,8 +119,7 @@ class StageActor:
                                  allow_unverified_architecture=allow_unverified_architecture,
                                  weight_offload=weight_offload, kv_offload=kv_offload, **kw)
         self.max_frame_bytes = transport.frame.DEFAULT_MAX_BYTES
-        self.next = self.last = self._next_worker = None  # chain mode: the next and the last stage's actor handles
-        self._next_unavailable = ""
+        self._chain_route = Route()                 # chain mode: where every session's output goes (set_next)
         self._routes: dict[str, Route] = {}         # session -> its own route (swarm clients)
         self._owners: dict[str, str] = {}           # session -> the client that opened it
         self._sending: set[asyncio.Task] = set()  # outputs on their way to the next stage
@@ -142,8 +141,7 @@ class StageActor:
     def set_next(self, actor, unavailable_message: str, last=None, next_worker: str | None = None) -> None:
         """Chain mode: where this stage's output goes (``next_worker``: its address), what to say if it
         cannot get there, and the last stage (where failures are reported)."""
-        self.next, self._next_unavailable, self.last = actor, unavailable_message, last
-        self._next_worker = next_worker
+        self._chain_route = Route(actor, last, next_worker, unavailable_message)
 
     def set_batching(self, micro_batch: int | None = None, merge: bool = True) -> None:
         """At most ``micro_batch`` rows per forward (None: no limit); ``merge=False`` runs every step alone."""
@@ -181,7 +179,7 @@ class StageActor:
             self._owners[session_id] = owner
 
     def _route(self, session_id: str) -> Route:
-        return self._routes.get(session_id) or Route(self.next, self.last, self._next_worker, self._next_unavailable)
+        return self._routes.get(session_id, self._chain_route)
 
     def _owner_error(self, session_id: str, owner: str | None) -> SessionOwnerError | None:
         try:
@@ -313,7 +311,7 @@ class StageActor:
                 out.append([sid, res, pos, mask, seq, computes])
             else:
                 out.append([sid, res[0], pos, mask, seq, (*computes, (res[1], len(res[0])))])
-        if self.next is None:
+        if self._chain_route.next is None:
             await hold(sum(len(e[1]) for e in out if isinstance(e[1], bytes)))
             self._output(GROUP, step).set_result(out)
         else:
@@ -322,7 +320,7 @@ class StageActor:
     async def _send_group(self, entries: list, step: int, owner: str | None = None) -> None:
         try:
             await hold(sum(len(e[1]) + len(e[2]) + len(e[3]) for e in entries if isinstance(e[1], bytes)))
-            await self.next.forward_group(entries, step, owner)
+            await self._chain_route.next.forward_group(entries, step, owner)
         except BloombeeError as exc:
             await self._report(GROUP, step, exc)  # e.g. the next stage is leaving: every entry fails with it
         except (OSError, RuntimeError, TimeoutError) as exc:  # the next worker is gone

@@ -178,7 +178,7 @@ def host(model: str | Path, cluster, *, workers: list[str] | None = None, spans:
                                      allow_other_workers=False, dtype=dtype, **stage_kwargs)
                for st in placement]
     try:
-        gather_actors(cluster.client, futures, _AnyPlacement(tuple(placement)))
+        gather_actors(cluster.client, futures, tuple(placement))
         names = {a: str(w.get("name", a)) for a, w in cluster.workers().items()}
         recs = [HostedSpan(key, st.worker, names.get(st.worker, st.worker), st.start, st.end, n, dtype, str(f.key))
                 for st, f in zip(placement, futures)]
@@ -191,13 +191,6 @@ def host(model: str | Path, cluster, *, workers: list[str] | None = None, spans:
         for f in futures:  # the registry wants them now; this client does not need to
             f.release()
     return recs
-
-
-@dataclass(frozen=True)
-class _AnyPlacement:
-    """gather_actors' view of stages that need not form a chain (replicas, partial coverage)."""
-
-    stages: tuple[StageSpec, ...]
 
 
 def unhost(cluster, model: str | Path | None = None, workers: list[str] | None = None) -> list[HostedSpan]:
@@ -216,15 +209,16 @@ def hand_over(cluster, leaving: str) -> list[HostedSpan]:
     spans that accepts the model. Returns the spans hosted anew. (The leaving worker's own records go
     when it leaves; meanwhile its stages answer ``leaving`` and clients route around them.)"""
     running = [a for a, w in cluster.workers().items() if a != leaving and w.get("status", "running") == "running"]
-    new: list[HostedSpan] = []
-    for mine in [s for s in hosted(cluster) if s.worker == leaving]:
-        others = [o for o in hosted(cluster, mine.model) if o.worker != leaving]
-        if route([o.span for o in others], mine.n_layers, [1.0] * len(others), lambda p, i: 0.0) is not None:
+    spans, new = hosted(cluster), []
+    for mine in [s for s in spans if s.worker == leaving]:
+        others = [o.span for o in spans if o.model == mine.model and o.worker != leaving]
+        if route(others, mine.n_layers, [1.0] * len(others), lambda p, i: 0.0) is not None:
             continue
-        load = {a: sum(o.worker == a for o in hosted(cluster)) for a in running}
+        load = {a: sum(o.worker == a for o in spans) for a in running}
         for candidate in sorted(running, key=lambda a: load[a]):
             try:
-                new += host(mine.model, cluster, workers=[candidate], spans=[mine.span], dtype=mine.dtype)
+                added = host(mine.model, cluster, workers=[candidate], spans=[mine.span], dtype=mine.dtype)
+                spans, new = spans + added, new + added
                 break
             except SwarmError:
                 continue  # its owner did not allow this model: the next one
