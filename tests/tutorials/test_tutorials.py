@@ -1,7 +1,8 @@
 """Every tutorial runs top to bottom with a real kernel, and no notebook is committed with outputs.
 
-The notebooks and the README's table of them are written by ``tutorials/make_notebooks.py``; the
-tests check that what is committed is what it writes.
+The notebooks are generated from their jupytext sources (``tutorials/01_quickstart.py`` …, percent
+format) by ``tutorials/make_notebooks.py``, which also writes the README's table of them; the tests
+check that what is committed is what it writes.
 """
 
 import importlib.util
@@ -41,10 +42,10 @@ def test_there_are_tutorials():
 def test_committed_notebooks_and_readme_table_are_generated():
     make = _make_notebooks()
     assert {p.name for p in TUTORIALS} == set(make.NOTEBOOKS), "run python tutorials/make_notebooks.py"
-    for name, cells in make.NOTEBOOKS.items():
+    for name, source in make.NOTEBOOKS.items():
         committed = (ROOT / "tutorials" / name).read_text()
-        assert committed == nbformat.writes(make.build(cells)) + "\n", \
-            f"{name} differs from its cells in make_notebooks.py: run python tutorials/make_notebooks.py"
+        assert committed == nbformat.writes(make.build(source)) + "\n", \
+            f"{name} differs from {source.name}: run python tutorials/make_notebooks.py"
     readme = (ROOT / "README.md").read_text()
     assert make.readme_table() in readme, "the README's tutorials table is stale: run python tutorials/make_notebooks.py"
     for name, _, pending in make.TABLE:
