@@ -248,7 +248,7 @@ class BloombeeMagics(Magics):
             raise UsageError("--workers only applies to `connect local`; a remote cluster has the workers it has")
         compression = None if args.compression in (None, "raw") else args.compression
         direct = not (args.through_scheduler or (target != "local" and "google.colab" in sys.modules))
-        _stop_servers_of(session().model)
+        _stop_servers()
         session().connect(None if target == "local" else target, n_workers=args.workers or self.workers,
                           direct_to_workers=direct, model_path=args.model or self.model or None,
                           load_model=not args.no_model, relay=args.relay, compression=compression,
@@ -256,14 +256,10 @@ class BloombeeMagics(Magics):
         show(session())
 
     def _status(self, args, cell):
-        show(session())
-        from .. import serve as http
-
-        for server in http.running().values():  # requests served by `%bloombee serve`
-            show(server)
+        show(session())  # the panel lists `%bloombee serve` servers and their requests too
 
     def _disconnect(self, args, cell):
-        _stop_servers_of(session().model)
+        _stop_servers()
         print("disconnected" if session().disconnect() else "not connected")
 
     def _host(self, args, cell):
@@ -368,13 +364,11 @@ class BloombeeMagics(Magics):
         from .. import serve as http
 
         if args.stop:
-            stopped = http.stop(args.port)
+            stopped = session().stop_servers(args.port)
             print(f"stopped serving on port {', '.join(map(str, stopped))}" if stopped else "no server is running")
             return
-        s = session()
         settings = http.ServeSettings(api_keys=tuple(args.api_key), rate_per_minute=args.rate_limit)
-        server = http.serve(s.require_model(), s.require_tokenizer(), host=args.host,
-                            port=8000 if args.port is None else args.port, settings=settings)
+        server = session().serve(host=args.host, port=8000 if args.port is None else args.port, settings=settings)
         show(server)
         self._store(args.out, server)
 
@@ -385,11 +379,9 @@ class BloombeeMagics(Magics):
         show(live(fig)) if self.live else show_figure(fig)
 
 
-def _stop_servers_of(model) -> None:
+def _stop_servers() -> None:
     """`%bloombee serve` servers must not outlive the model they serve (disconnect, or a connect replacing it)."""
-    from .. import serve as http
-
-    for port in http.stop_serving(model):
+    for port in session().stop_servers():
         print(f"stopped serving on port {port}")
 
 

@@ -16,7 +16,7 @@ Errors are typed (:class:`NotebookError`, or the library's own); only the magics
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import BloombeeError
 
@@ -37,6 +37,7 @@ class NotebookSession:
     plan_widget: object = None      # the last PlanWidget shown
     last_generation: object = None  # the last GenerationResult
     chat: object = None             # the conversation of `%%bloombee chat` (generate/chat.py)
+    servers: dict = field(default_factory=dict)  # port -> serve.Server of `%bloombee serve`, until stopped
 
     # ---- lifecycle ------------------------------------------------------------------------
     def connect(self, address: str | None = None, *, n_workers: int = 3, direct_to_workers: bool = True,
@@ -88,6 +89,7 @@ class NotebookSession:
     def disconnect(self) -> bool:
         """Free the model's spans and close the cluster (stopping it if it is embedded). False if idle."""
         was = self.cluster is not None
+        self.stop_servers()  # a server must not outlive the model it serves
         if self.chat is not None:
             self.chat.close()
         if self.model is not None:
@@ -97,6 +99,28 @@ class NotebookSession:
         self.cluster = self.model = self.tokenizer = self.model_path = self.profile = None
         self.plan_widget = self.last_generation = self.chat = None
         return was
+
+    # ---- serving over HTTP (`%bloombee serve`) -------------------------------------------------
+    def serve(self, **kwargs):
+        """Serve the session's model over HTTP in the kernel's background (``bloombee_nb.serve.serve``'s
+        keywords); the session keeps the server until :meth:`stop_servers` or :meth:`disconnect`."""
+        from .. import serve as http
+
+        server = http.serve(self.require_model(), self.require_tokenizer(), **kwargs)
+        self.servers[server.port] = server
+        return server
+
+    def running_servers(self) -> dict:
+        """The session's servers still up, by port (stopped ones are forgotten)."""
+        self.servers = {p: s for p, s in self.servers.items() if s.running}
+        return dict(self.servers)
+
+    def stop_servers(self, port: int | None = None) -> list[int]:
+        """Stop the server on ``port`` (None: every one); the ports stopped."""
+        ports = [p for p in self.running_servers() if port is None or p == port]
+        for p in ports:
+            self.servers.pop(p).stop()
+        return ports
 
     # ---- what commands need ------------------------------------------------------------------
     def require_cluster(self):
@@ -148,7 +172,8 @@ class NotebookSession:
                  if self.model is not None else "no model")
         head = (f"<bloombee_nb notebook session: {self.cluster.address}, {len(workers)} workers; "
                 f"{self.model_path}: {spans}; profile {'measured' if self.profile is not None else 'not measured'}>")
-        return head + ("\n" + status.text() if status is not None else "")
+        serving = "".join(f"\nserving {srv.snapshot().text()}" for srv in self.running_servers().values())
+        return head + ("\n" + status.text() if status is not None else "") + serving
 
     def _html(self, status: "StageStatus | None") -> str:
         parts = [self.cluster._repr_html_()]
@@ -162,7 +187,20 @@ class NotebookSession:
                                 else "placed by an even split") + " · profile: "
                      + ("measured" if self.profile is not None else "not measured (<code>%bloombee profile</code>)")
                      + "</div>")
+        parts.append(self._serving_html())
         return "<div class='bloombee-status'>" + "".join(parts) + "</div>"
+
+    def _serving_html(self) -> str:
+        """The requests `%bloombee serve` servers are answering, and their Dask dashboard page."""
+        servers = list(self.running_servers().values())
+        if not servers:
+            return ""
+        from ..serve.activity import snapshots_html
+
+        link = servers[0].dashboard_link
+        more = (f"<div>also on the Dask dashboard: <a href='{html.escape(link)}' target='_blank'>"
+                f"{html.escape(link)}</a></div>" if link else "")
+        return snapshots_html([s.snapshot() for s in servers], "serving over HTTP") + more
 
     def __repr__(self):
         if self.cluster is None:

@@ -27,17 +27,18 @@ from __future__ import annotations
 
 from .errors import ServeError, ServeStartError
 
-__all__ = ["serve", "Server", "ServeSettings", "TLSFiles", "ServeError", "ServeStartError", "running", "stop",
-           "stop_serving"]
-
-_RUNNING: dict[int, "Server"] = {}   # port -> server started by serve() in this process
+__all__ = ["serve", "Server", "ServeSettings", "TLSFiles", "ServeError", "ServeStartError"]
 
 
 def serve(model, tokenizer, name: str | None = None, *, host: str = "127.0.0.1", port: int = 8000,
           settings=None, tls=None) -> "Server":
     """Serve ``model`` (a ``DistributedModelForCausalLM``) over HTTP in the background; returns the
-    running :class:`Server` (``.url``, ``.stop()``). ``name``: the model id clients send (default:
-    the checkpoint folder's name)."""
+    running :class:`Server` (``.url``, ``.stop()``, ``.snapshot()``). ``name``: the model id clients
+    send (default: the checkpoint folder's name). The server's activity goes to the model's Dask
+    scheduler, whose dashboard shows it at ``/bloombee/serve`` (``server.dashboard_link``).
+
+    The caller owns the server: the notebook keeps the ones ``%bloombee serve`` started in its
+    session (:mod:`bloombee_nb.notebook.state`), the CLI waits on its one."""
     try:
         from .app import ServeSettings, create_app
         from .engine import Engine
@@ -49,38 +50,15 @@ def serve(model, tokenizer, name: str | None = None, *, host: str = "127.0.0.1",
         raise ServeStartError("serving needs the model's tokenizer: save one beside the checkpoint "
                               "(tokenizer.save_pretrained(path))")
     name = name or default_name(model)
-    server = Server(create_app(Engine(model, tokenizer, name), settings or ServeSettings()), host, port, tls).start()
-    _RUNNING[server.port] = server
-    return server
+    client = getattr(getattr(model, "cluster", None), "client", None)
+    app = create_app(Engine(model, tokenizer, name), settings or ServeSettings())
+    return Server(app, host, port, tls, client=client).start()
 
 
 def default_name(model) -> str:
     """The id clients use: the last part of the checkpoint path or Hub id (``tiny-llama``)."""
     path = str(getattr(model.config, "_name_or_path", "") or "model")
     return path.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]
-
-
-def running() -> dict[int, "Server"]:
-    """Servers started in this process that are still up, by port."""
-    for port in [p for p, s in _RUNNING.items() if not s.running]:
-        del _RUNNING[port]
-    return dict(_RUNNING)
-
-
-def stop(port: int | None = None) -> list[int]:
-    """Stop the server on ``port`` (None: every one); the ports stopped."""
-    return _stop([p for p in running() if port is None or p == port])
-
-
-def stop_serving(model) -> list[int]:
-    """Stop every server of this process that serves ``model`` (none for ``None``); the ports stopped."""
-    return _stop([p for p, s in running().items() if model is not None and s.app.state.bloombee.engine.model is model])
-
-
-def _stop(ports: list[int]) -> list[int]:
-    for p in ports:
-        _RUNNING.pop(p).stop()
-    return ports
 
 
 def __getattr__(name):  # lazily: importing the package must not need the extra

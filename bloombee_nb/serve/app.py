@@ -17,7 +17,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import protocol as p
 from .engine import Delta, Engine, GenerationSpec, Result
-from .errors import InvalidRequestError, ModelNotFoundError, ServeError
+from .activity import Activity
+from .errors import InvalidRequestError, ModelNotFoundError, QueueFullError, RateLimitError, ServeError
 from .limits import Admission, RateLimiter, check_key
 
 
@@ -32,62 +33,62 @@ class ServeSettings:
     max_queue: int = 32                       # requests waiting for a slot before 429
 
 
-@dataclass
-class ServeStats:
-    """Counters the status view shows (updated on the server's threads)."""
-
-    served: int = 0
-    cancelled: int = 0                        # clients that hung up mid-stream (their sessions end early)
-    failed: int = 0
-    refused: int = 0
-    tokens: int = 0
-    started_s: float = 0.0
-
-
 class _State:
-    """What the routes share: engine, limits, the generation pool."""
+    """What the routes share: engine, limits, the generation pool, the activity counters."""
 
     def __init__(self, engine: Engine, settings: ServeSettings):
         self.engine, self.settings = engine, settings
         self.pool = ThreadPoolExecutor(max_workers=settings.max_running, thread_name_prefix="bloombee-serve")
         self.admission = Admission(settings.max_running, settings.max_queue)
         self.limiter = RateLimiter(settings.rate_per_minute, settings.burst) if settings.rate_per_minute else None
-        self.stats = ServeStats(started_s=time.time())
+        self.activity = Activity()
         self.created = int(time.time())
-        self._stats_lock = threading.Lock()
 
-    def admit(self, request: Request) -> None:
-        """Key, then rate (the queue is checked when a generation is submitted); raises 401/429."""
+    def admit(self, request: Request) -> str:
+        """Key, then rate (the queue is checked when a generation is submitted); raises 401/429.
+        Returns who asks, as the activity names it: ``key N`` (its place in ``api_keys``) or, without
+        keys, the client's address."""
         key = check_key(request.headers.get("authorization"), self.settings.api_keys)
+        client = request.client.host if request.client else "?"
+        who = f"key {self.settings.api_keys.index(key) + 1}" if key is not None else client
         if self.limiter is not None:
-            self.limiter.take(key or (request.client.host if request.client else "?"))
+            try:
+                self.limiter.take(key or client)
+            except RateLimitError:
+                self.activity.refuse(who)
+                raise
+        return who
 
     def check_model(self, name: str) -> None:
         if name not in (self.engine.name, getattr(self.engine.model.config, "_name_or_path", None)):
             raise ModelNotFoundError(f"the model {name!r} does not exist on this server; it serves "
                                      f"{self.engine.name!r} (GET /v1/models)", param="model")
 
-    def submit(self, spec: GenerationSpec, emit=None, cancel: threading.Event | None = None):
-        """Run ``spec`` on the pool (raises 429 when full); an asyncio future of its :class:`Result`."""
-        self.admission.enter()
+    def submit(self, spec: GenerationSpec, who: str, emit=None, cancel: threading.Event | None = None):
+        """Run ``spec`` for ``who`` on the pool (raises 429 when full); an asyncio future of its :class:`Result`."""
         try:
-            fut = self.pool.submit(self.engine.run, spec, emit, cancel)
+            self.admission.enter()
+        except QueueFullError:
+            self.activity.refuse(who)
+            raise
+        try:
+            fut = self.pool.submit(self._run, spec, who, emit, cancel)
         except BaseException:
             self.admission.leave()
             raise
-        fut.add_done_callback(lambda f: self._done(f))
+        self.activity.admitted(who)
+        fut.add_done_callback(lambda f: self.admission.leave())
         return asyncio.wrap_future(fut)
 
-    def _done(self, fut) -> None:
-        self.admission.leave()
-        result = None if fut.cancelled() or fut.exception() is not None else fut.result()
-        with self._stats_lock:  # done callbacks run on the pool's threads
-            if result is None:
-                self.stats.failed += 1
-                return
-            self.stats.cancelled += result.cancelled
-            self.stats.served += not result.cancelled
-            self.stats.tokens += result.completion_tokens
+    def _run(self, spec: GenerationSpec, who: str, emit, cancel) -> Result:
+        """On a pool thread: the generation, counted while it runs and token by token."""
+        self.activity.started()
+        result = None
+        try:
+            result = self.engine.run(spec, emit, cancel, progress=lambda n: self.activity.generated(who, n))
+            return result
+        finally:
+            self.activity.finished(result)
 
 
 def create_app(engine: Engine, settings: ServeSettings = ServeSettings()) -> FastAPI:
@@ -113,18 +114,18 @@ def create_app(engine: Engine, settings: ServeSettings = ServeSettings()) -> Fas
 
     @app.post("/v1/completions")
     async def completions(body: p.CompletionRequest, request: Request):
-        state.admit(request)
+        who = state.admit(request)
         state.check_model(body.model)
         spec = _spec(engine, engine.completion_ids(body.prompt), body, body.max_tokens)
-        return await _answer(state, spec, body, "text_completion", p.new_id("cmpl"))
+        return await _answer(state, spec, who, body, "text_completion", p.new_id("cmpl"))
 
     @app.post("/v1/chat/completions")
     async def chat(body: p.ChatRequest, request: Request):
-        state.admit(request)
+        who = state.admit(request)
         state.check_model(body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         spec = _spec(engine, engine.chat_ids(messages), body, body.max_completion_tokens or body.max_tokens)
-        return await _answer(state, spec, body, "chat.completion", p.new_id("chatcmpl"))
+        return await _answer(state, spec, who, body, "chat.completion", p.new_id("chatcmpl"))
 
     return app
 
@@ -137,14 +138,14 @@ def _spec(engine: Engine, ids, body: p._Sampling, max_tokens: int | None) -> Gen
                        stop=body.stops(), seed=body.seed)
 
 
-async def _answer(state: _State, spec: GenerationSpec, body: p._Sampling, kind: str, rid: str):
+async def _answer(state: _State, spec: GenerationSpec, who: str, body: p._Sampling, kind: str, rid: str):
     name = state.engine.name
     if not body.stream:
-        result: Result = await state.submit(spec)
+        result: Result = await state.submit(spec, who)
         return (p.completion_body if kind == "text_completion" else p.chat_body)(rid, name, result)
     # admitted (or refused with 429) before the 200 of the event stream goes out
     loop, queue, cancel = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
-    future = state.submit(spec, lambda d: loop.call_soon_threadsafe(queue.put_nowait, d), cancel)
+    future = state.submit(spec, who, lambda d: loop.call_soon_threadsafe(queue.put_nowait, d), cancel)
     future.add_done_callback(lambda f: queue.put_nowait(None))  # after every delta: both go through the loop
     return EventSourceResponse(_stream(state, spec, body, kind, rid, future, queue, cancel), ping=15)
 
@@ -184,8 +185,6 @@ def _event(obj: dict) -> dict:
 
 def _error_handlers(app: FastAPI, state: _State) -> None:
     def respond(exc: ServeError) -> JSONResponse:
-        if exc.status == 429:
-            state.stats.refused += 1
         headers = {"Retry-After": f"{max(1, round(exc.retry_after_s))}"} if hasattr(exc, "retry_after_s") else None
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 

@@ -109,16 +109,20 @@ class RowTracker(StoppingCriteria):
     or ``max_new_tokens``; sends each row's new text to ``emit``; ends all rows when ``cancel`` is set."""
 
     def __init__(self, tokenizer, spec: GenerationSpec, eos_ids: set[int],
-                 emit: Callable[[Delta], None] | None, cancel: threading.Event):
+                 emit: Callable[[Delta], None] | None, cancel: threading.Event,
+                 progress: Callable[[int], None] | None = None):
         self.tok, self.spec, self.eos, self.emit, self.cancel = tokenizer, spec, eos_ids, emit, cancel
+        self.progress = progress                         # told the number of new tokens at every step
         self.tokens: list[list[int]] = [[] for _ in range(spec.n)]
         self.sent = [0] * spec.n                         # characters already emitted per row
         self.choices: list[Choice | None] = [None] * spec.n
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        for row in range(self.spec.n):
-            if self.choices[row] is None:
-                self._advance(row, int(input_ids[row, -1]))
+        live = [row for row in range(self.spec.n) if self.choices[row] is None]
+        for row in live:
+            self._advance(row, int(input_ids[row, -1]))
+        if self.progress is not None and live:
+            self.progress(len(live))
         done = [c is not None for c in self.choices]
         if self.cancel.is_set():
             done = [True] * self.spec.n
@@ -210,10 +214,11 @@ class Engine:
 
     # -- running
     def run(self, spec: GenerationSpec, emit: Callable[[Delta], None] | None = None,
-            cancel: threading.Event | None = None) -> Result:
-        """Generate every choice of ``spec`` (blocks; new text goes to ``emit`` as it comes)."""
+            cancel: threading.Event | None = None, progress: Callable[[int], None] | None = None) -> Result:
+        """Generate every choice of ``spec`` (blocks; new text goes to ``emit`` as it comes, the count
+        of new tokens to ``progress`` at every step)."""
         cancel = cancel or threading.Event()
-        tracker = RowTracker(self.tokenizer, spec, self.eos_ids, emit, cancel)
+        tracker = RowTracker(self.tokenizer, spec, self.eos_ids, emit, cancel, progress)
         if cancel.is_set():
             return Result((), len(spec.prompt_ids), cancelled=True)
         ids = torch.tensor([spec.prompt_ids] * spec.n, dtype=torch.long)   # [n, T]

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import html
+import os
 import threading
 import time
 from dataclasses import dataclass
 
+from .activity import ServeSnapshot, snapshots_html
 from .errors import ServeStartError
 
 
@@ -25,10 +27,12 @@ class Server:
     ``port=0`` takes a free port (:attr:`port` says which). :meth:`stop` shuts it down (open
     streams end, the generation pool drains)."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 8000, tls: TLSFiles | None = None):
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 8000, tls: TLSFiles | None = None, client=None):
         import uvicorn
 
         self.app, self.host, self.tls = app, host, tls
+        self.client = client          # the Dask client whose scheduler's dashboard shows this server (or None)
+        self._publisher = None
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
                                 ssl_certfile=tls.certfile if tls else None, ssl_keyfile=tls.keyfile if tls else None,
                                 timeout_graceful_shutdown=5)
@@ -56,6 +60,10 @@ class Server:
                                       "taken? pick another with --port (0: any free port)")
             time.sleep(0.02)
         self.port = self._uvicorn.servers[0].sockets[0].getsockname()[1]
+        if self.client is not None:
+            from .dashboard import Publisher
+
+            self._publisher = Publisher(self.client, self.snapshot).start()
         return self
 
     @property
@@ -83,20 +91,30 @@ class Server:
         state = getattr(self.app.state, "bloombee", None)
         if state is not None:
             state.pool.shutdown(wait=False, cancel_futures=True)
+        if self._publisher is not None:
+            self._publisher.stop()  # the dashboard shows the server as stopped
 
-    # -- what a notebook shows
-    def _stats(self) -> str:
+    # -- what a notebook and the dashboard show
+    def snapshot(self) -> ServeSnapshot:
+        """Requests generating, queued and served, tokens/s, callers: now."""
         st = self.app.state.bloombee
-        s = st.stats
-        return (f"{st.engine.name} at {self.url} ({'running' if self.running else 'stopped'}): {s.served} served, "
-                f"{st.admission.admitted} in flight, {s.cancelled} cancelled, {s.failed} failed, {s.refused} refused (429), "
-                f"{s.tokens} tokens generated")
+        return st.activity.snapshot(server=f"{self.url} (pid {os.getpid()})", model=st.engine.name, url=self.url,
+                                    running=self.running, admitted=st.admission.admitted)
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """The Dask dashboard's page of serving activity (None without a cluster client)."""
+        from .dashboard import board_link
+
+        return board_link(self.client) if self.client is not None else None
 
     def __repr__(self) -> str:
-        return f"<bloombee_nb server: {self._stats()}>"
+        return f"<bloombee_nb server: {self.snapshot().text()}>"
 
     def _repr_html_(self) -> str:
-        return f"<div class='bloombee-serve'><b>serving</b> {html.escape(self._stats())}</div>"
+        link = self.dashboard_link
+        more = f" · <a href='{html.escape(link)}' target='_blank'>on the Dask dashboard</a>" if link else ""
+        return snapshots_html([self.snapshot()]) + (f"<div>{more[3:]}</div>" if more else "")
 
 
 def _check_tls(tls: TLSFiles) -> None:

@@ -53,7 +53,7 @@ def start(served_model, tokenizer):
 
     yield start_server
     for s in servers:
-        serve.stop(s.port)
+        s.stop()
 
 
 def greedy_reference(hf_model, ids: list[int], max_new_tokens: int, tok) -> tuple[str, int]:

@@ -52,9 +52,7 @@ def ip(cluster, served_model, tokenizer):
     s = session()
     s.cluster, s.model, s.tokenizer, s.model_path = cluster, served_model, tokenizer, default_model_path()
     yield shell
-    from bloombee_nb import serve
-
-    serve.stop()
+    s.stop_servers()
     s.cluster = s.model = s.tokenizer = s.model_path = None   # the fixtures own them: no disconnect
     shell.run_line_magic("unload_ext", "bloombee_nb")
 

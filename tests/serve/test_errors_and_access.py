@@ -90,7 +90,7 @@ def test_a_full_queue_answers_429_at_once(start):
     long.close()                        # hang up: the generation is cancelled, the slot frees
     state = server.app.state.bloombee
     wait_until(lambda: state.admission.admitted == 0)
-    assert state.stats.cancelled == 1
+    assert state.activity.cancelled == 1
     assert ok(c)
 
 

@@ -50,7 +50,7 @@ def test_concurrent_requests_are_concurrent_sessions_each_exact(start, tokenizer
         got = list(pool.map(lambda p: client(server).completions.create(model="tiny-llama", prompt=p, max_tokens=16,
                                                                        temperature=0).choices[0].text, prompts))
     assert got == [greedy_reference(hf_model, tokenizer(p)["input_ids"], 16, tokenizer)[0] for p in prompts]
-    assert server.app.state.bloombee.stats.served == len(prompts)
+    assert server.app.state.bloombee.activity.served == len(prompts)
 
 
 def test_chat_uses_the_tokenizers_template_streaming_and_not(start, chat_tokenizer, hf_model):
