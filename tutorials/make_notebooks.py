@@ -39,8 +39,9 @@ NOTEBOOKS = {p.with_suffix(".ipynb").name: p for p in sorted(HERE.glob("[0-9][0-
 
 #: The README's table, in order: (file, what it shows, None when the notebook exists, else when it arrives).
 TABLE = [
-    ("01_quickstart.ipynb", "connect a local cluster, generate with the shipped model, check it against `transformers`",
-     None),
+    ("01_quickstart.ipynb", "connect a local cluster, generate with the shipped model, check it against `transformers`, "
+     "serve it to the `openai` client (`%bloombee serve`), a multi-turn chat with the real SmolLM2 (GGUF) whose KV "
+     "stays on the stages (skipped without the `.[real]` extra)", None),
     ("02_planning.ipynb", "profile, plan for latency and throughput, what if a link were 10× slower (DP vs even "
      "split vs Petals-style greedy), apply a plan, predicted vs measured", None),
     ("03_compression_and_links.ipynb", "why the link dominates, the link map, lossless compression of real hidden "
