@@ -105,7 +105,8 @@ class StageActor:
     def __init__(self, path: str, start: int, end: int, dtype: str | None = None, num_threads: int = 1,
                  max_kv_bytes: int | None = None, max_sessions: int | None = None,
                  allow_unverified_architecture: bool = False, weight_offload: float = 0.0, kv_offload: float = 0.0,
-                 micro_batch: int | None = None, merge: bool = True, device: str | None = None):
+                 micro_batch: int | None = None, merge: bool = True, device: str | None = None,
+                 quantize: str | None = None):  # quantized spans (issue 19): passed to SpanRunner unchanged
         self.address = _worker_address()
         check_allowed(path)
         if _LEAVING:
@@ -113,8 +114,8 @@ class StageActor:
                                     "model on other workers", workers=(self.address,))
         self.leaving = False
         torch.set_num_threads(num_threads)  # workers otherwise run torch single-threaded
-        kw = {k: v for k, v in dict(max_kv_bytes=max_kv_bytes, max_sessions=max_sessions, device=device).items()
-              if v is not None}
+        kw = {k: v for k, v in dict(max_kv_bytes=max_kv_bytes, max_sessions=max_sessions, device=device,
+                                    quantize=quantize).items() if v is not None}
         self.runner = SpanRunner(path, start, end, getattr(torch, dtype) if dtype else None,
                                  allow_unverified_architecture=allow_unverified_architecture,
                                  weight_offload=weight_offload, kv_offload=kv_offload, **kw)

@@ -24,6 +24,7 @@ from ..errors import RecoveryError, StageUnavailableError, SwarmError
 from ..cluster.profiling import measure_links, profile_cluster
 from ..model.checkpoint import resolve_checkpoint
 from ..model.family import ClientMath, client_math, load_client_parts, load_config
+from ..model.quantize import check_format, per_stage
 from ..cluster.planning import runtime_plan
 from ..plan import ClusterProfile, Plan, Workload
 from .recovery import find_lost, live_workers, recovery_error, replacement_placement
@@ -63,7 +64,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                         liveness_interval_s: float | None = DEFAULT_LIVENESS_INTERVAL_S,
                         micro_batch: int | str | None = "plan", merge: bool = True, group: bool | None = None,
                         prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, swarm: bool | str = "auto",
-                        **stage_kwargs) -> "DistributedModelForCausalLM":
+                        quantize: str | list | None = None, **stage_kwargs) -> "DistributedModelForCausalLM":
         """Load the client parts here and place the decoder layers on the cluster's workers.
 
         - ``spans``: the layer ranges per stage (default: an even split over ``workers``, which
@@ -106,6 +107,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
           through the replicas from this client's own measurements, nothing loaded on its behalf;
           otherwise it places its own, private spans. ``swarm=True`` insists on attaching
           (:class:`~bloombee_nb.errors.SwarmError` naming the missing layers); ``False`` never does.
+        - ``quantize``: the stages' linear weights in ``"int8"`` or ``"nf4"``/``"int4"`` (one format, or a
+          list of one per stage, ``None`` for float): see :mod:`bloombee_nb.model.quantize`; a plan's own
+          per-stage formats apply when this is not given. A swarm is attached only if it hosts that format.
 
         Each worker reads only its own span from its own copy of the checkpoint (a local path
         that exists there, or a Hub id).
@@ -133,14 +137,18 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 workers, spans = plan.workers, plan.layer_spans
             chain_kwargs["micro_batch"] = _micro_batch(micro_batch, plan)
             chain_kwargs["group"] = (merge and plan is not None and plan.objective == "throughput") if group is None else group
-            chain = None
-            if swarm and plan is None and spans is None and workers is None:
-                chain = _attach(cluster, worker_path, config.num_hidden_layers, stage_kwargs["dtype"], swarm,
-                                chain_kwargs)
+            chain, listed = None, isinstance(quantize, (list, tuple))  # one format per stage, or one for all
+            if not listed and check_format(quantize):
+                stage_kwargs["quantize"] = check_format(quantize)  # every stage, replacements after a recovery too
+            if swarm and plan is None and spans is None and workers is None and not listed:
+                label = stage_kwargs["dtype"] + (f"+{stage_kwargs['quantize']}" if "quantize" in stage_kwargs else "")
+                chain = _attach(cluster, worker_path, config.num_hidden_layers, label, swarm, chain_kwargs)
             if chain is None:
                 placement = place(workers or cluster.worker_addresses(), config.num_hidden_layers, spans)
+                per = _plan_offloads(plan, placement, stage_kwargs) or [{} for _ in placement.stages]
+                formats = per_stage(quantize, len(per)) if listed else _plan_formats(plan, len(per), stage_kwargs)
                 chain = RemoteChain.create(cluster.client, placement, worker_path, **chain_kwargs, **stage_kwargs,
-                                           per_stage=_plan_offloads(plan, placement, stage_kwargs))
+                                           per_stage=[{**d, "quantize": q} if q else d for d, q in zip(per, formats)])
             if compression == "auto":
                 choose_compression(chain, cluster, embed, profile)
         except BaseException:
@@ -462,6 +470,12 @@ def _plan_offloads(plan: Plan | None, placement: Placement, stage_kwargs: dict) 
         return None
     return [{k: v for k, v in dict(weight_offload=s.weight_offload, kv_offload=s.kv_offload).items()
              if k not in stage_kwargs} for s in plan.stages]
+
+
+def _plan_formats(plan: Plan | None, n_stages: int, stage_kwargs: dict) -> list[str | None]:
+    """Each stage's quantization format from ``plan`` (its stages' ``quantize``) unless one was given for all."""
+    formats = [getattr(s, "quantize", None) for s in plan.stages] if plan is not None else []
+    return formats if len(formats) == n_stages and "quantize" not in stage_kwargs else [None] * n_stages
 
 
 def _offloads(plan: Plan | None, placement: Placement) -> list[tuple[float, float]]:

@@ -50,6 +50,7 @@ from .family import (MASK_FUNCTIONS, _prefix, _stored_dtype, alibi_function, cac
                      layer_attention_types, layer_prefix, load_config, load_span, meta_model, new_rotary,
                      rotary_per_layer_type)
 from .offload import ColdKVLayer, WeightStreamer, check_fraction, n_offloaded, offload_kv
+from .quantize import QuantizationError, check_format, quantize_layers, weight_bytes
 
 #: Default ceiling of KV-cache bytes all sessions together may reserve on one stage.
 DEFAULT_MAX_KV_BYTES = 2 << 30
@@ -84,14 +85,21 @@ class SpanRunner:
     positions (the oldest) kept in a memory-mapped file (``kv_offload_dir``, default the temp dir).
     ``device``: where the span computes (see :func:`resolve_device`: ``None``/``"auto"``, ``"cpu"``,
     ``"cuda"``, ``"cuda:1"``); offloaded weights and cold KV leave that device for host RAM and disk.
+    ``quantize``: store the layers' linear weights as ``"int8"`` or ``"nf4"`` (alias ``"int4"``), see
+    ``quantize.py``; ``None`` keeps the checkpoint's dtype.
     """
 
     def __init__(self, path: str | Path, start: int, end: int, dtype: torch.dtype | None = None,
                  max_kv_bytes: int = DEFAULT_MAX_KV_BYTES, max_sessions: int = DEFAULT_MAX_SESSIONS,
                  allow_unverified_architecture: bool = False, weight_offload: float = 0.0, kv_offload: float = 0.0,
                  offload_prefetch: bool = True, drop_page_cache: bool = True, offload_reader: str = "pread",
-                 kv_offload_dir: str | None = None, device: str | torch.device | None = None):
+                 kv_offload_dir: str | None = None, device: str | torch.device | None = None,
+                 quantize: str | None = None):
         self._device = resolve_device(device)
+        self.quantize = check_format(quantize)
+        if self.quantize and weight_offload:
+            raise QuantizationError(f"quantize={quantize!r} with weight_offload={weight_offload}: offloaded layers are "
+                                    "streamed as stored in the checkpoint; quantize a resident span (weight_offload=0)")
         path = resolve_checkpoint(path)  # a Hub id resolves in *this* worker's cache
         config = load_config(path, allow_unverified_architecture)
         check_fraction("kv_offload", kv_offload)
@@ -99,6 +107,7 @@ class SpanRunner:
         self.config, self.layers, self.rotary, self.dtype, self.streamer = _load(
             path, config, start, end, dtype, n_offloaded(weight_offload, end - start),
             dict(prefetch=offload_prefetch, drop_page_cache=drop_page_cache, reader=offload_reader), self._device)
+        quantize_layers(self.layers, self.quantize, self.dtype)
         self.start, self.end = start, end
         self.hidden_size = self.config.hidden_size
         self.max_kv_bytes, self.max_sessions = max_kv_bytes, max_sessions
@@ -112,8 +121,7 @@ class SpanRunner:
         self.rotary_per_kind = self.rotary is not None and rotary_per_layer_type(self.rotary)
         self.alibi = alibi_function(self.config, self.layers[0])  # BLOOM: the family's own ALiBi builder
         self.offloaded_weight_bytes = sum(self.streamer.layer_bytes) if self.streamer else 0
-        self.weight_bytes = self.offloaded_weight_bytes + sum(
-            p.numel() * p.element_size() for p in self.layers.parameters() if not p.is_meta)
+        self.weight_bytes = self.offloaded_weight_bytes + weight_bytes(self.layers)  # quantized: as stored
         self.sessions: dict[str, _Session] = {}
 
     @property
@@ -377,6 +385,7 @@ class SpanRunner:
         ``offloaded_weight_bytes`` (read from the checkpoint each step), ``offload_staging_bytes``
         (pinned, with an accelerator), ``cold_kv_bytes``."""
         return {"start": self.start, "end": self.end, "dtype": str(self.dtype).removeprefix("torch."),
+                "quantize": self.quantize,
                 "fast_tier": str(self._device),
                 "weight_bytes": self.weight_bytes, "sessions": len(self.sessions),
                 "resident_weight_bytes": self.weight_bytes - self.offloaded_weight_bytes,

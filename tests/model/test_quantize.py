@@ -1,0 +1,112 @@
+"""Quantized spans (issue 19): distributed greedy output equals single-process transformers loading the
+same checkpoint with the same library's quantization (``reference_config``), token for token."""
+
+import pytest
+import torch
+
+pytest.importorskip("torchao")
+pytest.importorskip("bitsandbytes")
+
+import bloombee_nb as bb  # noqa: E402
+from bloombee_nb.model.quantize import (FORMATS, QuantizationError, check_format, per_stage,  # noqa: E402
+                                        reference_config, weight_bytes)
+from bloombee_nb.model.span import SpanRunner  # noqa: E402
+from tests.conftest import FAMILIES, padded_batch  # noqa: E402
+
+SPANS = [(0, 2), (2, 5)]
+FAST = ["llama", "qwen3", "gemma2"]  # rotary/GQA, head_dim, soft-capping + sliding window
+SLOW = [f for f in FAMILIES if f not in FAST]
+NO_INT8 = {"falcon", "falcon_7b_style"}  # FalconLinear computes x @ weight.T: torchao's Int8Tensor cannot
+
+
+@pytest.fixture(scope="module")
+def quantized_refs(checkpoints):
+    """(family, format) -> transformers' own model of the checkpoint, quantized by the same library."""
+    from transformers import AutoModelForCausalLM
+
+    cache = {}
+
+    def get(family, fmt):
+        if (family, fmt) not in cache:
+            cache[family, fmt] = AutoModelForCausalLM.from_pretrained(
+                checkpoints[family], quantization_config=reference_config(fmt), dtype=torch.float32,
+                device_map="cpu").eval()
+        return cache[family, fmt]
+    return get
+
+
+def check_exact(cluster, checkpoints, quantized_refs, family, fmt):
+    ref = quantized_refs(family, fmt)
+    model = bb.DistributedModelForCausalLM.from_pretrained(checkpoints[family], cluster=cluster, spans=SPANS,
+                                                           quantize=fmt, swarm=False)
+    try:
+        assert [s["quantize"] for s in model.chain.info()] == [check_format(fmt)] * len(SPANS)
+        for lengths in ([9], [4, 11, 7]):  # one prompt, and a left-padded batch of 3
+            ids, mask = padded_batch(lengths, seed=len(lengths))
+            want = ref.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+            got = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+            assert torch.equal(got, want), (family, fmt, lengths, got.tolist(), want.tolist())
+    finally:
+        model.close()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("family", FAST)
+def test_quantized_greedy_equals_transformers_quantized(cluster, checkpoints, quantized_refs, family, fmt):
+    check_exact(cluster, checkpoints, quantized_refs, family, fmt)
+
+
+def test_falcon_layout_in_nf4_and_a_typed_error_in_int8(cluster, checkpoints, quantized_refs):
+    check_exact(cluster, checkpoints, quantized_refs, "falcon", "nf4")
+    with pytest.raises(QuantizationError, match="FalconLinear.*quantize='nf4'"):
+        SpanRunner(checkpoints["falcon"], 0, 1, quantize="int8")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+@pytest.mark.parametrize("family", SLOW)
+def test_quantized_greedy_every_family(cluster, checkpoints, quantized_refs, family, fmt):
+    if fmt == "int8" and family in NO_INT8:
+        pytest.skip("torchao's Int8Tensor cannot run FalconLinear (transformers' TorchAoConfig fails on it too)")
+    check_exact(cluster, checkpoints, quantized_refs, family, fmt)
+
+
+def test_a_stage_per_format_and_weights_as_stored(cluster, checkpoints):
+    """A per-stage list: float, int8 and nf4 stages in one chain, each holding its own bytes."""
+    spans = [(0, 1), (1, 3), (3, 5)]
+    model = bb.DistributedModelForCausalLM.from_pretrained(checkpoints["llama"], cluster=cluster, spans=spans,
+                                                           quantize=[None, "int8", "nf4"], swarm=False)
+    try:
+        info = model.chain.info()
+        assert [s["quantize"] for s in info] == [None, "int8", "nf4"]
+        per_layer = [s["weight_bytes"] / (s["end"] - s["start"]) for s in info]
+        assert per_layer[0] > 3 * per_layer[1] > 0 and per_layer[1] > per_layer[2] > 0
+        ids, mask = padded_batch([6], seed=1)
+        assert model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False).shape == (1, 10)
+    finally:
+        model.close()
+
+
+def test_span_bytes_match_the_formats_estimate(checkpoints):
+    float_span = SpanRunner(checkpoints["llama"], 0, 5)
+    for fmt in FORMATS:
+        span = SpanRunner(checkpoints["llama"], 0, 5, quantize=fmt)
+        assert span.info()["quantize"] == fmt and span.weight_bytes == weight_bytes(span.layers)
+        linears = [m for m in float_span.layers.modules() if type(m) is torch.nn.Linear]
+        others = float_span.weight_bytes - sum(m.weight.numel() * 4 for m in linears)
+        estimate = others + sum(FORMATS[fmt].weight_bytes(*m.weight.shape) for m in linears)
+        assert abs(span.weight_bytes - estimate) <= 0.02 * estimate, (fmt, span.weight_bytes, estimate)
+
+
+def test_bad_formats_are_typed_errors(checkpoints, tmp_path):
+    with pytest.raises(QuantizationError, match="unknown quantization format 'int3'"):
+        check_format("int3")
+    with pytest.raises(QuantizationError, match="lists 2 formats for 3 stages"):
+        per_stage(["int8", None], 3)
+    with pytest.raises(QuantizationError, match="weight_offload=0"):
+        SpanRunner(checkpoints["llama"], 0, 2, quantize="int8", weight_offload=0.5)
+    from tests.conftest import make_checkpoint
+
+    odd = make_checkpoint(tmp_path / "odd", "llama", n_layers=1, hidden=48)  # 48 inputs: not a multiple of 64
+    with pytest.raises(QuantizationError, match="blocks of 64 inputs.*quantize='int8'"):
+        SpanRunner(odd, 0, 1, quantize="int4")
