@@ -1,6 +1,7 @@
 """Weight offloading in one span: measured cost per decode token and per prefill, against the planner.
 
-A synthetic Llama (default: 8 layers, hidden 512, MLP 1408, 8 heads / 2 KV heads, fp32: 11.3 MB
+A synthetic Llama (``--family`` picks another decoder family of ``model/family.py``'s ADAPTERS
+table, whose layers may live elsewhere than ``model.layers``; default: 8 layers, hidden 512, MLP 1408, 8 heads / 2 KV heads, fp32: 11.3 MB
 per layer, 90 MB of layer weights) is saved with ``save_pretrained`` to a folder on disk and run
 in ONE :class:`~bloombee_nb.model.span.SpanRunner` in this process (no cluster) for
 ``weight_offload`` in {0, 0.25, 0.5, 0.75, 1}, with and without prefetch:
@@ -39,8 +40,10 @@ A small KV-offload run (``kv_offload`` in {0, 0.5, 1}, all weights resident, dec
     python benchmarks/bench_offload.py            # ~6 min on 2 shared cores
     python benchmarks/bench_offload.py --quick
     python benchmarks/bench_offload.py --replot    # md + png again from results/offload.json
+    python benchmarks/bench_offload.py --family bloom --quick   # another layout (results/offload-bloom.*)
 
-Writes benchmarks/results/offload.{json,md,png}.
+Writes benchmarks/results/offload.{json,md,png} (another family: offload-<family>.*). Mixtral and
+Qwen3-MoE store their experts per expert and refuse weight_offload (their KV still offloads).
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ import psutil
 import torch
 
 from bloombee_nb.cluster.profiling import _disk_read_speed
+from bloombee_nb.model.family import ADAPTERS
 from bloombee_nb.model.offload import n_offloaded
 from bloombee_nb.model.span import SpanRunner
 from bloombee_nb.plan import cost
@@ -72,14 +76,21 @@ RESULTS = Path(__file__).parent / "results"
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def make_model(folder: Path, layers: int, hidden: int, intermediate: int) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _stem(family: str) -> str:
+    """Results file name: the Llama run keeps its historical name."""
+    return "offload" if family == "llama" else f"offload-{family}"
 
-    cfg = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
-                      tie_word_embeddings=True)
+
+def make_model(folder: Path, layers: int, hidden: int, intermediate: int, family: str = "llama") -> Path:
+    """A random-init checkpoint of ``family`` (the shared argument names are mapped by each config's
+    attribute_map: BLOOM's n_layer, Falcon's num_kv_heads, ...)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(family, vocab_size=256, hidden_size=hidden, intermediate_size=intermediate,
+                               num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2,
+                               max_position_embeddings=4096, tie_word_embeddings=True)
     torch.manual_seed(0)
-    LlamaForCausalLM(cfg).eval().save_pretrained(folder)
+    AutoModelForCausalLM.from_config(cfg).eval().save_pretrained(folder)
     drop_cache(folder)
     return folder
 
@@ -183,15 +194,13 @@ def rss_growth(path: Path, n_layers: int, f: float, args) -> int:
 
 
 def _rss_probe(path: str, n_layers: int, f: float, context: int) -> None:
-    from bloombee_nb.model.family import load_config, meta_model
-
     torch.set_num_threads(1)
-    config = load_config(Path(path))
-    layer = type(meta_model(config).model.layers[0])(config, 0)  # code paths warm before the baseline,
-    with torch.inference_mode():                                   # on a small random layer
-        hs = torch.randn(1, 4, config.hidden_size)
-        layer(hs, position_embeddings=(torch.ones(1, 4, config.head_dim), torch.zeros(1, 4, config.head_dim)))
-    del layer, hs
+    warm = SpanRunner(path, 0, 1)  # code paths warm before the baseline, on the checkpoint's first layer
+    with torch.inference_mode():   # (the runner calls each family's layer its own way: rotary, ALiBi, ...)
+        warm.open("w", 1, 8)
+        warm.forward("w", torch.randn(1, 4, warm.hidden_size), torch.arange(4)[None], torch.ones(1, 4, dtype=torch.long))
+    warm.release()
+    del warm
     gc.collect()
     rss0 = rss()
     r = SpanRunner(path, 0, n_layers, weight_offload=f)
@@ -273,10 +282,12 @@ def main() -> None:
     ap.add_argument("--gap-ms", type=float, default=30.0, help="idle time before each step in the chain-like sweep")
     ap.add_argument("--dir", default=None, help="where to write the checkpoint (a disk, not tmpfs)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--family", default="llama", choices=sorted(ADAPTERS),
+                    help="decoder family of the synthetic model (results: offload-<family>.* unless llama)")
     ap.add_argument("--replot", action="store_true", help="rewrite the md and png from results/offload.json")
     args = ap.parse_args()
     if args.replot:
-        d = json.loads((RESULTS / "offload.json").read_text())
+        d = json.loads((RESULTS / f"{_stem(args.family)}.json").read_text())
         write_md(d["meta"], d["rows"], d["no_page_cache_drop"], d["kv"], d["chain_like"], d["gap_ms"])
         plot(d["meta"], d["rows"], d["chain_like"], d["gap_ms"])
         return
@@ -285,7 +296,8 @@ def main() -> None:
     torch.set_num_threads(1)
     RESULTS.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.dir or tempfile.gettempdir()) as tmp:
-        path = make_model(Path(tmp) / "synthetic-llama", args.layers, args.hidden, args.intermediate)
+        path = make_model(Path(tmp) / f"synthetic-{args.family}", args.layers, args.hidden, args.intermediate,
+                          args.family)
         disk = [_disk_read_speed() for _ in range(3)]
         configs = [dict(weight_offload=f, offload_prefetch=pf, offload_reader=rd)
                    for rd, pf in (("pread", True), ("pread", False), ("mmap", True)) for f in FRACTIONS
@@ -316,15 +328,16 @@ def main() -> None:
         fs, ra_kb = fstype(path), _read_ahead_kb(path)
     predict(rows, args.layers, layer_bytes, disk_bps, args)
     predict(gap_rows, args.layers, layer_bytes, disk_bps, args, gap_s=args.gap_ms / 1e3)
-    meta = {"model": f"synthetic Llama: {args.layers} layers, hidden {args.hidden}, MLP {args.intermediate}, "
+    meta = {"model": f"synthetic {args.family}: {args.layers} layers, hidden {args.hidden}, MLP {args.intermediate}, "
                      "8 heads / 2 KV heads, fp32",
             "layer_bytes": layer_bytes, "n_layers": args.layers, "disk_read_bytes_per_s": disk_bps,
             "disk_read_samples_bytes_per_s": disk,
             "filesystem": fs, "read_ahead_kb": ra_kb, "context": args.context, "prompt": args.prompt, "steps": args.steps,
             "repeats": args.repeats, "torch_threads": 1, "loadavg_after": os.getloadavg(),
             "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "torch": torch.__version__}
-    (RESULTS / "offload.json").write_text(json.dumps({"meta": meta, "rows": rows, "no_page_cache_drop": no_drop,
+            "cores": os.cpu_count(), "torch": torch.__version__, "family": args.family,
+            "command": " ".join([Path(sys.executable).name, *sys.argv])}
+    (RESULTS / f"{_stem(args.family)}.json").write_text(json.dumps({"meta": meta, "rows": rows, "no_page_cache_drop": no_drop,
                                                       "kv": kv_rows, "gap_ms": args.gap_ms, "chain_like": gap_rows},
                                                      indent=2) + "\n")
     write_md(meta, rows, no_drop, kv_rows, gap_rows, args.gap_ms)
@@ -453,7 +466,7 @@ def write_md(meta: dict, rows: list[dict], no_drop: dict, kv_rows: list[dict], g
     lines += ["", "## Memory (process RSS growth after the decode run, vs the bound)", "",
               "Bound: resident layers + 2 layer buffers (+ KV, activations). RSS counts the resident "
               "layers' mapped file pages and the anonymous buffers; each row is a fresh process (code paths "
-              "warmed on a small random layer before the baseline). What exceeds the bound grows with the "
+              "warmed on the checkpoint's first layer before the baseline). What exceeds the bound grows with the "
               "resident share, not with the buffers.", "",
               "| f | resident weights MB | buffers MB | bound MB | RSS growth MB |", "|---:|---:|---:|---:|---:|"]
     for x in rows:
@@ -480,7 +493,7 @@ def write_md(meta: dict, rows: list[dict], no_drop: dict, kv_rows: list[dict], g
     lines += ["", "The cold KV lives in a memory-mapped file whose pages stay in the page cache while RAM is "
               "free, so this measures the extra copies (read back + concatenate + keep the hot tail), not disk "
               "reads; the planner would price these reads at disk bandwidth.", ""]
-    (RESULTS / "offload.md").write_text("\n".join(lines))
+    (RESULTS / f"{_stem(meta.get('family', 'llama'))}.md").write_text("\n".join(lines))
 
 
 def plot(meta: dict, rows: list[dict], gap_rows: list[dict], gap_ms: float) -> None:
@@ -512,7 +525,7 @@ def plot(meta: dict, rows: list[dict], gap_rows: list[dict], gap_ms: float) -> N
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Weight offloading, {meta['model']} — {meta['cores']} shared CPU cores", fontsize=9)
     fig.tight_layout()
-    fig.savefig(RESULTS / "offload.png", dpi=120)
+    fig.savefig(RESULTS / f"{_stem(meta.get('family', 'llama'))}.png", dpi=120)
 
 
 if __name__ == "__main__":
