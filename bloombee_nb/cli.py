@@ -103,7 +103,7 @@ def _host_here(args, address: str, model: str) -> None:
     with bb.connect(args.scheduler, security=_security(args)) as cluster:
         try:
             (span,) = bb.host(model, cluster, workers=[address], layers_per_worker=args.layers or 1 << 30,
-                              num_threads=args.nthreads)
+                              num_threads=args.nthreads, **({"quantize": args.quantize} if args.quantize else {}))
         except Exception as exc:  # noqa: BLE001 — the worker keeps serving; the owner reads why
             print(f"bloombee-nb worker {address} could not host {model}: {type(exc).__name__}: {exc}", flush=True)
             return
@@ -243,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--allow", metavar="MODEL", action="append", default=[],
                    help="also allow clients to place spans of MODEL here; with --host/--allow no other model loads")
     w.add_argument("--layers", type=int, default=None, help="with --host: at most this many layers (default: all)")
+    w.add_argument("--quantize", choices=["int8", "int4", "nf4"], default=None,
+                   help="with --host: hold the span's weights quantized (clients asking for this format attach)")
     w.add_argument("--memory-limit", default="auto")
     w.add_argument("--tls", metavar="FOLDER", default=None,
                    help="credentials folder (bloombee-nb credentials): mutual TLS, tls:// scheduler address")

@@ -49,7 +49,7 @@ class HostedSpan:
     start: int       # first layer (inclusive)
     end: int         # last layer (exclusive)
     n_layers: int    # layers of the whole model
-    dtype: str       # e.g. "float32"
+    dtype: str       # e.g. "float32", or "float32+int8" for a quantized span
     key: str         # the stage actor's Dask key
 
     @property
@@ -157,6 +157,7 @@ def host(model: str | Path, cluster, *, workers: list[str] | None = None, spans:
     """
     from ..model.checkpoint import resolve_checkpoint, weight_map
     from ..model.family import _stored_dtype, load_config
+    from ..model.quantize import check_format
     from .chain import gather_actors
 
     key = model_key(model)
@@ -172,7 +173,11 @@ def host(model: str | Path, cluster, *, workers: list[str] | None = None, spans:
                                            n_layers=n, capacity=cap)) for w in workers]
     if len(spans) != len(workers):
         raise SwarmError(f"{len(spans)} spans for {len(workers)} workers: give one span per worker")
+    dtype, _, fmt = (dtype or "").partition("+")  # quantized spans are recorded as "float32+int8" (issue 19)
+    if check_format(fmt or stage_kwargs.get("quantize")):
+        stage_kwargs["quantize"] = check_format(fmt or stage_kwargs.get("quantize"))
     dtype = dtype or str(_stored_dtype(path, weight_map(path), config)).removeprefix("torch.")
+    label = dtype + (f"+{stage_kwargs['quantize']}" if stage_kwargs.get("quantize") else "")
     placement = [StageSpec(w, a, b) for w, (a, b) in zip(workers, spans)]
     futures = [cluster.client.submit(StageActor, key, st.start, st.end, actor=True, pure=False, workers=[st.worker],
                                      allow_other_workers=False, dtype=dtype, **stage_kwargs)
@@ -180,7 +185,7 @@ def host(model: str | Path, cluster, *, workers: list[str] | None = None, spans:
     try:
         gather_actors(cluster.client, futures, tuple(placement))
         names = {a: str(w.get("name", a)) for a, w in cluster.workers().items()}
-        recs = [HostedSpan(key, st.worker, names.get(st.worker, st.worker), st.start, st.end, n, dtype, str(f.key))
+        recs = [HostedSpan(key, st.worker, names.get(st.worker, st.worker), st.start, st.end, n, label, str(f.key))
                 for st, f in zip(placement, futures)]
         cluster.client.sync(cluster.client.scheduler.bloombee_swarm_add, spans=[r.__dict__ for r in recs])
     except BaseException:

@@ -110,3 +110,24 @@ def test_bad_formats_are_typed_errors(checkpoints, tmp_path):
     odd = make_checkpoint(tmp_path / "odd", "llama", n_layers=1, hidden=48)  # 48 inputs: not a multiple of 64
     with pytest.raises(QuantizationError, match="blocks of 64 inputs.*quantize='int8'"):
         SpanRunner(odd, 0, 1, quantize="int4")
+
+
+def test_the_swarm_records_the_format_and_clients_attach_only_to_their_own(cluster, checkpoints, quantized_refs):
+    path = checkpoints["qwen3"]
+    spans = bb.host(path, cluster, quantize="int4")
+    try:
+        assert {s.dtype for s in spans} == {"float32+nf4"}
+        model = bb.DistributedModelForCausalLM.from_pretrained(path, cluster=cluster, quantize="nf4")
+        assert model.attached
+        ids, mask = padded_batch([4, 11, 7], seed=2)
+        want = quantized_refs("qwen3", "nf4").generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                                       pad_token_id=0)
+        assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                          pad_token_id=0), want)
+        model.close()
+        for other in (None, "int8"):  # a float or int8 client never attaches to nf4 spans
+            model = bb.DistributedModelForCausalLM.from_pretrained(path, cluster=cluster, quantize=other)
+            assert not model.attached
+            model.close()
+    finally:
+        bb.unhost(cluster, path)
