@@ -4,7 +4,7 @@ This directory installs as ``bloombee_nb._kernels`` (package-dir mapping in pypr
 it by that name, and keep imports inside it relative; it depends on torch only.
 
 - :mod:`.tree` — token trees for speculative decoding: tree-attention mask, position ids.
-- :mod:`.kv` — KV compaction to the accepted path after a tree step.
+- :mod:`.kv` — KV compaction to the accepted path after a tree step (one layer, or a whole cache).
 
 It is never the top-level ``kernels``: that name belongs to Hugging Face's ``kernels`` distribution,
 which transformers (>= 5.25 depends on it) imports. Wherever the repository root is on ``sys.path``
@@ -28,10 +28,10 @@ if __name__ == "kernels":
     sys.modules[__name__] = _real                      # the import statement returns what sys.modules holds
     _spec.loader.exec_module(_real)
 else:
-    from .kv import ACCELERATED_COMPACT_KV, compact_kv, compact_kv_reference
+    from .kv import ACCELERATED_COMPACT_KV, compact_cache, compact_kv, compact_kv_reference
     from .tree import (TokenTree, ancestors, branching_parents, check_parents, depths, leaves, path,
                        tree_attention_mask, tree_position_ids)
 
     __all__ = ["ACCELERATED_COMPACT_KV", "TokenTree", "ancestors", "branching_parents", "check_parents",
-               "compact_kv", "compact_kv_reference", "depths", "leaves", "path", "tree_attention_mask",
+               "compact_cache", "compact_kv", "compact_kv_reference", "depths", "leaves", "path", "tree_attention_mask",
                "tree_position_ids"]

@@ -43,3 +43,23 @@ def compact_kv(keys: torch.Tensor, values: torch.Tensor, past_len: int,
                keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Compact one layer's K/V to the accepted path (see the module docstring); the fastest kernel for the device."""
     return ACCELERATED_COMPACT_KV.get(keys.device.type, compact_kv_reference)(keys, values, past_len, keep)
+
+
+def compact_cache(layers, past_len: int, keep: torch.Tensor) -> None:
+    """Compact every cache layer of ``layers`` to the accepted paths ``keep [B, K]`` (-1 pads a row
+    that accepted fewer), in place: the one routine the stages and the client's draft both call.
+
+    When all rows kept the same path the cheaper ``[K]`` index is used. A layer with a ``compact``
+    method of its own (KV offloaded to disk: ``model/offload_kv.py``'s ``ColdKVLayer``) does its
+    part itself; uninitialised layers (none of this span's, or not yet written) are skipped, and
+    sliding-window layers' own position count follows the new length.
+    """
+    rows_agree = bool((keep == keep[:1]).all()) and bool((keep >= 0).all())
+    idx = keep[0] if rows_agree else keep.clamp(min=0)
+    for layer in layers:
+        if hasattr(layer, "compact"):
+            layer.compact(past_len, idx)
+        elif getattr(layer, "is_initialized", False):
+            layer.keys, layer.values = compact_kv(layer.keys, layer.values, past_len, idx)
+            if hasattr(layer, "cumulative_length"):
+                layer.cumulative_length = past_len + keep.shape[1]

@@ -12,11 +12,13 @@ its children, and so on. The root is always accepted, so an accepted path is ``[
 root. A linear draft of d tokens is the chain ``parents = [-1, 0, 1, ..., d - 1]``.
 
 The tree's shape is shared by the batch rows; their tokens differ (``TokenTree.tokens [B, T]``).
+:class:`TokenTree` is the one tree value: the client's speculative loop and the stages both use it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence
 
 import torch
@@ -102,16 +104,22 @@ def tree_position_ids(parents: torch.Tensor, past_len: int | torch.Tensor) -> to
     return past_len + d
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TokenTree:
-    """A draft token tree: one shape for the batch, each row's own tokens."""
+    """A token tree: one shape for the batch, each row's own tokens. The only tree type of the
+    package: the speculative loop drafts and accepts on it, the stages check and mask with it.
 
-    tokens: torch.Tensor   # [B, T] int64: token of each node; tokens[:, 0] = the last accepted token (the root)
-    parents: torch.Tensor  # [T] int64: parent of each node, -1 for the root, parents[i] < i
+    ``tokens`` is ``None`` for a shape alone (what the loop plans before the draft fills it in,
+    what a stage receives as ``tree_parents``). Everything derived from the shape is computed once
+    per tree (cached properties), since the loop reuses one tree per shape for many rounds.
+    """
+
+    tokens: torch.Tensor | None  # [B, T] int64: token of each node; tokens[:, 0] = the last accepted token (the root)
+    parents: torch.Tensor        # [T] int64: parent of each node, -1 for the root, parents[i] < i
 
     def __post_init__(self):
         check_parents(self.parents)
-        if self.tokens.dim() != 2 or self.tokens.shape[1] != self.parents.numel():
+        if self.tokens is not None and (self.tokens.dim() != 2 or self.tokens.shape[1] != self.parents.numel()):
             raise ValueError(f"tokens must be [batch, {self.parents.numel()}] for a tree of "
                              f"{self.parents.numel()} nodes, got {list(self.tokens.shape)}")
 
@@ -120,18 +128,70 @@ class TokenTree:
         """Root tokens ``[B]`` + breadth-first draft tokens ``[B, T - 1]`` on :func:`branching_parents` ``(widths)``."""
         return cls(torch.cat([root[:, None], drafts], 1), branching_parents(widths))
 
+    @classmethod
+    def shape(cls, widths: Sequence[int]) -> TokenTree:
+        """The tree of :func:`branching_parents` ``(widths)`` without tokens; ``()`` is the root alone."""
+        return cls(None, branching_parents(widths))
+
+    def with_tokens(self, tokens: torch.Tensor) -> TokenTree:
+        """This shape carrying ``tokens [B, T]``."""
+        return TokenTree(tokens, self.parents)
+
     @property
     def size(self) -> int:
         return self.parents.numel()
 
+    @cached_property
+    def ancestors(self) -> torch.Tensor:
+        """``[T, T]`` bool, see :func:`ancestors`."""
+        return ancestors(self.parents)
+
     def depths(self) -> torch.Tensor:
-        return depths(self.parents)
+        return self.ancestors.sum(-1) - 1
 
     def path(self, node: int) -> torch.Tensor:
-        return path(self.parents, node)
+        return self.ancestors[node].nonzero().flatten()
 
     def leaves(self) -> torch.Tensor:
         return leaves(self.parents)
+
+    @cached_property
+    def children(self) -> tuple[tuple[int, ...], ...]:
+        """``children[n]``: node n's children in tree order (the order acceptance tries them in)."""
+        out: list[list[int]] = [[] for _ in range(self.size)]
+        for i, p in enumerate(self.parents.tolist()[1:], start=1):
+            out[p].append(i)
+        return tuple(map(tuple, out))
+
+    @cached_property
+    def level_starts(self) -> tuple[int, ...]:
+        """First node of each depth, then T: depth l is nodes ``level_starts[l]:level_starts[l + 1]``.
+        Raises ``ValueError`` unless the tree is breadth-first (every depth contiguous)."""
+        d = self.depths().tolist()
+        if d != sorted(d):
+            raise ValueError(f"the tree {self.parents.tolist()} is not breadth-first: its depths are not contiguous")
+        return tuple(d.index(l) for l in range(d[-1] + 1)) + (self.size,)
+
+    def nodes(self, depth: int) -> slice:
+        """The nodes at ``depth`` (breadth-first trees)."""
+        return slice(self.level_starts[depth], self.level_starts[depth + 1])
+
+    @cached_property
+    def widths(self) -> tuple[int, ...] | None:
+        """Children per node at each depth (``()`` for the root alone), or ``None`` when a depth's
+        nodes have different numbers of children (not a :func:`branching_parents` tree)."""
+        out = []
+        for l in range(len(self.level_starts) - 2):
+            counts = {len(self.children[n]) for n in range(*self.nodes(l).indices(self.size))}
+            if len(counts) != 1:
+                return None
+            out.append(counts.pop())
+        return tuple(out)
+
+    def path_nodes(self, depth: int) -> torch.Tensor:
+        """``[n_depth, depth]``: the nodes on the path to each node at ``depth``, root excluded."""
+        rows = self.nodes(depth)
+        return self.ancestors[rows, 1:].nonzero()[:, 1].reshape(rows.stop - rows.start, depth) + 1
 
     def attention_mask(self, past_len: int, dtype: torch.dtype = torch.bool) -> torch.Tensor:
         return tree_attention_mask(self.parents, past_len, dtype)

@@ -27,6 +27,10 @@ fp32, not bit for bit: a near-tie of two logits could in principle flip; a linea
 bit-exact). Sampling: :func:`accept_sampled` leaves every emitted token distributed exactly as the
 target's (processed: temperature, top-k, top-p …) distribution.
 
+Modules: ``accept.py`` (step 3, pure), ``draft.py`` (step 1 and the draft's cache), this one (the
+loop, what a generation records). The tree is ``bloombee_nb._kernels.TokenTree`` throughout, and the
+draft keeps its path with the stages' own ``compact_cache``.
+
 Batch > 1: rows accept different numbers of tokens. The stages keep each row's own path (-1 pads a
 shorter row, masked from then on); rows run ahead of each other and the output is handed out a
 column at a time as every unfinished row has it, so streamers and stopping criteria see exactly
@@ -43,93 +47,17 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from transformers import DynamicCache
 
-from .._kernels import ancestors, branching_parents, compact_kv, depths, tree_position_ids
-from ..errors import DraftModelError, SessionLengthError, ShapeMismatchError
-from .tree_size import AcceptanceStats, ChainCost, LinkSample, StepSample, TreePolicy, chain_cost, level_sizes
+from .._kernels import TokenTree
+from ..errors import SessionLengthError, ShapeMismatchError
+from .accept import Verdict, accept_greedy, accept_sampled, children_of
+from .draft import DraftMirror, check_draft, default_draft_path, load_draft
+from .tree_size import AcceptanceStats, ChainCost, LinkSample, StepSample, TreePolicy, chain_cost
 
-
-# ---- acceptance: one row's walk down the tree ---------------------------------------------------
-@dataclass(frozen=True)
-class Verdict:
-    """What one row accepted from one tree."""
-
-    path: tuple[int, ...]   # tree nodes kept, root first: (0, a1, ..., ak)
-    token: int              # the target's token after the path: the next root
-    tries: tuple[int, ...]  # children tried at each node of the path (acceptance statistics)
-
-    @property
-    def accepted(self) -> int:
-        return len(self.path) - 1
-
-
-def children_of(parents: torch.Tensor) -> list[list[int]]:
-    """``children[n]``: node n's children in tree order (the order they are tried in)."""
-    out: list[list[int]] = [[] for _ in range(parents.numel())]
-    for i, p in enumerate(parents.tolist()[1:], start=1):
-        out[p].append(i)
-    return out
-
-
-def accept_greedy(best: list[int], tokens: list[int], children: list[list[int]]) -> Verdict:
-    """Greedy verification. ``best[n]``: the target's argmax after node n; ``tokens[n]``: node n's token.
-
-    Walk from the root: if a child carries the target's argmax, it is exactly what plain greedy
-    decoding would have produced there, so keep it and go on from it; otherwise stop and emit the
-    argmax. Every emitted token is the target's argmax given the tokens before it.
-    """
-    node, path, tries = 0, [0], []
-    while True:
-        want, kids = best[node], children[node]
-        hit = next((i for i, c in enumerate(kids) if tokens[c] == want), None)
-        if kids:
-            tries.append(len(kids) if hit is None else hit + 1)
-        if hit is None:
-            return Verdict(tuple(path), want, tuple(tries))
-        node = kids[hit]
-        path.append(node)
-
-
-def accept_sampled(p: torch.Tensor, q: torch.Tensor, tokens: list[int], children: list[list[int]],
-                   generator: torch.Generator | None = None) -> Verdict:
-    """Multi-candidate speculative sampling down one row's tree (SpecInfer, Miao et al. 2023).
-
-    ``p [T, V]``: the target's distribution after each node; ``q [T', V]``: the draft's, for every
-    node with children (the children of node n were drawn i.i.d. from ``q[n]``).
-
-    At a node, try its children x_1, x_2, … in order against the current target p:
-
-        accept x_i with probability min(1, p(x_i) / q(x_i))
-        else    p <- norm(max(p - q, 0))     (the residual) and try x_{i+1} against it
-
-    and if every child is rejected, sample the token from the last residual. One try is a step of
-    standard speculative sampling: it emits x with probability q(x)·min(1, p(x)/q(x)) = min(p, q)(x)
-    and, on rejection (probability 1 - sum min(p, q)), leaves the residual, so
-    min(p, q) + (1 - sum min(p, q))·norm(max(p - q, 0)) = p: the token leaving a try is distributed
-    as that try's p, and by induction over the children as the node's original p. An accepted
-    child becomes the node, with its own p and q, so the whole walk samples from the target.
-    """
-    node, path, tries = 0, [0], []
-    while True:
-        target = p[node]
-        kids = children[node]
-        for i, c in enumerate(kids):
-            x = tokens[c]
-            u = torch.rand((), generator=generator)
-            if u * q[node, x] < target[x]:               # u < p(x) / q(x); q(x) > 0: x was drawn from q
-                tries.append(i + 1)
-                node = c
-                path.append(c)
-                break
-            residual = (target - q[node]).clamp_(min=0)
-            total = residual.sum()
-            target = residual / total if total > 0 else target  # p == q up to rounding: nothing to remove
-        else:
-            if kids:
-                tries.append(len(kids))
-            token = int(torch.multinomial(target, 1, generator=generator))
-            return Verdict(tuple(path), token, tuple(tries))
+# the draft's and acceptance's names stay importable from here (generate.speculative was one module)
+__all__ = ["DraftMirror", "RoundTrace", "SpeculationSummary", "Verdict", "accept_greedy", "accept_sampled",
+           "check_draft", "children_of", "default_draft_path", "load_draft", "remembered_stats",
+           "speculative_decoding"]
 
 
 # ---- what a generation records ------------------------------------------------------------------
@@ -178,113 +106,8 @@ class SpeculationSummary:
                    spec[-1].widths if spec else ())
 
 
-# ---- the draft model's side ---------------------------------------------------------------------
-def default_draft_path() -> str:
-    from ..shipped import DRAFT_PATH
-
-    return str(DRAFT_PATH)
-
-
-@lru_cache(maxsize=4)
-def load_draft(path: str | None = None):
-    """A draft model (default: the shipped ``tiny-llama-draft``), loaded once per path, eval mode."""
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path or default_draft_path()).eval()
-
-
-def check_draft(model, draft, tokenizer=None, draft_tokenizer=None) -> None:
-    """Raise :class:`DraftModelError` unless ``draft`` can propose tokens ``model`` verifies."""
-    if not callable(draft) or not hasattr(getattr(draft, "config", None), "vocab_size"):
-        raise DraftModelError(f"assistant_model must be a causal LM (e.g. AutoModelForCausalLM.from_pretrained(...)), "
-                              f"got {type(draft).__name__}")
-    ours, theirs = model.config.vocab_size, draft.config.vocab_size
-    if ours != theirs:
-        raise DraftModelError(
-            f"the draft model's vocabulary ({theirs} tokens) differs from the target's ({ours}): speculative decoding "
-            "compares token ids, so the draft must use the target's tokenizer. Pick a smaller model of the same "
-            "family (for the shipped model: bloombee_nb.shipped.DRAFT_PATH)")
-    if tokenizer is not None and draft_tokenizer is not None and tokenizer.get_vocab() != draft_tokenizer.get_vocab():
-        raise DraftModelError("the draft's tokenizer maps tokens to different ids than the target's; speculative "
-                              "decoding needs one shared tokenizer (different tokenizers are not supported)")
-
-
-class DraftMirror:
-    """The draft model's KV cache, kept position for position like the session's on the stages.
-
-    It holds what the session holds (plus the root while a tree is drafted). Tokens the target
-    decodes without a tree wait in ``pending`` and enter the draft's cache with the next tree.
-    """
-
-    def __init__(self, draft, batch: int):
-        self.model, self.batch = draft, batch
-        self.cache = DynamicCache(config=draft.config)
-        self.mask = torch.zeros(batch, 0, dtype=torch.long)  # [B, L]: 1 = real token, as on the stages
-        self.pending = (torch.zeros(batch, 0, dtype=torch.long),) * 3  # tokens, mask, positions [B, m]
-        self.dtype = next(draft.parameters()).dtype
-        self.timings: deque[tuple[int, float]] = deque(maxlen=64)  # (nodes per row, seconds) per forward
-
-    def append(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> None:
-        """Tokens ``[B, m]`` the session took without the draft (prompt, plain steps)."""
-        new = (tokens, mask, positions)
-        self.pending = tuple(torch.cat([a, b.to(torch.long)], 1) for a, b in zip(self.pending, new))
-
-    def start(self, root: torch.Tensor, root_pos: torch.Tensor) -> torch.Tensor:
-        """Catch up on pending tokens and run the root: its logits ``[B, 1, V]`` (depth 0 of the tree)."""
-        toks, mask, pos = self.pending
-        mask2d = torch.cat([self.mask, mask, torch.ones(self.batch, 1, dtype=torch.long)], 1)
-        logits = self._forward(torch.cat([toks, root[:, None]], 1), mask2d, torch.cat([pos, root_pos[:, None]], 1))
-        self.mask = mask2d[:, :-1]  # the root is node 0 of the tree, not history
-        self.pending = (torch.zeros(self.batch, 0, dtype=torch.long),) * 3
-        return logits[:, -1:]
-
-    def level(self, tokens: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """Run one level of the tree: ``tokens [B, n]``; ``allowed [n, nodes so far]`` (tree attention)."""
-        B, n = tokens.shape
-        see = torch.cat([self.mask.bool()[:, None, :].expand(B, n, -1), allowed.expand(B, n, -1)], -1)  # [B, n, L+N]
-        additive = torch.zeros(see.shape, dtype=self.dtype).masked_fill_(~see, torch.finfo(self.dtype).min)
-        return self._forward(tokens, additive[:, None], positions)
-
-    def _forward(self, tokens, mask, positions) -> torch.Tensor:
-        t0 = time.perf_counter()
-        out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=self.cache,
-                         use_cache=True).logits
-        self.timings.append((tokens.shape[1], time.perf_counter() - t0))
-        return out
-
-    def keep_path(self, keep: torch.Tensor) -> None:
-        """Keep the accepted paths ``[B, K]`` (-1 padded) of the tree drafted on top of ``self.mask``."""
-        past = self.mask.shape[1]
-        rows_agree = bool((keep == keep[:1]).all()) and bool((keep >= 0).all())
-        idx = keep[0] if rows_agree else keep.clamp(min=0)
-        for layer in self.cache.layers:
-            if getattr(layer, "is_initialized", False):
-                layer.keys, layer.values = compact_kv(layer.keys, layer.values, past, idx)
-        self.mask = torch.cat([self.mask, (keep >= 0).to(torch.long)], 1)
-
-
 # ---- the decoding loop --------------------------------------------------------------------------
-class _Tree:
-    """A tree shape with what acceptance and processing need, precomputed once per shape."""
-
-    def __init__(self, widths: tuple[int, ...]):
-        self.widths = widths
-        self.parents = branching_parents(widths)
-        self.size = self.parents.numel()
-        self.sizes = level_sizes(widths)                      # nodes per depth
-        self.starts = np.cumsum((0,) + self.sizes).tolist()  # first node of each depth (breadth-first)
-        self.children = children_of(self.parents)
-        self.ancestors = ancestors(self.parents)              # [T, T] bool
-        self.depths = depths(self.parents)
-        # [n_l, l]: the nodes on the path to each node of depth l, root excluded
-        self.path_nodes = [self.ancestors[s:e, 1:].nonzero()[:, 1].reshape(e - s, l) + 1
-                           for l, (s, e) in enumerate(zip(self.starts, self.starts[1:]))]
-
-    def nodes(self, depth: int) -> slice:
-        return slice(self.starts[depth], self.starts[depth + 1])
-
-
-PLAIN = _Tree(())
+PLAIN = TokenTree.shape(())  # a plain decoding step: the root alone, no drafts
 
 
 class _Run:
@@ -355,7 +178,7 @@ class _Run:
         self.session.rounds.append(RoundTrace(tree.widths, tree.size, tuple(v.accepted for v in verdicts), draft_s,
                                               verify_s, time.perf_counter() - t0))
 
-    def _choose(self) -> _Tree:
+    def _choose(self) -> TokenTree:
         need = [self.max_length - self.input_ids.shape[1] - len(q)
                 for q, u in zip(self.queues, self.unfinished.tolist()) if u]
         room = self.session.max_length - self.session.get_seq_length()
@@ -375,7 +198,7 @@ class _Run:
         steps = [StepSample(t.tokens, t.wall_s, sum(t.stage_compute_s)) for t in traces]
         return chain_cost(steps, list(self.draft.timings), self.link)
 
-    def _draft(self, tree: _Tree) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draft(self, tree: TokenTree) -> tuple[torch.Tensor, torch.Tensor]:
         """Grow the tree: tokens ``[B, T]`` (root first, breadth-first) and the draft's distribution
         ``q [B, T', V]`` at every node with children (what each node's children were drawn from)."""
         B, T = self.B, tree.size
@@ -396,16 +219,16 @@ class _Run:
             logits = self.draft.level(kids, self.root_pos[:, None] + l + 1, tree.ancestors[nodes, :nodes.stop])
         return tokens, (torch.cat(qs, 1) if qs else None)
 
-    def _verify(self, tokens: torch.Tensor, tree: _Tree) -> torch.Tensor:
+    def _verify(self, tokens: torch.Tensor, tree: TokenTree) -> torch.Tensor:
         """One traversal of the chain: the target's logits after every node ``[B, T, V]``."""
         parents = tree.parents if tree.widths else None
-        pos = tree_position_ids(tree.parents, self.root_pos)                       # [B, T]
+        pos = tree.position_ids(self.root_pos)                                     # [B, T]
         hidden = self.session.step(self._embed(tokens), pos, torch.ones_like(tokens), parents)
         return self.model.client_math.logits(self.model.lm_head(self.model.norm(hidden))).float()
 
-    def _accept(self, tree: _Tree, tokens, logits, q) -> list[Verdict]:
+    def _accept(self, tree: TokenTree, tokens, logits, q) -> list[Verdict]:
         scores = torch.cat([self._process(logits[:, tree.nodes(l)], tokens, tree, l)
-                            for l in range(len(tree.sizes))], 1)                   # [B, T, V]
+                            for l in range(len(tree.level_starts) - 1)], 1)                   # [B, T, V]
         toks = tokens.tolist()
         if not self.sampling:
             best = scores.argmax(-1).tolist()
@@ -430,14 +253,14 @@ class _Run:
         self.stats = self.stats.updated(tried.tolist(), accepted.tolist())
         _ACCEPTANCE.setdefault(self.model, weakref.WeakKeyDictionary())[self.draft.model] = self.stats
 
-    def _process(self, logits: torch.Tensor, tokens: torch.Tensor, tree: _Tree, depth: int) -> torch.Tensor:
+    def _process(self, logits: torch.Tensor, tokens: torch.Tensor, tree: TokenTree, depth: int) -> torch.Tensor:
         """The generation's logits processors on the scores of the nodes at ``depth`` ``[B, n, V]``, each
         node seeing its own context: the row's tokens so far, then the drafts on the path to it."""
         if not self.processors:
             return logits
         B, n, V = logits.shape
         out = torch.empty_like(logits)
-        path = tokens[:, tree.path_nodes[depth]]                                    # [B, n, depth]
+        path = tokens[:, tree.path_nodes(depth)]                                    # [B, n, depth]
         by_len: dict[int, list[int]] = {}
         for b in range(B):
             by_len.setdefault(len(self.queues[b]), []).append(b)
@@ -449,7 +272,7 @@ class _Run:
             out[rows_t] = self.processors(ids, logits[rows_t].reshape(-1, V).clone()).reshape(len(rows), n, V)
         return out
 
-    def _advance(self, tree: _Tree, tokens: torch.Tensor, verdicts: list[Verdict]) -> None:
+    def _advance(self, tree: TokenTree, tokens: torch.Tensor, verdicts: list[Verdict]) -> None:
         """Queue each row's new tokens (accepted drafts + the target's token), which becomes the root."""
         for b, v in enumerate(verdicts):
             new = tokens[b, list(v.path[1:])].tolist() + [v.token]
@@ -484,8 +307,9 @@ def remembered_stats(model, draft) -> AcceptanceStats:
 
 
 @lru_cache(maxsize=64)
-def _tree(widths: tuple[int, ...]) -> _Tree:
-    return _Tree(widths) if widths else PLAIN
+def _tree(widths: tuple[int, ...]) -> TokenTree:
+    """One tree value per shape: its derived facts (children, ancestors, levels) are computed once."""
+    return TokenTree.shape(widths) if widths else PLAIN
 
 
 def profile_link(model, batch: int) -> LinkSample | None:

@@ -38,3 +38,22 @@ def test_compaction_equals_gather(impl, parents, past_len, data, dtype, per_row)
     k, v = IMPLS[impl](keys, values, past_len, keep)
     assert torch.equal(k, want_k) and torch.equal(v, want_v)
     assert k.data_ptr() == keys.data_ptr() and v.data_ptr() == values.data_ptr()  # in place: views of the inputs
+
+
+def test_compact_cache_keeps_each_rows_path_in_every_layer():
+    """The routine the stages and the draft share: rows with different path lengths (-1 padded),
+    every initialised layer compacted, uninitialised ones left alone."""
+    from transformers import DynamicCache
+
+    from bloombee_nb._kernels import compact_cache
+
+    cache, past, T = DynamicCache(), 3, 5
+    for layer in range(2):
+        cache.update(torch.randn(2, 2, past + T, 4), torch.randn(2, 2, past + T, 4), layer)
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+    keep = torch.tensor([[0, 2, 4], [0, 1, -1]])  # tree (2, 1): row 1 accepted one draft fewer
+    compact_cache(cache.layers, past, keep)
+    for layer, (k, v) in zip(cache.layers, before):
+        assert layer.keys.shape[2] == past + 3
+        assert torch.equal(layer.keys, gathered(k, past, keep.clamp(min=0)))
+        assert torch.equal(layer.values, gathered(v, past, keep.clamp(min=0)))

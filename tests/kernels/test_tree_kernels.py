@@ -86,3 +86,15 @@ def test_token_tree_value():
         TokenTree(torch.zeros(2, 4, dtype=torch.long), tree.parents)
     with pytest.raises(ValueError, match="at least one child"):
         branching_parents((2, 0))
+
+
+def test_token_tree_shape_is_what_the_loop_plans_on():
+    tree = TokenTree.shape((2, 1))
+    assert tree.tokens is None and tree.widths == (2, 1) and tree.level_starts == (0, 1, 3, 5)
+    assert tree.children == ((1, 2), (3,), (4,), (), ()) and tree.nodes(1) == slice(1, 3)
+    assert tree.path_nodes(2).tolist() == [[1, 3], [2, 4]]
+    assert TokenTree.shape(()).widths == () and TokenTree.shape(()).size == 1
+    assert TokenTree(None, torch.tensor([-1, 0, 0, 1])).widths is None  # node 2 has no child, node 1 has one
+    assert tree.with_tokens(torch.zeros(3, 5, dtype=torch.long)).tokens.shape == (3, 5)
+    with pytest.raises(ValueError, match="not breadth-first"):
+        TokenTree(None, torch.tensor([-1, 0, 1, 0])).level_starts
