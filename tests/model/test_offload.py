@@ -249,3 +249,23 @@ def test_other_families_offload_exactly(checkpoints, reference, family):
     assert cold == [not s for s in sliding]
     assert (runner.info()["cold_kv_bytes"] == 0) == all(sliding)
     runner.release()
+
+
+def test_stored_offsets_come_from_safetensors_checks(tmp_path):
+    """The streamer reads at offsets derived from ``safe_open`` (names in file order, dtypes, shapes,
+    and its rule that tensors tile the file): the bytes found there are each tensor's bytes."""
+    from safetensors.torch import save_file
+
+    from bloombee_nb.model.offload import stored_tensors
+
+    tensors = {"a": torch.randn(3, 4), "b": torch.randn(5).to(torch.bfloat16), "ids": torch.arange(7),
+               "c": torch.randn(2, 3).to(torch.float16)}
+    save_file(tensors, tmp_path / "m.safetensors", metadata={"format": "pt"})
+    stored = stored_tensors(tmp_path, ["a", "b", "c"], dict.fromkeys(tensors, "m.safetensors"))
+    raw = (tmp_path / "m.safetensors").read_bytes()
+    for name, st in stored.items():
+        found = torch.frombuffer(bytearray(raw[st.offset:st.offset + st.nbytes]), dtype=st.dtype).view(st.shape)
+        assert torch.equal(found, tensors[name])
+    (tmp_path / "m.safetensors").write_bytes(raw + b"\0")  # a file the format does not allow
+    with pytest.raises(CheckpointNotFoundError, match="not a readable safetensors file"):
+        stored_tensors(tmp_path, ["a"], {"a": "m.safetensors"})
