@@ -131,3 +131,33 @@ def test_the_swarm_records_the_format_and_clients_attach_only_to_their_own(clust
             model.close()
     finally:
         bb.unhost(cluster, path)
+
+
+@pytest.mark.slow  # ~3.5 min per format on the shared 2-core machine (both passed in 426 s)
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+def test_smollm2_quantized_is_token_exact(cluster, fmt):
+    """The real pretrained model (SmolLM2-135M from its GGUF file, see tests/generate/test_gguf.py), its 30
+    layers on 3 uneven stages, against transformers loading the converted checkpoint with the same config."""
+    pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM
+
+    from bloombee_nb.errors import CheckpointNotFoundError
+    from bloombee_nb.model.checkpoint import resolve_checkpoint
+    from bloombee_nb.model.gguf import smollm2_gguf
+
+    try:
+        gguf = smollm2_gguf()
+    except CheckpointNotFoundError as exc:
+        pytest.skip(str(exc))
+    folder = resolve_checkpoint(gguf)
+    ref = AutoModelForCausalLM.from_pretrained(folder, quantization_config=reference_config(fmt), dtype=torch.float32,
+                                               device_map="cpu").eval()
+    model = bb.DistributedModelForCausalLM.from_pretrained(str(gguf), cluster=cluster, spans=[(0, 7), (7, 20), (20, 30)],
+                                                           quantize=fmt, swarm=False)
+    try:
+        ids, mask = padded_batch([5, 12], seed=4, vocab=ref.config.vocab_size)
+        want = ref.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
+        assert torch.equal(got, want), (fmt, got.tolist(), want.tolist())
+    finally:
+        model.close()
