@@ -33,9 +33,7 @@ Writes benchmarks/results/compression.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import sys
 import time
 import zlib
@@ -45,11 +43,10 @@ import numpy as np
 import torch
 
 from bloombee_nb import transport
-from bloombee_nb.shipped import default_model_path
 from bloombee_nb.transport import RAW, Codec, CodecStats, choose_codec
 from bloombee_nb.transport.choice import DEFAULT_CANDIDATES, timed_s
+from _common import RESULTS, shipped_model, stamp, write_json
 
-RESULTS = Path(__file__).resolve().parent / "results"
 LAYER = 3
 PROMPT = 128
 BATCHES = (1, 16)
@@ -86,7 +83,7 @@ def hidden_states(dtype: torch.dtype, ids: torch.Tensor) -> torch.Tensor:
     """[16, 128, 256] states after layer LAYER, computed by the model in ``dtype``."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(shipped_model(), dtype=dtype).eval()
     with torch.no_grad():
         out = model(ids, output_hidden_states=True)
     h = out.hidden_states[LAYER]
@@ -173,7 +170,7 @@ def run(repeats: int) -> dict:
     from transformers import AutoTokenizer
 
     rel, text = held_out_text()
-    tok = AutoTokenizer.from_pretrained(default_model_path())
+    tok = AutoTokenizer.from_pretrained(shipped_model())
     ids = tok(text, return_tensors="pt").input_ids[0]
     n = max(BATCHES) * PROMPT
     assert ids.numel() >= n, f"{rel} has only {ids.numel()} tokens"
@@ -199,15 +196,11 @@ def run(repeats: int) -> dict:
                 r["break_even_MiBps"] = (0.0 if saved <= 0 else math.inf if extra <= 0 else saved / extra / 2**20)
                 rows.append(r)
             print(f"{dname} {case}: {len(found)} codecs", file=sys.stderr)
-    import blosc2
-
     meta = dict(
-        model=default_model_path().split("bloombee_nb/")[-1], text=f"stdlib {rel} (held out of training)",
+        model=shipped_model().split("bloombee_nb/")[-1], text=f"stdlib {rel} (held out of training)",
         tokens=n, layer=f"hidden_states[{LAYER}] (after layer {LAYER} of 6)", hidden=256,
         timing="median of batched repeats, 1 thread; frame codecs timed end to end (encode/decode)",
-        reference_impl=refs.impl, torch=torch.__version__, blosc2=blosc2.__version__,
-        numpy=np.__version__, python=platform.python_version(), machine=platform.machine(),
-        cpu_count=__import__("os").cpu_count(), repeats=repeats)
+        reference_impl=refs.impl, repeats=repeats)
     return dict(meta=meta, rows=rows)
 
 
@@ -236,7 +229,7 @@ def fmt(x: float, nd=0) -> str:
 
 
 def markdown(res: dict) -> str:
-    rows, meta = res["rows"], res["meta"]
+    rows, meta, host = res["rows"], res["meta"], res["machine"]
     dts, case_names = list(DTYPES), list(dict.fromkeys(r["case"] for r in rows))
     names = list(dict.fromkeys(r["codec"] for r in rows))
     get = {(r["dtype"], r["case"], r["codec"]): r for r in rows}
@@ -245,7 +238,7 @@ def markdown(res: dict) -> str:
         "# Lossless compression of real hidden states",
         "",
         f"Model `{meta['model']}` (hidden {meta['hidden']}), {meta['layer']}, text: {meta['text']}. "
-        f"One CPU thread ({meta['machine']}, {meta['cpu_count']} shared cores), blosc2 {meta['blosc2']}. "
+        f"One CPU thread ({host['processor']}, {host['cpus']} shared cores), blosc2 {host['blosc2']}. "
         f"Frame codecs are timed end to end through `transport.encode`/`decode` (plane split, blosc2, CRC32, "
         f"copies); references on bare bytes with {meta['reference_impl']}. "
         "ratio = tensor bytes / compressed bytes. Labels: `name-level[+filter][+planes|+hiplane]` "
@@ -359,11 +352,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     t0 = time.time()
-    res = run(3 if args.quick else 7)
+    res = stamp(run(3 if args.quick else 7))
     res["choices"] = choices(res["rows"])
     res["meta"]["wall_s"] = round(time.time() - t0, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "compression.json").write_text(json.dumps(finite(res), indent=1))
+    write_json("compression", finite(res), args.out)
     md = markdown(res)
     (args.out / "compression.md").write_text(md)
     plot(res, args.out / "compression.png")

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -34,9 +32,7 @@ import torch
 import bloombee_nb as bb
 from bloombee_nb.cluster import linkemu
 from bloombee_nb.generate.model import choose_compression
-from bloombee_nb.shipped import default_model_path
-
-RESULTS = Path(__file__).parent / "results"
+from _common import RESULTS, shipped_model, write_json
 LINKS = [(1000, 5), (100, 5), (100, 100), (12.5, 50)]  # (Mbit/s, RTT ms)
 PROMPTS, BATCHES, NEW_TOKENS = (128, 512), (1, 8), 64
 SPANS = [(0, 2), (2, 4), (4, 6)]
@@ -89,7 +85,7 @@ def main():
     args = ap.parse_args()
     links, prompts, batches, n_new = (LINKS, PROMPTS, BATCHES, NEW_TOKENS) if not args.quick else \
         ([(12.5, 50)], (128,), (1,), 16)
-    path = str(default_model_path())
+    path = str(shipped_model())
     rows = []
     with linkemu.emulated_cluster(n_workers=3) as (cluster, shape):
         workers = cluster.worker_addresses()
@@ -119,11 +115,10 @@ def main():
                           f"per-token ours {r_ours['per_token_s'] * 1e3:.1f} ms, petals {r_petals['per_token_s'] * 1e3:.1f}"
                           f" ms, bound {row['bound']['per_token_s'] * 1e3:.1f} ms", flush=True)
         ours.close(), petals.close()
-    result = {"benchmark": "network_grid", "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)",
+    result = {"benchmark": "network_grid",
               "model": "shipped tiny-llama (6 layers, hidden 256, fp32)", "stages": len(SPANS), "spans": SPANS,
-              "command": "python benchmarks/bench_network.py" + (" --quick" if args.quick else ""), "rows": rows}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2))
+              "rows": rows}
+    write_json(args.out, result)
     (RESULTS / f"{args.out}.md").write_text(table(result))
     plot(result, RESULTS / args.out)
     print(table(result))

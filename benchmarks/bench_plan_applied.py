@@ -36,9 +36,7 @@ import bloombee_nb as bb
 from bloombee_nb.cluster.planning import runtime_plan
 from bloombee_nb.cluster.profiling import profile_cluster
 from bloombee_nb.plan import InfeasiblePlanError, Workload, cost, even_split, petals_greedy
-from bloombee_nb.shipped import default_model_path
-
-RESULTS = Path(__file__).parent / "results"
+from _common import RESULTS, shipped_model, write_json
 BIN = str(Path(sys.executable).with_name("bloombee-nb"))
 
 # ``rtt_ms`` is each worker's send-path hold setting (bloombee_nb/transport/emulation.py): a worker
@@ -130,9 +128,8 @@ def plans_for(profile, wl):
 
 
 def main():
-    path = default_model_path()
-    results = {"model": Path(path).name, "machine": "2-core CPU (shared), loopback; added RTT by send-path hold",
-               "command": "python benchmarks/bench_plan_applied.py", "instances": []}
+    path = shipped_model()
+    results = {"model": Path(path).name, "setup": "loopback; added RTT by send-path hold", "instances": []}
     for inst in INSTANCES:
         with tempfile.TemporaryDirectory() as tmp:
             addr, procs = start_cluster(Path(tmp), inst["rtt_ms"])
@@ -161,8 +158,7 @@ def main():
                     p.terminate()
                 for p in procs:
                     p.wait(30)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "plan_applied.json").write_text(json.dumps(results, indent=2))
+    write_json("plan_applied", results)
     plot(results, RESULTS / "plan_applied.png")
 
 

@@ -16,9 +16,6 @@ Writes benchmarks/results/planner_scale.json and planner_scale.png.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -27,8 +24,8 @@ import numpy as np
 
 from bloombee_nb.plan import InfeasiblePlanError, Workload, even_split, petals_greedy, solve
 from bloombee_nb.plan.synthetic import random_cluster
+from _common import RESULTS, write_json
 
-RESULTS = Path(__file__).parent / "results"
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
 OFFLOADS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -140,12 +137,8 @@ def main():
                       f"even/dp {r['even_split_over_dp'] or float('nan'):7.2f}  petals/dp "
                       f"{r['petals_over_dp'] or float('nan'):6.2f}  gap≤{r['gap_to_bound']:.2f}", flush=True)
     summary = summarize(rows)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "planner_scale.json"
-    machine = dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(),
-                   python=platform.python_version(), numpy=np.__version__)
-    out.write_text(json.dumps(dict(machine=machine, micro_batches=MICRO_BATCHES, offloads=OFFLOADS,
-                                   n_layers=80, summary=summary, instances=rows), indent=1) + "\n")
+    out = write_json("planner_scale", dict(micro_batches=MICRO_BATCHES, offloads=OFFLOADS, n_layers=80,
+                                           summary=summary, instances=rows))
     plot(summary, rows, RESULTS / "planner_scale.png")
     for s in summary:
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()})

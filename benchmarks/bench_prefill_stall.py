@@ -15,21 +15,15 @@ Writes benchmarks/results/prefill_stall.json and .md.
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import statistics
 import threading
 import time
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
 import bloombee_nb as bb
-from bench_throughput import model_path
-
-RESULTS = Path(__file__).parent / "results"
+from _common import RESULTS, WIDE, random_checkpoint, scratch, write_json
 SPANS = [(0, 2), (2, 4), (4, 6)]
 DECODERS, NEW_TOKENS, LONG_PROMPT, LONG_AT_S = 4, 64, 1536, 0.5
 CONFIGS = {"chunks of 256": dict(prefill_chunk=256), "one piece": dict(prefill_chunk=None)}
@@ -74,7 +68,7 @@ def run(model, short: list[torch.Tensor], long: torch.Tensor) -> dict:
 
 
 def main():
-    path = model_path("wide")
+    path = random_checkpoint(scratch("wide"), **WIDE)
     ref = AutoModelForCausalLM.from_pretrained(path).eval()
     g = torch.Generator().manual_seed(1)
     short = [torch.randint(2, ref.config.vocab_size, (1, 24 + 8 * i), generator=g) for i in range(DECODERS)]
@@ -97,12 +91,10 @@ def main():
             model.close()
     finally:
         cluster.close()
-    result = {"benchmark": "prefill_stall", "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)",
-              "model": "random-init llama, 6 layers, hidden 1024, fp32 (bench_throughput --model wide)",
-              "decoders": DECODERS, "long_prompt": LONG_PROMPT, "command": "python benchmarks/bench_prefill_stall.py",
-              "rows": rows}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "prefill_stall.json").write_text(json.dumps(result, indent=2))
+    result = {"benchmark": "prefill_stall",
+              "model": "random-init llama, 6 layers, hidden 1024, fp32 (_common.WIDE, as bench_throughput --model wide)",
+              "decoders": DECODERS, "long_prompt": LONG_PROMPT, "rows": rows}
+    write_json("prefill_stall", result)
     lines = ["| prompt sent as | decoders' longest gap while it is read (s) | decoders' median gap (s) | "
              "prompt's time to first token (s) | exact |", "|---|---:|---:|---:|---|"]
     for name, r in rows.items():

@@ -25,9 +25,7 @@ two streamed tokens (what a user sees). Writes benchmarks/results/recovery.json 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import re
 import signal
 import statistics
@@ -44,9 +42,7 @@ from transformers.generation.streamers import BaseStreamer
 
 import bloombee_nb as bb
 from bloombee_nb.cluster import linkemu
-from bloombee_nb.shipped import default_model_path
-
-RESULTS = Path(__file__).parent / "results"
+from _common import RESULTS, shipped_model, stamp, write_json
 BIN = str(Path(sys.executable).with_name("bloombee-nb"))
 NEW_TOKENS, FAULT_AT = 48, 16
 SPANS = [(0, 2), (2, 4), (4, 6)]
@@ -121,7 +117,7 @@ class Loopback:
 
 
 def one_run(cluster, workers: list[str], ids, want, fault, after=None, **load) -> dict:
-    model = bb.DistributedModelForCausalLM.from_pretrained(default_model_path(), cluster=cluster, workers=workers,
+    model = bb.DistributedModelForCausalLM.from_pretrained(shipped_model(), cluster=cluster, workers=workers,
                                                            spans=SPANS, **load)
     try:
         model.generate(**ids, max_new_tokens=2, do_sample=False, pad_token_id=1)  # warm up the stages
@@ -220,9 +216,9 @@ def summary(rows: dict) -> list[dict]:
     return out
 
 
-def markdown(table: list[dict], meta: dict) -> str:
+def markdown(table: list[dict], meta: dict, host: dict) -> str:
     f = lambda x: "—" if x is None else f"{x:.2f}"  # noqa: E731
-    lines = [f"Recovery on a 3-stage chain of the shipped tiny-llama ({meta['host']}, {meta['cores']} cores, "
+    lines = [f"Recovery on a 3-stage chain of the shipped tiny-llama ({host['processor']}, {host['cpus']} cores, "
              f"{NEW_TOKENS} greedy tokens, failure of the middle stage's worker after {FAULT_AT}; "
              f"{meta['repeats']} runs per setting). Times are medians in seconds; every run's tokens are "
              "compared with an uninterrupted run.", "",
@@ -251,7 +247,7 @@ def main():
     ap.add_argument("--no-wan", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    path = default_model_path()
+    path = shipped_model()
     tok = AutoTokenizer.from_pretrained(path)
     ids = tok(PROMPT, return_tensors="pt")
     # the uninterrupted run: plain transformers (the distributed model equals it: tests/generate)
@@ -263,13 +259,12 @@ def main():
         rows.update(run_wan(args.repeats, ids, want))
     elif not args.no_wan:
         print(f"link emulator unavailable ({why}): no link-drop settings")
-    meta = dict(host=platform.node(), cores=os.cpu_count(), repeats=args.repeats, new_tokens=NEW_TOKENS,
-                fault_at=FAULT_AT, torch=torch.__version__)
+    meta = dict(repeats=args.repeats, new_tokens=NEW_TOKENS, fault_at=FAULT_AT)
     table = summary(rows)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "recovery.json").write_text(json.dumps(dict(meta=meta, summary=table, runs=rows), indent=1))
-    (RESULTS / "recovery.md").write_text(markdown(table, meta))
-    print(markdown(table, meta))
+    result = stamp(dict(meta=meta, summary=table, runs=rows))
+    write_json("recovery", result)
+    (RESULTS / "recovery.md").write_text(markdown(table, meta, result["machine"]))
+    print(markdown(table, meta, result["machine"]))
 
 
 if __name__ == "__main__":

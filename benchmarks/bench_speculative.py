@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from collections import Counter
@@ -35,9 +34,8 @@ import bloombee_nb as bb
 from bloombee_nb.cluster import linkemu
 from bloombee_nb.cluster.linkemu import set_rtt
 from bloombee_nb.generate.speculative import SpeculationSummary, load_draft
-from bloombee_nb.shipped import DRAFT_PATH, default_model_path
-
-RESULTS = Path(__file__).parent / "results"
+from bloombee_nb.shipped import DRAFT_PATH
+from _common import RESULTS, shipped_model, stamp, write_json
 RTTS_MS = (5, 50, 100)
 NEW_TOKENS = 40
 PROMPTS = [
@@ -99,17 +97,14 @@ def main():
         emu = linkemu.LinkEmulator(n_workers=3).__enter__()
     settings = WAN_LINKS if emu is not None else [(None, r) for r in RTTS_MS]
     stem = "speculative_wan" if emu is not None else "speculative"
-    tok = AutoTokenizer.from_pretrained(default_model_path())
+    tok = AutoTokenizer.from_pretrained(shipped_model())
     draft = load_draft(str(DRAFT_PATH))
     result = {"model": "tiny-llama (6 layers, 4.4M params) + tiny-llama-draft (2 layers, 0.8M)",
               "prompts": PROMPTS, "new_tokens": NEW_TOKENS, "decoding": "greedy", "rtts_ms": list(RTTS_MS),
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads available, "
-                         f"Python {platform.python_version()}, torch {torch.__version__}",
               "link_emulation": ("workers in network namespaces, bandwidth shaped by tc tbf on veth pairs, RTT/2 "
                                  "held in every participant's send path" if emu is not None else
                                  "in-process send-path hold of RTT/2 on every participant (client and workers); "
                                  "no bandwidth shaping; loopback underneath"),
-              "command": "python benchmarks/bench_speculative.py" + (" --wan" if emu is not None else ""),
               "settings": {}}
     t_start = time.perf_counter()
     cluster = bb.connect(emu.scheduler_address) if emu is not None else bb.connect(n_workers=3)
@@ -117,7 +112,7 @@ def main():
         cluster.wait_for_workers(3, 60)
         # the namespaced workers share this machine's 2 cores although their addresses are not local:
         # the client's own torch work gets one thread, as "auto" gives it on an embedded cluster
-        model = bb.DistributedModelForCausalLM.from_pretrained(default_model_path(), cluster=cluster, client_threads=1)
+        model = bb.DistributedModelForCausalLM.from_pretrained(shipped_model(), cluster=cluster, client_threads=1)
         torch.set_num_threads(1)  # … and so does the draft, which runs here
         result["spans"] = model.placement.spans
         try:
@@ -144,8 +139,8 @@ def main():
     for rtt, setting in result["settings"].items():
         for v in setting.values():
             v["speedup_vs_plain"] = setting["plain"]["per_token_ms"] / v["per_token_ms"]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    result = stamp(result)
+    write_json(stem, result)
     (RESULTS / f"{stem}.md").write_text(markdown(result))
     plot(result, RESULTS / f"{stem}.png")
     print(markdown(result))
@@ -155,7 +150,8 @@ def markdown(result) -> str:
     lines = [f"# Speculative decoding across the chain ({result['model']})", "",
              f"{result['new_tokens']} new tokens per prompt, {len(result['prompts'])} prompts, greedy; "
              f"3 stages {result['spans']} on an embedded 3-worker cluster; {result['link_emulation']}. "
-             f"Machine: {result['machine']} (2 cores shared with other work: timings are noisy). "
+             f"Machine: {result['machine']['processor']}, {result['machine']['cpus']} cores shared with other work "
+             f"(timings are noisy), torch {result['machine']['torch']}. "
              f"Whole run: {result['wall_s']:.0f} s.", "",
              "| RTT | variant | trees sent | tokens / traversal | acceptance rate | traversal ms | per-token ms "
              "| tokens/s | speedup vs plain | exact |",

@@ -1,7 +1,7 @@
 """Many independent clients on one swarm vs each client with its own private pipeline.
 
     python benchmarks/bench_swarm.py                 # ~3 minutes on 2 cores; --users 1 4 8 16 --new-tokens 32
-    python benchmarks/bench_swarm.py --synthetic 58m # a random-init 58M Llama (bench_pipeline's): memory shows
+    python benchmarks/bench_swarm.py --synthetic 58m # a random-init 58M Llama (_common.SYNTHETIC_58M): memory shows
 
 A scheduler and three ``bloombee-nb worker`` processes on loopback. For each number of users U,
 the users are spread over min(U, 4) client *processes* (threads inside each), each user generating
@@ -26,14 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from _common import RESULTS, SYNTHETIC_58M, random_checkpoint, shipped_model, stamp, write_json
+
 BIN = str(Path(sys.executable).with_name("bloombee-nb"))
 
 
@@ -144,17 +144,13 @@ def main() -> None:
         return client(args)
 
     import bloombee_nb as bb
-    from bloombee_nb.shipped import default_model_path
 
     load0 = os.getloadavg()
     logs = Path(os.environ.get("TMPDIR", "/tmp")) / "bench_swarm"
     logs.mkdir(exist_ok=True)
-    model = str(default_model_path())
+    model = shipped_model()
     if args.synthetic:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from bench_pipeline import synthetic_checkpoint
-
-        model = synthetic_checkpoint(logs / "synthetic_58m")
+        model = random_checkpoint(logs / "synthetic_58m", **SYNTHETIC_58M)
     sched, address = start([BIN, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", ":0"],
                            r"scheduler at (tcp://\S+)", logs / "scheduler.log")
     workers = [start([BIN, "worker", address, "--name", f"w{i}", "--listen", "127.0.0.1"], r"(joined)",
@@ -179,17 +175,15 @@ def main() -> None:
         for proc in [*workers, sched]:
             proc.kill()
     name = "swarm" + (f"_{args.synthetic}" if args.synthetic else "")
-    out = dict(command="python benchmarks/bench_swarm.py " + " ".join(sys.argv[1:]), machine=platform.platform(),
-               cpus=os.cpu_count(), model=args.synthetic or "shipped tiny-llama", new_tokens=args.new_tokens,
-               load_average_before=load0, load_average_after=os.getloadavg(), rows=rows)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1))
+    out = stamp(dict(model=args.synthetic or "shipped tiny-llama", new_tokens=args.new_tokens,
+                     load_average_before=load0, load_average_after=os.getloadavg(), rows=rows))
+    write_json(name, out)
     write_md(out, name)
     plot(out, name)
 
 
 def write_md(out: dict, name: str) -> None:
-    lines = [f"# Swarm vs private pipelines ({out['machine']}, {out['cpus']} CPUs)", "",
+    lines = [f"# Swarm vs private pipelines ({out['machine']['platform']}, {out['machine']['cpus']} CPUs)", "",
              f"`{out['command']}`: {out['model']}, {out['new_tokens']} greedy tokens per user, 3 workers on "
              "loopback, users spread over up to 4 client processes.", "",
              "| mode | users | client processes | tokens/s | mean ms/token per user | weights held by the stages (MiB) | workers' RSS (MiB) | stage actors | exact |",

@@ -17,9 +17,7 @@ run. Writes benchmarks/results/swarm_failover.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import signal
 import statistics
 import sys
@@ -30,11 +28,11 @@ import torch
 
 import bloombee_nb as bb
 from bloombee_nb.cluster.swarm import hosted
-from bloombee_nb.shipped import default_model_path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_recovery import Stream  # noqa: E402
-from bench_swarm import BIN, RESULTS, start  # noqa: E402
+from bench_swarm import BIN, start  # noqa: E402
+from _common import RESULTS, shipped_model, stamp, write_json  # noqa: E402
 
 NEW, FAULT_AT = 32, 8
 
@@ -46,7 +44,7 @@ def main() -> None:
     load0 = os.getloadavg()
     logs = Path(os.environ.get("TMPDIR", "/tmp")) / "bench_swarm_failover"
     logs.mkdir(exist_ok=True)
-    model_path = str(default_model_path())
+    model_path = shipped_model()
     sched, address = start([BIN, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", ":0"],
                            r"scheduler at (tcp://\S+)", logs / "scheduler.log")
     procs = {}
@@ -89,14 +87,12 @@ def main() -> None:
             proc.kill()
     gaps = sorted(r["longest_gap_s"] for r in runs)
     p95 = gaps[min(len(gaps) - 1, int(round(0.95 * (len(gaps) - 1))))]
-    out = dict(command="python benchmarks/bench_swarm_failover.py " + " ".join(sys.argv[1:]),
-               machine=platform.platform(), cpus=os.cpu_count(), load_average_before=load0,
-               load_average_after=os.getloadavg(), new_tokens=NEW, fault_at=FAULT_AT,
-               p95_longest_gap_s=p95, median_longest_gap_s=statistics.median(gaps),
-               all_exact=all(r["exact"] for r in runs), runs=runs)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "swarm_failover.json").write_text(json.dumps(out, indent=1))
-    lines = [f"# Swarm failover: a replica on the route killed ({out['machine']}, {out['cpus']} CPUs)", "",
+    out = stamp(dict(load_average_before=load0, load_average_after=os.getloadavg(), new_tokens=NEW, fault_at=FAULT_AT,
+                     p95_longest_gap_s=p95, median_longest_gap_s=statistics.median(gaps),
+                     all_exact=all(r["exact"] for r in runs), runs=runs))
+    write_json("swarm_failover", out)
+    lines = [f"# Swarm failover: a replica on the route killed ({out['machine']['platform']}, "
+             f"{out['machine']['cpus']} CPUs)", "",
              f"`{out['command']}`: {len(runs)} runs, shipped tiny-llama, 2 replicas of each span on 4 lent workers, "
              f"SIGKILL after {FAULT_AT} of {NEW} tokens.", "",
              f"Longest gap between streamed tokens: median {out['median_longest_gap_s'] * 1e3:.0f} ms, "

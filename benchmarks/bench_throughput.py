@@ -34,11 +34,8 @@ throughput.md (the README table) and a plotly figure (throughput.html + .png).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -49,9 +46,7 @@ from transformers import AutoModelForCausalLM
 import bloombee_nb as bb
 from bloombee_nb.cluster import linkemu
 from bloombee_nb.generate.model import choose_compression
-from bloombee_nb.shipped import default_model_path
-
-RESULTS = Path(__file__).parent / "results"
+from _common import RESULTS, WIDE, random_checkpoint, scratch, shipped_model, write_json
 LINKS = [(100, 5), (100, 50)]  # (Mbit/s, RTT ms)
 USERS = (1, 4, 8, 16)
 NEW_TOKENS, STAGGER_S, MICRO_BATCH = 32, 0.05, 4
@@ -64,23 +59,10 @@ CONFIGS = {
 }
 
 
-WIDE = dict(vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_hidden_layers=6, num_attention_heads=16,
-            num_key_value_heads=4, max_position_embeddings=2048, initializer_range=0.05)
-
-
 def model_path(which: str) -> str:
     """The shipped tiny model, or ``wide``: a random-init Llama with 16x the shipped model's
-    per-layer compute (hidden 1024; ~10 ms per 2-layer decode step on one of these cores), built
-    from its config and saved with save_pretrained once (no downloads)."""
-    if which == "shipped":
-        return str(default_model_path())
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = Path(tempfile.gettempdir()) / "bloombee-bench-wide"
-    if not (path / "config.json").exists():
-        torch.manual_seed(0)
-        LlamaForCausalLM(LlamaConfig(**WIDE)).save_pretrained(path)
-    return str(path)
+    per-layer compute (``_common.WIDE``), built from its config and saved once (no downloads)."""
+    return shipped_model() if which == "shipped" else random_checkpoint(scratch("wide"), **WIDE)
 
 
 def prompts(n_users: int, vocab: int) -> list[torch.Tensor]:
@@ -208,19 +190,11 @@ def main():
                     flush=True)
         for m in models.values():
             m.close()
-    result = {"benchmark": "throughput", "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)",
+    result = {"benchmark": "throughput",
               "model": ("shipped tiny-llama (6 layers, hidden 256, fp32)" if args.model == "shipped" else
                         "random-init llama, 6 layers, hidden 1024, fp32 (--model wide)"), "spans": SPANS, "micro_batch": MICRO_BATCH,
-              "stagger_s": STAGGER_S, "configs": CONFIGS,
-              "command": "python benchmarks/bench_throughput.py" + (" --quick" if args.quick else "")
-              + (f" --rtt {' '.join(map(str, args.rtt))}" if args.rtt else "")
-              + (f" --users {' '.join(map(str, args.users))}" if args.users else "")
-              + (f" --model {args.model}" if args.model != "shipped" else "")
-              + (f" --new-tokens {NEW_TOKENS}" if NEW_TOKENS != 32 else "")
-              + (f" --micro-batch {MICRO_BATCH}" if MICRO_BATCH != 4 else "")
-              + (f" --out {args.out}" if args.out != "throughput" else ""), "rows": rows}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2))
+              "stagger_s": STAGGER_S, "configs": CONFIGS, "rows": rows}
+    write_json(args.out, result)
     (RESULTS / f"{args.out}.md").write_text(table(result))
     plot(result, RESULTS / args.out)
     print(table(result))

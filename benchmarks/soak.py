@@ -20,15 +20,12 @@ import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
 import bloombee_nb as bb
-from bloombee_nb.shipped import default_model_path
-
-RESULTS = Path(__file__).parent / "results"
+from _common import RESULTS, shipped_model, write_json
 
 
 def worker_rss(cluster) -> dict[str, int]:
@@ -45,7 +42,7 @@ def main():
     ap.add_argument("--minutes", type=float, default=3.0)
     ap.add_argument("--users", type=int, default=16)
     args = ap.parse_args()
-    path = str(default_model_path())
+    path = shipped_model()
     torch.set_num_threads(1)
     reference = AutoModelForCausalLM.from_pretrained(path).eval()
     ref_lock = threading.Lock()
@@ -103,8 +100,7 @@ def main():
         after = worker_rss(cluster)
         model.close()
     result = {
-        "benchmark": "soak", "command": f"python benchmarks/soak.py --minutes {args.minutes:g}",
-        "machine": "2-core shared CPU; embedded LocalCluster, 3 workers", "users": args.users,
+        "benchmark": "soak", "setup": "embedded LocalCluster, 3 workers", "users": args.users,
         "elapsed_s": elapsed, **{k: v for k, v in stats.items() if k != "errors"},
         "errors": len(stats["errors"]), "error_samples": stats["errors"][:5],
         "tokens_per_s": stats["tokens"] / elapsed,
@@ -117,8 +113,7 @@ def main():
                           for k in baseline},
         "worker_rss_series_mb": series,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "soak.json").write_text(json.dumps(result, indent=2))
+    write_json("soak", result)
     rows = "\n".join(f"| {k} | {v['baseline']:.0f} | {v['first_minute_max']:.0f} | {v['last_minute_max']:.0f} | "
                      f"{v['peak']:.0f} | {v['after']:.0f} |" for k, v in result["worker_rss_mb"].items())
     (RESULTS / "soak.md").write_text(
