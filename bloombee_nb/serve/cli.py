@@ -62,6 +62,8 @@ def run_serve(args) -> int:
             signal.signal(signal.SIGTERM, lambda *_: server.stop())
             print(f"bloombee-nb serving {server.app.state.bloombee.engine.name} at {server.url} "
                   f"({len(model.placement.stages)} stages; Ctrl-C stops)", flush=True)
+            if server.dashboard_link:
+                print(f"requests served, live on the Dask dashboard: {server.dashboard_link}", flush=True)
             server.wait()
         finally:
             model.close()
