@@ -12,6 +12,10 @@ server-sent-event streaming, ``max_tokens``, ``temperature``, ``top_p``, ``seed`
 usage counts, errors in OpenAI's JSON shape. Each request is a session on the stages; concurrent
 requests are concurrent sessions whose decode steps merge at every stage.
 
+What a server is doing (requests generating and queued, served, refused, tokens/s, per API key:
+:mod:`.activity`) shows in ``%bloombee status`` and on the cluster's Dask dashboard at
+``/bloombee/serve`` (:mod:`.dashboard`: ``Client.log_event`` plus a scheduler plugin's route).
+
 Why FastAPI + uvicorn + sse-starlette (not aiohttp): the OpenAI request schemas become pydantic
 models, so every malformed body is a typed 4xx without hand-written checks; uvicorn serves TLS
 from a certificate and key with its own options and runs on a thread of a Jupyter kernel (its
