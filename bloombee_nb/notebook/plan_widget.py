@@ -313,7 +313,8 @@ def micro_batch_line(plan: Plan) -> str:
 def stage_rows(plan: Plan) -> list[list[str]]:
     """One row per stage under :data:`STAGE_HEADER`: offloaded fractions and where the bytes live."""
     tiers = lambda f: "/".join(f"{x:.0%}" for x in f)
-    return [[str(i + 1), s.worker, f"{s.start}–{s.end - 1}", f"{s.weight_offload:.0%}", tiers(s.weight_fractions),
+    return [[str(i + 1), s.worker, f"{s.start}–{s.end - 1}" + (f" {s.quantize}" if s.quantize else ""),  # weight format
+             f"{s.weight_offload:.0%}", tiers(s.weight_fractions),
              f"{s.kv_offload:.0%}", tiers(s.kv_fractions), fmt_s(s.stage_s)] for i, s in enumerate(plan.stages)]
 
 

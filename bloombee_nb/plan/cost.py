@@ -24,6 +24,9 @@ sequences moves through the chain as one unit; ``B`` is the workload's batch, ``
   read from their tier: t_read = Σ bytes_tier / read_bandwidth_tier. The runtime prefetches
   layer i+1 while computing layer i, so reading overlaps compute and costs only what it does
   not hide: extra = max(0, t_read − t_c), and the stage takes t_c + extra = max(t_c, t_read).
+- Quantized stages (``fmt``, e.g. "int8", "nf4"): weights of ``model.weight_bytes_for(fmt)`` per
+  layer, compute × ``worker.format_decode_factor[fmt]`` (both measured); a format the profile lacks
+  costs ∞ (never chosen).
 """
 
 from __future__ import annotations
@@ -66,8 +69,13 @@ def link_busy_s(nbytes, bandwidth_bytes_per_s):
 
 # ---- memory ------------------------------------------------------------------------------------
 
-def weight_bytes(model: ModelProfile, n_layers):
-    return n_layers * model.layer_weight_bytes
+def weight_bytes(model: ModelProfile, n_layers, fmt: str | None = None):
+    return n_layers * model.weight_bytes_for(fmt)
+
+
+def decode_factor(worker: WorkerProfile, fmt: str | None) -> float:
+    """A quantized format's decode time per layer relative to the float one on ``worker`` (∞: not measured)."""
+    return 1.0 if fmt is None else worker.format_decode_factor.get(fmt, np.inf)
 
 
 def kv_bytes(model: ModelProfile, n_layers, batch: int, length: int):
@@ -139,26 +147,27 @@ class StageCost:
 
 
 def stage_cost(worker: WorkerProfile, model: ModelProfile, workload: Workload, n_layers, micro_batch: int,
-               weight_offload, kv_offload) -> StageCost:
-    """Everything about a stage of ``n_layers`` layers on ``worker`` (array-friendly in n and the fractions)."""
+               weight_offload, kv_offload, fmt: str | None = None) -> StageCost:
+    """Everything about a stage of ``n_layers`` layers on ``worker`` with weights in ``fmt``
+    (array-friendly in n and the fractions)."""
     n_layers = np.asarray(n_layers)
-    t = tier_bytes(worker, weight_bytes(model, n_layers),
+    t = tier_bytes(worker, weight_bytes(model, n_layers, fmt),
                    kv_bytes(model, n_layers, workload.batch, workload.max_length), weight_offload, kv_offload)
-    compute = decode_compute_s(worker, n_layers, micro_batch)
+    compute = decode_compute_s(worker, n_layers * decode_factor(worker, fmt), micro_batch)
     read = offload_read_s(worker, t, kv_read_fraction(workload, micro_batch))
     return StageCost(compute, offload_extra_s(read, compute), fits(worker, t), t)
 
 
-def min_bytes_for(model: ModelProfile, workload: Workload, n_layers: int) -> int:
+def min_bytes_for(model: ModelProfile, workload: Workload, n_layers: int, fmt: str | None = None) -> int:
     """Bytes ``n_layers`` layers need across all tiers: weights plus the batch's KV at max_length."""
-    return weight_bytes(model, n_layers) + kv_bytes(model, n_layers, workload.batch, workload.max_length)
+    return weight_bytes(model, n_layers, fmt) + kv_bytes(model, n_layers, workload.batch, workload.max_length)
 
 
 def prefill_stage_s(worker: WorkerProfile, model: ModelProfile, workload: Workload, n_layers: int,
-                    weight_offload: float, kv_offload: float) -> float:
+                    weight_offload: float, kv_offload: float, fmt: str | None = None) -> float:
     """Prefill of the whole batch through a stage: compute, or reading its offloaded weights once
     (overlapped), whichever is longer. Writing the prompt's KV is not costed."""
-    t = tier_bytes(worker, weight_bytes(model, n_layers),
+    t = tier_bytes(worker, weight_bytes(model, n_layers, fmt),
                    kv_bytes(model, n_layers, workload.batch, workload.max_length), weight_offload, kv_offload)
-    compute = prefill_compute_s(worker, n_layers, workload.prompt_len, workload.batch)
+    compute = prefill_compute_s(worker, n_layers * decode_factor(worker, fmt), workload.prompt_len, workload.batch)
     return float(max(compute, offload_read_s(worker, t, 0.0)))

@@ -6,7 +6,8 @@
 What is chosen, jointly: the ordered chain of workers (any subset of the included ones), the
 contiguous span of layers each hosts, the micro-batch size ``m`` (from ``micro_batches``), and for
 each stage the fraction of weights and of KV moved out of the fast tier (from ``offloads``, both
-independently; ``cost.tier_bytes`` then fills RAM before disk). Costs and the timing model are
+independently; ``cost.tier_bytes`` then fills RAM before disk) and the weight format from the
+user's allowed ``formats`` (None = float; quantized ones priced by the profile). Costs and the timing model are
 those of ``cost.py`` and ``evaluate.py``: stage time ``s_w(n, m)`` for n layers on worker w,
 link time ``ℓ(u→v, m)`` one way and ``busy(u→v, m)`` the link's occupancy; client = ``c``.
 
@@ -87,11 +88,12 @@ class Tables:
     names: tuple[str, ...]          # included workers, in cluster order
     micro_batches: np.ndarray       # (M,)
     n_micro: np.ndarray             # (M,)  ⌈B/m⌉
-    combos: np.ndarray              # (C, 2) (weight, KV) offload fractions
+    combos: np.ndarray              # (C, 3) (weight, KV) offload fractions, index into ``formats``
     stage_s: np.ndarray             # (M, W, L+1) best stage time by span length (n=0: ∞)
     combo: np.ndarray               # (M, W, L+1) index into combos of that best choice
     link_s: np.ndarray              # (M, W+1, W+1) one-way time; ∞: no link
     busy_s: np.ndarray              # (M, W+1, W+1) occupancy
+    formats: tuple = (None,)        # weight formats the DP may choose per stage
 
     def candidates(self, mi: int) -> np.ndarray:
         """Every value a plan's bottleneck can take at micro-batch choice ``mi``, sorted."""
@@ -116,22 +118,27 @@ def micro_batch_choices(batch: int, choices=DEFAULT_MICRO_BATCHES) -> tuple[int,
 
 
 def build_tables(cluster: ClusterProfile, workload: Workload, micro_batches=DEFAULT_MICRO_BATCHES,
-                 offloads=DEFAULT_OFFLOADS) -> Tables:
-    """Price every (micro-batch, worker, span length, offload choice) and every link."""
+                 offloads=DEFAULT_OFFLOADS, formats=(None,)) -> Tables:
+    """Price every (micro-batch, worker, span length, offload choice, weight format) and every link."""
     workers, model = cluster.included, cluster.model
     ms = np.array(micro_batch_choices(workload.batch, micro_batches))
     fr = np.asarray(sorted(set(offloads)), dtype=float)
-    combos = np.stack(np.meshgrid(fr, fr, indexing="ij"), -1).reshape(-1, 2)
+    formats = tuple(dict.fromkeys(formats))
+    pairs = np.stack(np.meshgrid(fr, fr, indexing="ij"), -1).reshape(-1, 2)
+    combos = np.concatenate([np.column_stack([pairs, np.full(len(pairs), fi)]) for fi in range(len(formats))])
     n = np.arange(1, model.n_layers + 1)[:, None]                       # (L, 1) span lengths
     stage = np.full((len(ms), len(workers), model.n_layers + 1), INF)
     best = np.zeros(stage.shape, dtype=int)
     for wi, w in enumerate(workers):
         for mi, m in enumerate(ms):
-            total = cost.stage_cost(w, model, workload, n, int(m), combos[None, :, 0], combos[None, :, 1]).total_s
+            total = np.concatenate([  # (L, C): each format's offload pairs, in combos' order
+                cost.stage_cost(w, model, workload, n, int(m), pairs[None, :, 0], pairs[None, :, 1], fmt).total_s
+                for fmt in formats], axis=1)
             best[mi, wi, 1:] = total.argmin(1)                             # (L, C) → best choice per length
             stage[mi, wi, 1:] = total.min(1)
     link_s, busy_s = _link_tables(cluster, [w.name for w in workers], cost.hop_bytes(model, ms))
-    return Tables(tuple(w.name for w in workers), ms, -(-workload.batch // ms), combos, stage, best, link_s, busy_s)
+    return Tables(tuple(w.name for w in workers), ms, -(-workload.batch // ms), combos, stage, best, link_s, busy_s,
+                  formats)
 
 
 def _link_tables(cluster: ClusterProfile, names: list[str], hop_bytes: np.ndarray):
@@ -441,15 +448,18 @@ def _lower_bound(t: Tables, objective: str, lower: np.ndarray) -> float:
 # ---- the planner -------------------------------------------------------------------------------
 
 def solve(cluster: ClusterProfile, workload: Workload, *, micro_batches=DEFAULT_MICRO_BATCHES,
-          offloads=DEFAULT_OFFLOADS, exact_max_workers: int | str = "auto", shortlist: int | str = "auto") -> Plan:
+          offloads=DEFAULT_OFFLOADS, exact_max_workers: int | str = "auto", shortlist: int | str = "auto",
+          formats=(None,)) -> Plan:
     """The best plan for ``workload`` on ``cluster`` (see the module docstring for what "best" means).
 
     ``exact_max_workers``: up to this many included workers the set-DP is exact ("auto": by
     EXACT_BUDGET); ``shortlist``: how many workers the restricted search's set-DP tries.
+    ``formats``: the weight formats a stage may use (None = float, "int8", "nf4"), priced by the
+    profile's ``format_weight_bytes`` and each worker's ``format_decode_factor``.
     Raises :class:`InfeasiblePlanError` when no chain of the included workers can hold the model.
     """
     t0 = time.perf_counter()
-    t = build_tables(cluster, workload, micro_batches, offloads)
+    t = build_tables(cluster, workload, micro_batches, offloads, formats)
     _check_memory(cluster, workload, t, offloads)
     best_of = _best_latency if workload.objective == "latency" else _best_period
     W, L = len(t.names), cluster.model.n_layers
@@ -461,14 +471,18 @@ def solve(cluster: ClusterProfile, workload: Workload, *, micro_batches=DEFAULT_
         found = (_sets(t, workload.objective, lower, np.arange(W), f"set-DP over all {W} workers (exact)", True)
                  if W <= limit else _restricted(t, workload.objective, best_of, lower, found, size))
         _check_links(found)
-    chain = [ChainStage(t.names[w], a, b, *map(float, t.combos[t.combo[found.mi, w, b - a]]))
-             for w, a, b in found.stages]
+    chain = [_chain_stage(t, t.names[w], a, b, t.combos[t.combo[found.mi, w, b - a]]) for w, a, b in found.stages]
     plan = evaluate_chain(cluster, workload, chain, int(t.micro_batches[found.mi]), method=found.method,
                           exact=found.exact,
                           lower_bound_s=found.value if found.exact else _lower_bound(t, workload.objective, lower),
                           offloads=tuple(offloads), unused_reason=_unused_reason(found),
                           cost_table_s=_cost_table(cluster, t, found.table))
     return replace(plan, planning_s=time.perf_counter() - t0)
+
+
+def _chain_stage(t: Tables, worker: str, a: int, b: int, combo) -> ChainStage:
+    """The stage a DP choice stands for: (weight offload, KV offload, format index) → a ChainStage."""
+    return ChainStage(worker, a, b, float(combo[0]), float(combo[1]), t.formats[int(combo[2])])
 
 
 def _set_dp_limit(n_layers: int, budget: float) -> int:

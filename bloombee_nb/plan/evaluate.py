@@ -48,6 +48,7 @@ class StagePlan:
     transfer_in_s: float                         # link into this stage (from the client or previous stage)
     busy_in_s: float                             # how long that link is occupied (bytes / bandwidth)
     prefill_s: float                             # prefill of the whole batch through this stage
+    quantize: str | None = None                  # the stage's weight format ("int8", "nf4"; None: float)
 
     @property
     def n_layers(self) -> int:
@@ -135,6 +136,7 @@ class ChainStage:
     end: int
     weight_offload: float = 0.0
     kv_offload: float = 0.0
+    quantize: str | None = None  # weight format (None: the serving dtype)
 
 
 def _tier_fractions(worker: WorkerProfile, fast: float, mid: float, disk: float) -> tuple[float, float, float]:
@@ -158,9 +160,9 @@ def _link_times(cluster: ClusterProfile, src: str, dst: str, nbytes: float) -> t
 def _stage_plan(cluster: ClusterProfile, workload: Workload, c: ChainStage, micro_batch: int,
                 prev: str) -> StagePlan:
     w, model = cluster.worker(c.worker), cluster.model
-    sc = cost.stage_cost(w, model, workload, c.end - c.start, micro_batch, c.weight_offload, c.kv_offload)
+    sc = cost.stage_cost(w, model, workload, c.end - c.start, micro_batch, c.weight_offload, c.kv_offload, c.quantize)
     if not bool(sc.fits):
-        need = cost.min_bytes_for(model, workload, c.end - c.start)
+        need = cost.min_bytes_for(model, workload, c.end - c.start, c.quantize)
         raise InfeasiblePlanError(
             f"worker {c.worker!r} cannot hold layers {c.start}–{c.end - 1} with {c.weight_offload:.0%} of weights "
             f"and {c.kv_offload:.0%} of KV offloaded (they need {need / 2**30:.2f} GiB in all); "
@@ -172,7 +174,8 @@ def _stage_plan(cluster: ClusterProfile, workload: Workload, c: ChainStage, micr
         _tier_fractions(w, float(t.weights_fast), float(t.weights_mid), float(t.weights_disk)),
         _tier_fractions(w, float(t.kv_fast), float(t.kv_mid), float(t.kv_disk)),
         float(sc.compute_s), float(sc.offload_s), transfer, busy,
-        cost.prefill_stage_s(w, model, workload, c.end - c.start, c.weight_offload, c.kv_offload))
+        cost.prefill_stage_s(w, model, workload, c.end - c.start, c.weight_offload, c.kv_offload, c.quantize),
+        c.quantize)
 
 
 def evaluate_chain(cluster: ClusterProfile, workload: Workload, chain: list[ChainStage], micro_batch: int, *,

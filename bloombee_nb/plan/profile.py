@@ -91,6 +91,11 @@ class ModelProfile(_JsonValue):
     layer_weight_bytes: int            # parameters of one decoder layer, in their serving dtype
     kv_bytes_per_token_per_layer: int  # K and V of one token of one sequence in one layer
     hidden_bytes_per_token: int        # activation bytes of one token crossing a link (hidden_size × dtype)
+    format_weight_bytes: dict[str, int] = field(default_factory=dict)  # quantized format → bytes of one layer
+
+    def weight_bytes_for(self, fmt: str | None) -> float:
+        """Bytes of one layer stored in ``fmt`` (None: the serving dtype); ∞ for a format not profiled."""
+        return self.layer_weight_bytes if fmt is None else self.format_weight_bytes.get(fmt, float("inf"))
 
     def __post_init__(self):
         _positive(f"model {self.name!r}", n_layers=self.n_layers, layer_weight_bytes=self.layer_weight_bytes,
@@ -168,6 +173,8 @@ class WorkerProfile(_JsonValue):
                                         # client calling the stage (the star relay's path)
     chain_step_overhead_s: float | None = None  # the same when stages forward to each other (chain
                                         # relay), measured on a real chain; None: not measured
+    format_decode_factor: dict[str, float] = field(default_factory=dict)  # quantized format → its decode time
+    # per layer ÷ the float one, measured on this worker (a format absent here is not offered to it)
 
     def __post_init__(self):
         owner = f"worker {self.name!r}"
