@@ -273,6 +273,9 @@ def _materialise_converted(module: nn.Module, prefix: str, path: Path, wmap: dic
             f"checkpoint at {path} lacks {left[:3]}{'…' if len(left) > 3 else ''} (and transformers' weight "
             f"conversion for {model.config.model_type!r} does not produce them); its tensor names do not follow "
             "the family's layout")
+    for t in module.parameters():  # the conversion keeps the (meta) model's dtype: cast to the span's, as
+        if t.is_floating_point():  # _materialise does (a bf16 MoE span or GPT-NeoX head was left in fp32)
+            t.data = t.data.to(dtype)
     if device is not None and torch.device(device).type != "cpu":
         module.to(device)
     _compute_buffers(model, module, device)

@@ -118,3 +118,70 @@ def test_speculative_greedy_equals_transformers(cluster, checkpoints, reference,
             assert torch.equal(got, want), (family, got.tolist(), want.tolist())
     finally:
         model.close()
+
+
+# ---- bf16 on a GPU (skipped without one) ----------------------------------------------------------
+
+def _bf16_client(path):
+    """(embed, norm, head) on the GPU in bf16, with the family's client math, as the client applies them."""
+    from pathlib import Path
+
+    from bloombee_nb.model.family import client_math, load_client_parts, load_config
+
+    config = load_config(Path(path))
+    _, embed, norm, head, _ = load_client_parts(Path(path), config, dtype=torch.bfloat16)
+    embed, norm, head, math = embed.cuda(), norm.cuda(), head.cuda(), client_math(config)
+    return (lambda ids: math.inputs(embed(ids))), norm, (lambda h: math.logits(head(h)))
+
+
+def _greedy(spans, embed, norm, head, ids, mask, n):
+    """The client's greedy loop over SpanRunners: (prefill hidden [B, L, D], new tokens [B, n])."""
+    B = ids.shape[0]
+    for s in spans:
+        s.open("g", B, ids.shape[1] + n)
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    h = embed(ids)
+    for s in spans:
+        h = s.forward("g", h, pos, mask)
+    first, toks = h, []
+    for i in range(n):
+        toks.append(head(norm(h[:, -1:])).argmax(-1))
+        if i + 1 < n:
+            pos, h = pos[:, -1:] + 1, embed(toks[-1])
+            for s in spans:
+                h = s.forward("g", h, pos, torch.ones(B, 1, dtype=torch.long, device=ids.device))
+    for s in spans:
+        s.close("g")
+    return first, torch.cat(toks, 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_bf16_on_the_gpu_equals_transformers_on_the_gpu(checkpoints, family):
+    """bf16 on the GPU, two spans (the second with half its weights streamed, where the family's
+    layout allows): greedy tokens equal transformers' bf16 on the same GPU; prefill hidden states
+    within bf16 rounding."""
+    from transformers import AutoModelForCausalLM
+
+    from bloombee_nb.model.span import SpanRunner
+
+    ref = AutoModelForCausalLM.from_pretrained(checkpoints[family], dtype=torch.bfloat16).cuda().eval()
+    spans = [SpanRunner(checkpoints[family], 0, 3, dtype=torch.bfloat16, device="cuda"),
+             SpanRunner(checkpoints[family], 3, 5, dtype=torch.bfloat16, device="cuda",
+                        weight_offload=0.0 if family in CONVERTED else 0.5)]
+    ids, mask = (t.cuda() for t in padded_batch([4, 11, 7], seed=5))
+    with torch.inference_mode():
+        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        want_h = ref.base_model(ids, attention_mask=mask, position_ids=pos).last_hidden_state  # after the final norm
+        want = ref.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        parts = _bf16_client(checkpoints[family])
+        h, toks = _greedy(spans, *parts, ids, mask, 8)
+        assert h.is_cuda and h.dtype == torch.bfloat16
+        real = mask.bool()
+        torch.testing.assert_close(parts[1](h)[real], want_h[real], rtol=2e-2, atol=2e-2)
+    want = want[:, ids.shape[1]:]
+    eos = (want == 2).long()  # transformers pads a row once it produced EOS (id 2); this loop does not stop
+    after = (eos.cumsum(1) - eos) > 0
+    assert torch.equal(toks.masked_fill(after, 0), want), (family, toks.tolist(), want.tolist())
+    for s in spans:
+        s.release()
