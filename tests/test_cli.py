@@ -4,24 +4,17 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 import bloombee_nb as bb
 from tests.conftest import padded_batch
+from tests.helpers import wait_for
 
 BIN = os.path.join(os.path.dirname(sys.executable), "bloombee-nb")
 
-
-def wait_for(predicate, timeout_s=60, what="condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"timed out waiting for {what}")
+pytestmark = pytest.mark.slow  # real processes: schedulers, workers, `bloombee-nb generate/chat`
 
 
 @pytest.fixture

@@ -67,11 +67,16 @@ def test_size_on_disk():
 
 
 @pytest.mark.parametrize("which", [0, 1])
-def test_greedy_generation_deterministic(pair, which):
+def test_greedy_generation_is_the_argmax_of_a_full_forward_at_every_step(pair, which):
+    """generate() (KV cache, generation config) against the plainest greedy loop: recompute the whole
+    sequence, append its argmax. (It used to compare a run with itself, which could not fail.)"""
     model, tok = pair[which]
     enc = tok(PROMPT, return_tensors="pt")
     with torch.no_grad():
-        outs = [model.generate(**enc, max_new_tokens=8, do_sample=False)[0].tolist() for _ in range(2)]
-    assert outs[0] == outs[1]
-    assert len(outs[0]) > enc["input_ids"].shape[1]
-    assert tok.decode(outs[0], skip_special_tokens=True).startswith(PROMPT)
+        out = model.generate(**enc, max_new_tokens=8, do_sample=False)[0].tolist()
+        want = enc["input_ids"][0].tolist()
+        for _ in range(len(out) - len(want)):
+            want.append(int(model(torch.tensor([want])).logits[0, -1].argmax()))
+    assert len(out) > enc["input_ids"].shape[1]
+    assert out == want
+    assert tok.decode(out, skip_special_tokens=True).startswith(PROMPT)

@@ -21,6 +21,7 @@ from packaging.requirements import Requirement
 from bloombee_nb.model.span import SpanRunner
 from bloombee_nb.transport.frame import decode, encode
 from tests.conftest import padded_batch
+from tests.helpers import distributed
 
 ROOT = Path(__file__).parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -77,11 +78,8 @@ def test_our_client_path_trips_no_upstream_deprecation(cluster, checkpoints, ref
     ids, mask = padded_batch([6])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = bb.DistributedModelForCausalLM.from_pretrained(checkpoints["llama"], cluster=cluster)
-        try:
+        with distributed(checkpoints["llama"], cluster) as model:
             out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
-        finally:
-            model.close()
     want = reference["llama"].generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
     assert torch.equal(out, want)
     assert not deprecations(caught), (

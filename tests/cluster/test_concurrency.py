@@ -5,14 +5,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-import bloombee_nb as bb
 from tests.conftest import padded_batch
+from tests.helpers import distributed
 
 
 def test_concurrent_sessions_are_exact_and_leave_nothing_behind(cluster, checkpoints, reference):
-    model = bb.DistributedModelForCausalLM.from_pretrained(checkpoints["llama"], cluster=cluster,
-                                                           spans=[(0, 2), (2, 4), (4, 5)])
-    try:
+    with distributed(checkpoints["llama"], cluster, spans=[(0, 2), (2, 4), (4, 5)]) as model:
         jobs = [padded_batch([n], seed=n) for n in (3, 9, 14, 5, 21, 7, 11, 2)]
         want = [reference["llama"].generate(ids, attention_mask=m, max_new_tokens=6 + i % 3, do_sample=False,
                                             pad_token_id=0) for i, (ids, m) in enumerate(jobs)]
@@ -27,5 +25,3 @@ def test_concurrent_sessions_are_exact_and_leave_nothing_behind(cluster, checkpo
             assert torch.equal(g, w)
         for info in model.chain.info():
             assert info["sessions"] == 0 and info["reserved_kv_bytes"] == 0, info
-    finally:
-        model.close()

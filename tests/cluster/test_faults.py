@@ -3,8 +3,8 @@
 Real processes, no mocks of our own parts: a scheduler and four ``bloombee-nb worker`` processes
 (w0..w3); each test loads the 5-layer test checkpoint over three of them and, while ``generate``
 streams, SIGKILLs, SIGSTOPs or SIGTERMs the worker hosting the middle span. The greedy output must
-equal plain transformers' token for token, and the recovery must be recorded and take bounded time
-(generous bounds: this is a shared 2-core machine; the measured values are in
+equal plain transformers' token for token, and the recovery must be recorded and lie between two
+streamed tokens (no wall-clock bounds here: the times are measured in
 ``benchmarks/results/recovery.md``).
 """
 
@@ -24,6 +24,7 @@ import bloombee_nb as bb
 from bloombee_nb.errors import RecoveryError
 from bloombee_nb.generate.recovery import GONE, HUNG, LEAVING, UNREACHABLE
 from tests.conftest import BIN, padded_batch, start_process
+from tests.helpers import wait_for
 
 NEW_TOKENS = 8
 FAULT_AT = 3  # tokens streamed before the fault
@@ -50,10 +51,8 @@ class Swarm:
                                             stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
     def wait_for(self, name: str, timeout_s: float = 120) -> None:
-        deadline = time.monotonic() + timeout_s
-        while name not in {str(w["name"]) for w in self.cluster.workers().values()}:
-            assert time.monotonic() < deadline, f"worker {name} did not join"
-            time.sleep(0.2)
+        wait_for(lambda: name in {str(w["name"]) for w in self.cluster.workers().values()}, timeout_s,
+                 f"worker {name} to join")
 
     def addresses(self, *names: str) -> list[str]:
         by_name = {str(w["name"]): a for a, w in self.cluster.workers().items()}
@@ -97,6 +96,13 @@ class FaultAt(BaseStreamer):
         return max(b - a for a, b in zip(self.times, self.times[1:]))
 
 
+def check_timeline(event, streamer) -> None:
+    """The recovery was measured, and it happened between two streamed tokens: the stream's longest
+    gap holds the whole pause (orderings on one clock, true however slow the machine is)."""
+    assert 0 <= event.detect_s <= event.pause_s and event.replay_s > 0, event
+    assert streamer.longest_gap_s >= event.pause_s, (streamer.longest_gap_s, event)
+
+
 def record(event, streamer) -> None:
     """Print the measured recovery (pytest -s shows it; benchmarks/bench_recovery.py measures it properly)."""
     print(f"\n{event.describe()} | detect {event.detect_s:.2f} s, rebuild {event.rebuild_s:.2f} s, "
@@ -117,6 +123,7 @@ def _generate_through(swarm, checkpoints, reference, workers, fault, **load):
     return model, streamer
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_replaced_by_a_spare_and_the_output_is_exact(swarm, checkpoints, reference):
     victim = swarm.procs["w1"]
     model, streamer = _generate_through(swarm, checkpoints, reference, ("w0", "w1", "w2"),
@@ -126,13 +133,13 @@ def test_a_killed_worker_is_replaced_by_a_spare_and_the_output_is_exact(swarm, c
     assert [(w.name, w.why) for w in event.lost] == [("w1", GONE)]
     assert event.new_spans == (("w0", 0, 2), ("w3", 2, 4), ("w2", 4, 5))  # the spare takes the lost span
     assert event.replayed_steps == FAULT_AT  # prefill + the decode steps before the fault
-    assert event.detect_s < 10 and event.pause_s < 30, event
-    assert streamer.longest_gap_s < 30
+    check_timeline(event, streamer)
     html = swarm.cluster._repr_html_()
     assert "lost w1 (gone)" in html and "w3" in html
     model.close()
 
 
+@pytest.mark.slow
 def test_a_hung_worker_is_noticed_by_ping_and_its_span_moves(swarm, checkpoints, reference):
     victim = swarm.procs["w2"]
     try:
@@ -145,10 +152,11 @@ def test_a_hung_worker_is_noticed_by_ping_and_its_span_moves(swarm, checkpoints,
     record(event, streamer)
     assert [(w.name, w.why) for w in event.lost] == [("w2", HUNG)]
     assert {w for w, _, _ in event.new_spans} == {"w0", "w3"}  # no spare left: even split over the live ones
-    assert event.detect_s < 10 and event.pause_s < 30, event
+    check_timeline(event, streamer)
     model.close()
 
 
+@pytest.mark.slow
 def test_a_worker_asked_to_leave_hands_its_span_over_and_exits(swarm, checkpoints, reference):
     victim = swarm.procs["w3"]
     model, streamer = _generate_through(swarm, checkpoints, reference, ("w0", "w3", "w2"),
@@ -157,13 +165,14 @@ def test_a_worker_asked_to_leave_hands_its_span_over_and_exits(swarm, checkpoint
     record(event, streamer)
     assert [(w.name, w.why) for w in event.lost] == [("w3", LEAVING)]
     assert "w3" not in {w for w, _, _ in event.new_spans}
-    assert event.pause_s < 30, event
+    check_timeline(event, streamer)
     assert victim.wait(30) == 0  # it left once its sessions had moved, well within its grace period
     log = swarm.logs["w3"].read_text()
     assert "leaving: 1 sessions open" in log and " left" in log and "still open" not in log, log
     model.close()
 
 
+@pytest.mark.slow
 def test_speculative_batches_replay_their_trees_and_kept_paths_exactly(swarm):
     """Token trees, kept paths riding on the next step and -1-padded rows of a batch, replayed after
     the worker of the *last* stage is killed (its ``collect`` connection closes)."""
@@ -193,6 +202,7 @@ def test_speculative_batches_replay_their_trees_and_kept_paths_exactly(swarm):
     model.close()
 
 
+@pytest.mark.slow
 def test_history_is_what_the_stages_hold_after_rollbacks(swarm, checkpoints):
     model = bb.DistributedModelForCausalLM.from_pretrained(checkpoints["llama"], cluster=swarm.cluster,
                                                            workers=swarm.addresses("w0"))
@@ -246,6 +256,7 @@ def test_a_planned_model_re_solves_without_the_lost_worker():
     assert placement.n_layers == 80 and new_plan.workers == placement.workers
 
 
+@pytest.mark.slow
 def test_the_generation_panel_shows_the_pause_and_the_recovery(swarm, capsys):
     from transformers import AutoTokenizer
 
@@ -275,6 +286,7 @@ def test_the_generation_panel_shows_the_pause_and_the_recovery(swarm, capsys):
     model.close()
 
 
+@pytest.mark.slow
 def test_a_second_sigterm_exits_at_once_even_with_a_session_open(swarm, checkpoints):
     swarm.spawn("w6")
     swarm.wait_for("w6")
@@ -284,12 +296,10 @@ def test_a_second_sigterm_exits_at_once_even_with_a_session_open(swarm, checkpoi
     with model.inference_session(max_length=16) as s:
         model(torch.tensor([[5, 6, 7]]), cache=s)        # a session stays open on w6: it would wait 20 s
         victim.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        while "leaving: 1 sessions open" not in swarm.logs["w6"].read_text():
-            assert time.monotonic() < deadline, swarm.logs["w6"].read_text()
-            time.sleep(0.1)
-        t0 = time.monotonic()
+        wait_for(lambda: "leaving: 1 sessions open" in swarm.logs["w6"].read_text(), 20, "w6 to start leaving",
+                 explain=swarm.logs["w6"].read_text)
         victim.send_signal(signal.SIGTERM)
-        assert victim.wait(15) == 0 and time.monotonic() - t0 < 10
-    assert "second signal, closing now" in swarm.logs["w6"].read_text()
+        assert victim.wait(15) == 0  # a timeout, not a measurement: the grace it skipped is 20 s
+    log = swarm.logs["w6"].read_text()
+    assert "second signal, closing now" in log and " left" not in log, log  # closed, not handed over
     model.close()

@@ -12,8 +12,9 @@ import bloombee_nb as bb
 from bloombee_nb.cluster.profiling import measure_links
 from bloombee_nb.plan import ClusterProfile, LinkProfile, ModelProfile, WorkerProfile
 from bloombee_nb.transport import RAW
-from bloombee_nb.transport.emulation import ENV
+from bloombee_nb.transport.emulation import ENV, send_hold_s
 from tests.conftest import padded_batch
+from tests.helpers import distributed
 
 SPANS = [(0, 2), (2, 4), (4, 5)]
 
@@ -30,9 +31,7 @@ def _profile(cluster, bandwidth_Bps: float) -> ClusterProfile:
 
 @pytest.mark.parametrize("relay", ["chain", "star"])
 def test_auto_compression_compresses_slow_links_only_and_stays_exact(cluster, checkpoints, reference, relay):
-    model = bb.DistributedModelForCausalLM.from_pretrained(checkpoints["llama"], cluster=cluster, spans=SPANS,
-                                                           relay=relay, compression="auto")
-    try:
+    with distributed(checkpoints["llama"], cluster, spans=SPANS, relay=relay, compression="auto") as model:
         ids, mask = padded_batch([40, 25, 33], seed=5)
         want = reference["llama"].generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
         for bandwidth, compresses in ((1e5, True), (1e11, False)):  # 100 kB/s vs 100 GB/s on every link
@@ -47,14 +46,10 @@ def test_auto_compression_compresses_slow_links_only_and_stays_exact(cluster, ch
                 prefill = s.traces[0]
             assert torch.equal(got, want), (relay, bandwidth)
             assert (prefill.wire_bytes < prefill.raw_bytes) == compresses
-    finally:
-        model.close()
 
 
 def test_auto_compression_measures_the_chains_links_without_a_profile(cluster, checkpoints):
-    model = bb.DistributedModelForCausalLM.from_pretrained(checkpoints["llama"], cluster=cluster, spans=SPANS,
-                                                           compression="auto")
-    try:
+    with distributed(checkpoints["llama"], cluster, spans=SPANS, compression="auto") as model:
         links = model.chain.link_codecs()
         assert [(s, d) for s, d, _ in links] == [(-1, 0), (0, 1), (1, 2), (2, -1)]
         for _, _, policy in links:
@@ -64,8 +59,6 @@ def test_auto_compression_measures_the_chains_links_without_a_profile(cluster, c
             # zstd at ~400 MB/s is a near-tie that flips with load, so it is not asserted here.
             assert math.isfinite(policy.bandwidth_Bps) and policy.bandwidth_Bps > 1e8
             assert policy.codec_for(64 * 4) == RAW  # one row of hidden size 64, fp32
-    finally:
-        model.close()
 
 
 def _set_rtt(cluster, ms: float | None):
@@ -87,8 +80,11 @@ def test_emulated_rtt_is_seen_by_the_profiler_and_by_every_hop(cluster, checkpoi
         names = {a: a for a in addrs}
         links = measure_links(cluster.client, addrs, names, pairs=[("client", addrs[0]), (addrs[0], addrs[1]),
                                                                     (addrs[2], "client")])
-        for ln in links:  # every link, client's included, carries the set round trip (and not twice it)
-            assert rtt_ms / 1e3 <= ln.rtt_s < 1.6 * rtt_ms / 1e3, dataclasses.asdict(ln)
+        # every participant holds what it sends for half the set round trip (so a link carries it once, not twice) …
+        holds = cluster.client.run(send_hold_s)
+        assert set(holds.values()) == {send_hold_s()} == {rtt_ms / 2e3}, holds
+        for ln in links:  # … and every link, client's included, shows at least that round trip (lower bounds only:
+            assert ln.rtt_s >= rtt_ms / 1e3, dataclasses.asdict(ln)  # a loaded machine is slower, never faster)
         ids, mask = padded_batch([6])
         for relay, hops in (("chain", 4), ("star", 6)):
             model.chain.relay = relay
@@ -97,8 +93,9 @@ def test_emulated_rtt_is_seen_by_the_profiler_and_by_every_hop(cluster, checkpoi
                 t0 = time.perf_counter()
                 model(ids[:, :1], cache=s)
                 wall = time.perf_counter() - t0
-            # chain: one traversal (N+1 one-way hops); star: N round trips
-            assert hops * rtt_ms / 2e3 <= wall < (hops + 2) * rtt_ms / 2e3, (relay, wall)
+            # chain: one traversal (N+1 one-way hops); star: N round trips. Upper bounds are timings: they are
+            # measured by benchmarks/bench_network.py (per-token time against its bound), not asserted here
+            assert wall >= hops * rtt_ms / 2e3, (relay, wall)
     finally:
         _set_rtt(cluster, None)
         model.chain.relay = "chain"

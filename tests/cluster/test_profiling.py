@@ -37,13 +37,21 @@ def test_profile_round_trips_and_can_be_edited(profile, tmp_path):
     assert "<table" in profile._repr_html_()
 
 
-def test_step_overhead_is_measured(profile):
-    # a real stage call costs something beyond compute and the probed RTT, but not absurdly much
-    assert all(0 <= w.step_overhead_s < 0.05 for w in profile.workers)
+def test_step_overhead_counts_what_a_step_costs_beyond_compute_and_rtt(cluster, checkpoints, monkeypatch):
+    """The probe's timed region holds a client-side send delay (the link emulator's, 20 ms each way
+    it sends) that is neither compute nor the RTT it is told: the overhead it measures must contain
+    it. A lower bound on one clock: a loaded machine only adds to it. (The profile's own values are
+    timings, clamped at 0; benchmarks/bench_plan_applied.py checks their predictions.)"""
+    from bloombee_nb.cluster.profiling import measure_step_overhead
+    from bloombee_nb.transport.emulation import ENV
+
+    address = cluster.worker_addresses()[0]
+    monkeypatch.setenv(ENV, "40")  # this process only: the client's sends are held 20 ms
+    assert measure_step_overhead(cluster.client, address, checkpoints["llama"], 0.0, 64, "float32", repeats=5) >= 0.020
 
 
 def test_chain_overhead_is_measured_on_a_real_chain_and_priced_for_the_chain_relay(profile):
-    assert all(w.chain_step_overhead_s is not None and 0 <= w.chain_step_overhead_s < 0.05 for w in profile.workers)
+    assert all(w.chain_step_overhead_s is not None for w in profile.workers)  # measured (a timing: not bounded here)
     chained = profile.priced_for_chain()
     assert [w.step_overhead_s for w in chained.workers] == [w.chain_step_overhead_s for w in profile.workers]
     assert chained.links == profile.links

@@ -9,13 +9,13 @@ from bloombee_nb import transport
 from bloombee_nb.errors import (CheckpointNotFoundError, FrameError, NotEnoughWorkersError, SpanError,
                                 StageUnavailableError, UnknownSessionError)
 from tests.conftest import padded_batch
+from tests.helpers import distributed
 
 
 @pytest.fixture(scope="module")
 def model(cluster, checkpoints):
-    m = bb.DistributedModelForCausalLM.from_pretrained(checkpoints["llama"], cluster=cluster, spans=[(0, 2), (2, 5)])
-    yield m
-    m.close()
+    with distributed(checkpoints["llama"], cluster, spans=[(0, 2), (2, 5)]) as m:
+        yield m
 
 
 def test_garbage_frames_and_unknown_sessions_are_typed_and_harmless(model, reference):

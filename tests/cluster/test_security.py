@@ -39,6 +39,7 @@ def test_credentials_are_private_files_and_incomplete_folders_say_what_to_do(cre
         make_credentials(creds)
 
 
+@pytest.mark.slow  # a TLS scheduler and workers as real processes
 def test_members_with_credentials_generate_and_outsiders_are_refused(creds, tmp_path, checkpoints, reference):
     sched, address = start_process([BIN, "scheduler", "--tls", str(creds), "--host", "127.0.0.1", "--port", "0",
                              "--dashboard-address", ":0"], r"scheduler at (tls://\S+)")

@@ -5,16 +5,15 @@ import torch
 from transformers import DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
-import bloombee_nb as bb
 from bloombee_nb.errors import SessionLengthError, UnknownSessionError
 from tests.conftest import padded_batch
+from tests.helpers import distributed
 
 
 @pytest.fixture(scope="module")
 def model(cluster, checkpoints):
-    m = bb.DistributedModelForCausalLM.from_pretrained(checkpoints["llama"], cluster=cluster)
-    yield m
-    m.close()
+    with distributed(checkpoints["llama"], cluster) as m:
+        yield m
 
 
 @pytest.fixture(scope="module")
@@ -106,10 +105,7 @@ def test_stop_strings_on_the_shipped_model(cluster):
     ids = tok("def fibonacci(n):", return_tensors="pt")
     kw = dict(max_new_tokens=40, do_sample=False, stop_strings=["\n"], tokenizer=tok, pad_token_id=tok.pad_token_id)
     want = AutoModelForCausalLM.from_pretrained(path).generate(**ids, **kw)
-    model = bb.DistributedModelForCausalLM.from_pretrained(path, cluster=cluster)
-    try:
+    with distributed(path, cluster) as model:
         got = model.generate(**ids, **kw)
-    finally:
-        model.close()
     assert torch.equal(got, want)
     assert got.shape[1] < ids["input_ids"].shape[1] + 40  # it stopped at the newline, not at the limit

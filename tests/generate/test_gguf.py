@@ -20,6 +20,7 @@ from bloombee_nb.errors import CheckpointNotFoundError
 from bloombee_nb.model.checkpoint import resolve_checkpoint
 from bloombee_nb.model.gguf import smollm2_gguf
 from tests.conftest import BIN
+from tests.helpers import distributed
 
 pytest.importorskip("gguf")
 pytest.importorskip("accelerate")
@@ -51,9 +52,8 @@ def tok(gguf_file):
 
 @pytest.fixture(scope="module")
 def model(cluster, gguf_file):
-    m = bb.DistributedModelForCausalLM.from_pretrained(str(gguf_file), cluster=cluster, spans=SPANS)
-    yield m
-    m.close()
+    with distributed(str(gguf_file), cluster, spans=SPANS) as m:
+        yield m
 
 
 def test_the_converted_checkpoint_holds_transformers_own_tensors(gguf_file, ref):

@@ -5,16 +5,15 @@ import dataclasses
 import pytest
 import torch
 
-import bloombee_nb as bb
 from bloombee_nb.plan import Plan, Workload
 from tests.conftest import padded_batch
+from tests.helpers import distributed
 
 
 @pytest.fixture(scope="module")
 def model(cluster, checkpoints):
-    m = bb.DistributedModelForCausalLM.from_pretrained(checkpoints["mistral"], cluster=cluster, plan="auto")
-    yield m
-    m.close()
+    with distributed(checkpoints["mistral"], cluster, plan="auto") as m:
+        yield m
 
 
 def test_auto_plan_is_applied_and_exact(model, reference):

@@ -12,6 +12,7 @@ from bloombee_nb.generate.speculative import (SpeculationSummary, accept_greedy,
                                               load_draft)
 from bloombee_nb._kernels import branching_parents
 from bloombee_nb.shipped import DRAFT_PATH, default_model_path
+from tests.helpers import distributed
 
 PROMPTS = ["def fibonacci(n):", "import os\nclass", "    return self."]
 
@@ -25,9 +26,8 @@ def shipped():
 
 @pytest.fixture(scope="module")
 def model(cluster):
-    m = bb.DistributedModelForCausalLM.from_pretrained(default_model_path(), cluster=cluster)
-    yield m
-    m.close()
+    with distributed(default_model_path(), cluster) as m:
+        yield m
 
 
 def greedy(model, ids, **kw):
@@ -131,14 +131,10 @@ def test_eos_and_max_length_stop_like_plain_generate(model, shipped):
 
 def test_star_relay_and_return_dict(cluster, shipped):
     tok, ref, draft = shipped
-    star = bb.DistributedModelForCausalLM.from_pretrained(default_model_path(), cluster=cluster, relay="star",
-                                                          spans=[(0, 2), (2, 6)])
-    try:
+    with distributed(default_model_path(), cluster, relay="star", spans=[(0, 2), (2, 6)]) as star:
         ids = tok(PROMPTS, return_tensors="pt", padding=True)
         out = greedy(star, ids, max_new_tokens=12, assistant_model=draft, tree_widths=(2, 2),
                      return_dict_in_generate=True)
-    finally:
-        star.close()
     assert torch.equal(out.sequences, greedy(ref, ids, max_new_tokens=12))
 
 

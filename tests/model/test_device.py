@@ -19,13 +19,10 @@ from bloombee_nb.model.family import client_math, load_client_parts, load_config
 from bloombee_nb.model.offload import ColdKVLayer
 from bloombee_nb.model.span import SpanRunner, resolve_device
 from tests.conftest import FAMILIES, padded_batch
+from tests.helpers import positions
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 FP32_ATOL = 1e-4  # GPU fp32 against CPU fp32 (TF32 is off by default): observed ~1e-6
-
-
-def positions(mask):
-    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
 def script(runner, embed, device="cpu", sid="s") -> list[torch.Tensor]:

@@ -18,12 +18,9 @@ from bloombee_nb.errors import CheckpointNotFoundError, SpanError
 from bloombee_nb.model.offload import ColdKVLayer, n_offloaded
 from bloombee_nb.model.span import SpanRunner
 from tests.conftest import FAMILIES, make_checkpoint, padded_batch
+from tests.helpers import positions
 
 FRACTIONS = (0.0, 0.5, 1.0)
-
-
-def positions(mask):
-    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
 def script(runner: SpanRunner, embed, sid="s") -> list[torch.Tensor]:

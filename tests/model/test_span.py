@@ -6,6 +6,7 @@ import torch
 from bloombee_nb.errors import SessionLengthError, SessionLimitError, ShapeMismatchError, UnknownSessionError
 from bloombee_nb.model.span import SpanRunner
 from tests.conftest import padded_batch
+from tests.helpers import positions
 
 
 @pytest.fixture(scope="module")
@@ -18,10 +19,6 @@ def run(spans, sid, h, pos, mask):
     for s in spans:
         h = s.forward(sid, h, pos, mask)
     return h
-
-
-def positions(mask):
-    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
 def test_split_spans_equal_full_model_through_prefill_crop_and_decode(spans, reference):

@@ -19,6 +19,7 @@ from bloombee_nb.cluster.stage import StageActor
 from bloombee_nb.errors import SessionLengthError, ShapeMismatchError, TreeError, UnknownSessionError
 from bloombee_nb.model.span import SpanRunner, _and_tree
 from tests.conftest import FAMILIES, VOCAB, make_checkpoint, padded_batch
+from tests.helpers import positions
 
 TIGHT = dict(rtol=1e-6, atol=1e-6)
 
@@ -33,10 +34,6 @@ def run(spans, sid, h, pos, mask, tree=None):
     for s in spans:
         h = s.forward(sid, h, pos, mask, tree)
     return h
-
-
-def positions(mask):
-    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
 def ones(B, T):

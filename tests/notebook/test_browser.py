@@ -19,12 +19,13 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -90,7 +91,7 @@ RUN_OVER = f"""() => {{
 RENDER_ERRORS = ("Error displaying widget", "Failed to load model class", "Error rendering output item",
                  "Could not render content")
 
-pytestmark = [pytest.mark.browser, pytest.mark.timeout(600)]  # a first run may install Chromium
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(600)]  # a first run may install Chromium
 
 
 def _ensure_chromium() -> None:
@@ -174,7 +175,7 @@ def server(request, tmp_path_factory):
                 raise RuntimeError(f"{frontend.name} exited:\n" + log.read_text()[-2000:])
             return urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2).status == 200
 
-        _wait_for(up, 60, lambda: log.read_text()[-2000:])
+        wait_for(up, 60, "the Jupyter server", explain=lambda: log.read_text()[-2000:])
         yield frontend, url, token, root
     finally:
         procs = []
@@ -185,19 +186,6 @@ def server(request, tmp_path_factory):
         _, alive = psutil.wait_procs(procs, timeout=15)
         for p in alive:
             p.kill()
-
-
-def _wait_for(check, timeout_s: float, explain=lambda: "") -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if check():
-                return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"gave up after {timeout_s:.0f}s\n{explain()}")
-        time.sleep(0.25)
 
 
 def _shutdown_kernels(url: str, token: str) -> None:

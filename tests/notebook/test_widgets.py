@@ -16,6 +16,7 @@ from bloombee_nb.notebook.plan_widget import PlanWidget
 from bloombee_nb.notebook.state import NotebookError
 from bloombee_nb.plan import ClusterProfile, LinkProfile, ModelProfile, WorkerProfile, Workload
 from bloombee_nb.shipped import default_model_path
+from tests.helpers import distributed
 
 MIB = 2 ** 20
 
@@ -196,10 +197,9 @@ def model():
     from bloombee_nb.cluster.profiling import profile_cluster
 
     with bb.connect(n_workers=2) as cluster:
-        m = bb.DistributedModelForCausalLM.from_pretrained(default_model_path(), cluster=cluster)
-        m.profile = profile_cluster(cluster, m._worker_path, progress=False)
-        yield m
-        m.close()
+        with distributed(default_model_path(), cluster) as m:
+            m.profile = profile_cluster(cluster, m._worker_path, progress=False)
+            yield m
 
 
 @pytest.fixture(scope="module")
