@@ -26,6 +26,8 @@ with ``quantization_config=reference_config(fmt)``, token for token (``tests/mod
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import importlib.util
 from dataclasses import dataclass
 
@@ -116,6 +118,22 @@ def quantize_layers(layers: nn.Module, fmt: str | None, dtype: torch.dtype) -> N
         quantize_(layers, Int8WeightOnlyConfig())
     else:
         _to_nf4(layers, reference_config(name, dtype))
+    _release_checkpoint(layers)
+
+
+def _release_checkpoint(layers: nn.Module) -> None:
+    """Let go of the memory-mapped checkpoint and the freed float weights. The parameters left in float
+    (norms, biases) are views of the mapped file and keep every page of it that quantizing read
+    resident; copies of them free the mapping. Then glibc is asked to return its freed heap. (Measured on
+    a 4-layer stage of a 58M Llama: 114 MB resident after int8 without this, for 13 MB of weights.)"""
+    for p in layers.parameters():
+        if type(p) is nn.Parameter and not p.is_meta and p.device.type == "cpu":
+            p.data = p.data.clone()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        pass
 
 
 def _check_shapes(layers: nn.Module, fmt: QuantFormat) -> None:
