@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, write_json  # noqa: E402
+from _common import RESULTS, command, write_json  # noqa: E402
 
 FORMATS = (None, "int8", "nf4")
 HELDOUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "heldout.txt"
@@ -174,16 +174,43 @@ def acceptance(cluster, fmt) -> dict:
     return dict(acceptance_rate=summary.acceptance_rate, acceptance_by_depth=list(summary.acceptance_by_depth))
 
 
+def float_gguf_folder(gguf, folder):
+    """transformers' own float reading of a GGUF file, saved as a plain safetensors checkpoint (transformers
+    will not ``save_pretrained`` a GGUF-loaded model): what a single-process reference quantizes."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    state = {k: t.contiguous() for k, t in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.save_pretrained(folder)
+    return folder
+
+
+def smollm2_folder(gguf: Path, folder: Path = WORK / "smollm2") -> Path:
+    """transformers' own float reading of the GGUF file, saved once with its tokenizer."""
+    from transformers import AutoTokenizer
+
+    if not (folder / "model.safetensors").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        float_gguf_folder(gguf, folder)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
+    return folder
+
+
 def part_quality() -> dict:
     import bloombee_nb as bb
     from bloombee_nb.errors import CheckpointNotFoundError
-    from bloombee_nb.model.checkpoint import resolve_checkpoint
     from bloombee_nb.model.gguf import smollm2_gguf
     from bloombee_nb.shipped import TARGET_PATH as MODEL_PATH
 
     models = {"tiny-llama (shipped target)": MODEL_PATH}
     try:
-        models["SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)"] = resolve_checkpoint(smollm2_gguf())
+        models["SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)"] = smollm2_folder(smollm2_gguf())
     except CheckpointNotFoundError as exc:
         print("SmolLM2 skipped:", exc)
     ppl = {name: {str(f): perplexity(p, f) for f in FORMATS} for name, p in models.items()}
@@ -348,6 +375,7 @@ def main() -> None:
     for part in args.parts:
         t0 = time.perf_counter()
         result[part] = globals()[f"part_{part}"]()
+        result[f"{part}_run"] = dict(command=command(), load_average=[round(x, 2) for x in os.getloadavg()])
         print(f"{part}: {time.perf_counter() - t0:.0f} s", flush=True)
         write_json("quantize", result)
     plot(result)

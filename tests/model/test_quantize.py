@@ -133,23 +133,29 @@ def test_the_swarm_records_the_format_and_clients_attach_only_to_their_own(clust
         bb.unhost(cluster, path)
 
 
-@pytest.mark.slow  # ~3.5 min per format on the shared 2-core machine (both passed in 426 s)
-@pytest.mark.parametrize("fmt", ["int8", "nf4"])
-def test_smollm2_quantized_is_token_exact(cluster, fmt):
-    """The real pretrained model (SmolLM2-135M from its GGUF file, see tests/generate/test_gguf.py), its 30
-    layers on 3 uneven stages, against transformers loading the converted checkpoint with the same config."""
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """(GGUF file, a float folder of transformers' own reading of it): the reference is quantized from the
+    very tensors ``from_pretrained(..., gguf_file=...)`` makes, whatever way the spans read the file."""
     pytest.importorskip("gguf")
-    from transformers import AutoModelForCausalLM
-
     from bloombee_nb.errors import CheckpointNotFoundError
-    from bloombee_nb.model.checkpoint import resolve_checkpoint
     from bloombee_nb.model.gguf import smollm2_gguf
 
     try:
         gguf = smollm2_gguf()
     except CheckpointNotFoundError as exc:
         pytest.skip(str(exc))
-    folder = resolve_checkpoint(gguf)
+    return gguf, float_gguf_folder(gguf, tmp_path_factory.mktemp("smollm2"))
+
+
+@pytest.mark.slow  # ~3.5 min per format on the shared 2-core machine (both passed in 426 s)
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+def test_smollm2_quantized_is_token_exact(cluster, smollm2, fmt):
+    """The real pretrained model (SmolLM2-135M from its GGUF file, see tests/generate/test_gguf.py), its 30
+    layers on 3 uneven stages, against transformers' own reading of the file quantized with the same config."""
+    from transformers import AutoModelForCausalLM
+
+    gguf, folder = smollm2
     ref = AutoModelForCausalLM.from_pretrained(folder, quantization_config=reference_config(fmt), dtype=torch.float32,
                                                device_map="cpu").eval()
     model = bb.DistributedModelForCausalLM.from_pretrained(str(gguf), cluster=cluster, spans=[(0, 7), (7, 20), (20, 30)],
@@ -161,3 +167,20 @@ def test_smollm2_quantized_is_token_exact(cluster, fmt):
         assert torch.equal(got, want), (fmt, got.tolist(), want.tolist())
     finally:
         model.close()
+
+
+def float_gguf_folder(gguf, folder):
+    """transformers' own float reading of a GGUF file, saved as a plain safetensors checkpoint (transformers
+    will not ``save_pretrained`` a GGUF-loaded model): what a single-process reference quantizes."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    state = {k: t.contiguous() for k, t in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.save_pretrained(folder)
+    return folder
