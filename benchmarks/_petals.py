@@ -21,12 +21,14 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
 import zipfile
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,12 +37,12 @@ HIVEMIND = "hivemind==1.1.11"        # installed with --no-deps
 P2PD_WHEEL = "hivemind==1.1.12"      # only its Linux p2pd binary is used
 TORCH = "torch==2.13.0"              # the CPU build on this machine's disk
 # Petals 2.2.0.post1's install_requires (minus the hivemind pin) and hivemind 1.1.11's, as floors
-# and the caps Petals needs (transformers < 4.35, huggingface-hub < 1, numpy 1 for transformers 4.34).
+# and the caps of its era (transformers < 4.35, accelerate < 0.24 for huggingface-hub 0.17, numpy 1).
 REQUIREMENTS = [
-    "transformers>=4.32,<4.35", "accelerate>=0.22", "huggingface-hub>=0.11.1,<1", "tokenizers>=0.13.3",
+    "transformers>=4.32,<4.35", "accelerate>=0.22,<0.24", "huggingface-hub>=0.11.1,<1", "tokenizers>=0.13.3",
     "pydantic>=2", "humanfriendly", "async-timeout>=4.0.2", "packaging>=20.9", "sentencepiece>=0.1.99",
     "safetensors>=0.3.1", "Dijkstar>=2.6", "cpufeature>=0.2", "peft==0.5.0", "tensor-parallel==1.0.23",
-    "speedtest-cli==2.1.3", "PyYAML", "numpy>=1.17,<2", "scipy>=1.2.1", "prefetch_generator>=1.0.1",
+    "speedtest-cli==2.1.3", "bitsandbytes==0.41.1", "PyYAML", "numpy>=1.17,<2", "scipy>=1.2.1", "prefetch_generator>=1.0.1",
     "msgpack>=0.5.6", "sortedcontainers", "uvloop>=0.14", "grpcio-tools>=1.33.2", "protobuf>=5.29",
     "configargparse>=1.2.3", "py-multihash>=0.2.3", "cryptography>=3.4.6", "varint>=1.0.2", "base58>=1.0.2",
     "netaddr>=1.3", "idna>=3.10", "py-cid>=0.3", "psutil", "requests",
@@ -49,6 +51,7 @@ DEFAULT_VENV = Path(os.environ.get("PETALS_VENV", "/tmp/petals-venv"))
 ENV_1_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
                 "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1"}
 RESULT_MARK = "PETALS_RESULT "
+DHT_PREFIX = "bloombee-bench"
 
 
 # ---- the venv ------------------------------------------------------------------------------------
@@ -93,10 +96,11 @@ def _run(cmd: list[str]) -> str:
 
 
 def _install_p2pd(python: Path) -> None:
-    """hivemind 1.1.11's wheel has no p2pd; take the Linux one from the 1.1.12 wheel."""
+    """hivemind 1.1.11's py3-none-any wheel ships a macOS arm64 p2pd; put the Linux one from the
+    1.1.12 manylinux wheel in its place."""
     site = _run([str(python), "-c", "import hivemind, os; print(os.path.dirname(hivemind.__file__))"]).strip()
     target = Path(site) / "hivemind_cli" / "p2pd"
-    if target.exists():
+    if target.exists() and target.read_bytes()[:4] == b"\x7fELF":
         return
     dl = python.parent.parent / "p2pd-wheel"
     _run([str(python), "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:", P2PD_WHEEL, "-d", str(dl)])
@@ -126,7 +130,7 @@ class PetalsSwarm:
         self.logs.mkdir(parents=True, exist_ok=True)
         try:
             self._holder = subprocess.Popen(["unshare", "--net", "--", "sh", "-c",
-                                             "ip link set lo up && exec sleep 100000"])
+                                             "ip link set lo up && exec sleep 100000"], start_new_session=True)
             self._wait_loopback()
             self._start_dht()
             for i in range(self.n):
@@ -138,20 +142,19 @@ class PetalsSwarm:
         return self
 
     def __exit__(self, *exc) -> None:
+        """Kill each process group we started (a server forks connection handlers and a p2pd that
+        outlive a plain SIGTERM to the server), then the namespace's holder."""
         for p in [*reversed(self.procs), getattr(self, "_holder", None)]:
-            if p is not None and p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            if p is not None:
+                _kill_group(p)
 
     def nsenter(self, argv: list[str]) -> list[str]:
         return ["nsenter", f"--net=/proc/{self._holder.pid}/ns/net", "--", *argv]
 
     def _spawn(self, argv: list[str], log: str) -> subprocess.Popen:
         proc = subprocess.Popen(self.nsenter([self.python, *argv]), stdout=open(self.logs / log, "w"),
-                                stderr=subprocess.STDOUT, env=dict(os.environ, **ENV_1_THREAD), cwd=self.logs)
+                                stderr=subprocess.STDOUT, env=dict(os.environ, **ENV_1_THREAD), cwd=self.logs,
+                                start_new_session=True)
         self.procs.append(proc)
         return proc
 
@@ -174,7 +177,8 @@ class PetalsSwarm:
                      "--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--block_indices", f"{first}:{end}",
                      "--torch_dtype", self.dtype, "--device", "cpu", "--throughput", "1",  # no speed test
                      "--no_auto_relay", "--skip_reachability_check", "--cache_dir", str(self.logs / "cache"),
-                     "--identity_path", str(self.logs / f"server{i}.id")], f"server{i}.log")
+                     "--identity_path", str(self.logs / f"server{i}.id"),
+                     "--dht_prefix", DHT_PREFIX], f"server{i}.log")  # a local path gives no prefix of its own
 
     def _wait_ready(self) -> None:
         for i, proc in enumerate(self.procs[1:]):
@@ -192,37 +196,49 @@ class PetalsSwarm:
             time.sleep(0.2)
         raise TimeoutError(f"Petals {log} not ready after {self.timeout_s:.0f} s")
 
-    def server_rss_bytes(self) -> int:
-        """Resident memory of the servers (and the p2pd daemons they started)."""
+    def server_memory(self) -> dict:
+        """Memory of the servers and the processes they started (connection handlers, p2pd):
+        RSS summed (counts pages shared by forked handlers once per process) and PSS (each shared
+        page split between its sharers: the memory the servers really hold)."""
         import psutil
 
-        total = 0
-        for proc in self.procs[1:]:
-            p = psutil.Process(proc.pid)
-            total += sum(q.memory_info().rss for q in [p, *p.children(recursive=True)])
-        return total
+        procs = [q for proc in self.procs[1:] for p in [psutil.Process(proc.pid)] for q in [p, *p.children(recursive=True)]]
+        info = [q.memory_full_info() for q in procs]
+        return {"rss_bytes": sum(i.rss for i in info), "pss_bytes": sum(i.pss for i in info), "processes": len(procs)}
 
-    def client_processes(self, requests: list[dict]) -> list[dict]:
+    def client_processes(self, requests: list[dict], timeout_s: float = 900) -> list[dict]:
         """Start one client process per request, let each load its model, then start them together
-        (all loaded before the first token); return each process's result."""
+        (all loaded before the first token); return each process's result. Clients still running
+        after ``timeout_s`` are killed (their result then raises with the log's tail)."""
         procs = [subprocess.Popen(self.nsenter([self.python, __file__, "client"]), stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, stderr=open(self.logs / f"client{i}.log", "w"), text=True,
-                                  env=dict(os.environ, **ENV_1_THREAD)) for i in range(len(requests))]
+                                  env=dict(os.environ, **ENV_1_THREAD), start_new_session=True) for i in range(len(requests))]
         for p, req in zip(procs, requests):
             p.stdin.write(json.dumps(dict(req, model=self.model_dir, initial_peer=self.initial_peer)) + "\n")
             p.stdin.flush()
-        for i, p in enumerate(procs):
-            _read_result(p, f"client{i}.log", self.logs)  # {"ready": true}
-        for p in procs:
-            p.stdin.write("GO\n")
-            p.stdin.flush()
-        out = [_read_result(p, f"client{i}.log", self.logs) for i, p in enumerate(procs)]
-        for p in procs:
-            p.wait(60)
-        return out
+        timer = threading.Timer(timeout_s, lambda: [_kill_group(p) for p in procs])
+        timer.start()
+        try:
+            for i, p in enumerate(procs):
+                _read_result(p, f"client{i}.log", self.logs)  # {"ready": true}
+            for p in procs:
+                p.stdin.write("GO\n")
+                p.stdin.flush()
+            return [_read_result(p, f"client{i}.log", self.logs) for i, p in enumerate(procs)]
+        finally:
+            timer.cancel()
+            for p in procs:  # a client's DHT is a forked process that outlives it: end the whole group
+                _kill_group(p)
 
-    def client(self, request: dict) -> dict:
-        return self.client_processes([request])[0]
+    def client(self, request: dict, timeout_s: float = 900) -> dict:
+        return self.client_processes([request], timeout_s)[0]
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group ``proc`` leads (it was started with ``start_new_session``)."""
+    with suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _num_layers(model_dir: str) -> int:
@@ -297,7 +313,7 @@ def _client_main() -> None:
     torch.set_num_threads(1)
     req = json.loads(sys.stdin.readline())
     model = AutoDistributedModelForCausalLM.from_pretrained(req["model"], initial_peers=[req["initial_peer"]],
-                                                            torch_dtype=torch.float32)
+                                                            dht_prefix=DHT_PREFIX, torch_dtype=torch.float32)
     prompts = [torch.tensor([p]) for p in req["prompts"]]
     print(RESULT_MARK + json.dumps({"ready": True}), flush=True)
     sys.stdin.readline()  # GO
@@ -308,6 +324,8 @@ def _client_main() -> None:
             runs = [timed_generate(model, prompts[0], req["new_tokens"]) for _ in range(req["repeats"] + 1)]
         out = {"runs": runs[1:]}
     print(RESULT_MARK + json.dumps(out), flush=True)
+    sys.stderr.flush()
+    os._exit(0)  # the client's DHT threads and p2pd keep a normal exit waiting forever
 
 
 def _users_in_threads(model, prompts, new_tokens: int) -> dict:
@@ -337,7 +355,7 @@ def petals_multi_user(swarm: PetalsSwarm, prompts: list[list[int]], new_tokens: 
     n = min(len(prompts), processes)
     share = [prompts[i::n] for i in range(n)]
     order = [i for k in range(n) for i in range(k, len(prompts), n)]  # user index of each result
-    rss_before = swarm.server_rss_bytes()
+    mem_before = swarm.server_memory()
     results = swarm.client_processes([{"prompts": s, "new_tokens": new_tokens, "threads": True} for s in share])
     users = [None] * len(prompts)
     for i, u in zip(order, [u for r in results for u in r["users"]]):
@@ -348,8 +366,7 @@ def petals_multi_user(swarm: PetalsSwarm, prompts: list[list[int]], new_tokens: 
                 tokens_per_s=tokens / wall, ms_per_token_per_user=[1e3 * (u["end"] - u["start"]) / len(u["tokens"])
                                                                    for u in users],
                 ttft_ms_per_user=[1e3 * u["ttft_s"] for u in users], user_tokens=[u["tokens"] for u in users],
-                server_rss_bytes_before=rss_before, server_rss_bytes=swarm.server_rss_bytes(),
-                servers=swarm.n)
+                server_memory_before=mem_before, server_memory=swarm.server_memory(), servers=swarm.n)
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["client"]:

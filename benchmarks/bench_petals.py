@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import sys
 import time
 from pathlib import Path
@@ -73,7 +74,7 @@ def bench_petals(env, path: str, servers: list[int], ids, new_tokens: int, repea
             start_s = time.perf_counter() - t0
             res = swarm.client({"prompts": ids.tolist(), "new_tokens": new_tokens, "repeats": repeats})
             out[f"{n}-servers"] = dict(summarize(res["runs"], new_tokens), spans=swarm.spans,
-                                       swarm_start_s=start_s, server_rss_bytes=swarm.server_rss_bytes())
+                                       swarm_start_s=start_s, server_memory=swarm.server_memory())
             if users and n == servers[-1]:
                 user_rows = [users_row(swarm, path, u, user_tokens) for u in users]
     return out, user_rows
@@ -90,7 +91,7 @@ def users_row(swarm, path: str, users: int, new_tokens: int) -> dict:
     with torch.inference_mode():
         row["exact"] = all(timed_generate(ref, p, new_tokens)["tokens"] == t for p, t in zip(prompts, row.pop("user_tokens")))
     print(f"petals users={users:2d} procs={row['client_processes']} {row['tokens_per_s']:6.1f} tok/s "
-          f"server RSS {row['server_rss_bytes'] / 2**20:.0f} MiB exact={row['exact']}", flush=True)
+          f"server PSS {row['server_memory']['pss_bytes'] / 2**20:.0f} MiB exact={row['exact']}", flush=True)
     return row
 
 
@@ -105,6 +106,7 @@ def main() -> None:
     ap.add_argument("--user-tokens", type=int, default=32)
     ap.add_argument("--no-petals", action="store_true", help="skip Petals (the JSON says so)")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))  # so the swarm's processes get killed
     torch.set_num_threads(1)
     load0 = os.getloadavg()
     logs = Path(os.environ.get("TMPDIR", "/tmp")) / "bench_petals"
@@ -211,12 +213,12 @@ def write_users_md(out: dict) -> None:
     lines = ["# Many users against a real Petals 2.2 swarm", "",
              f"`{out['command']}`: {out['model']}, 16-token prompts, {out['new_tokens']} greedy tokens per user, "
              "users spread over up to 4 client processes (threads inside each).", "",
-             "| users | client processes | servers | tokens/s | mean ms/token per user | servers' RSS (MiB) | exact |",
-             "|---|---|---|---|---|---|---|"]
+             "| users | client processes | servers | tokens/s | mean ms/token per user | servers' PSS (MiB) | servers' RSS (MiB) | exact |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in out["rows"]:
         ms = sum(r["ms_per_token_per_user"]) / len(r["ms_per_token_per_user"])
         lines.append(f"| {r['users']} | {r['client_processes']} | {r['servers']} | {r['tokens_per_s']:.1f} | {ms:.1f} | "
-                     f"{r['server_rss_bytes'] / 2**20:.0f} | {r['exact']} |")
+                     f"{r['server_memory']['pss_bytes'] / 2**20:.0f} | {r['server_memory']['rss_bytes'] / 2**20:.0f} | {r['exact']} |")
     (RESULTS / "petals_users.md").write_text("\n".join(lines) + "\n")
 
 
