@@ -37,6 +37,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -83,21 +84,26 @@ async def _one(client, model: str, text: str, new_tokens: int) -> dict:
     first, pieces, usage = None, [], None
     stream = await client.completions.create(model=model, prompt=text, max_tokens=new_tokens, temperature=0,
                                              stream=True, stream_options={"include_usage": True})
+    chunks = 0
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].text:
             first = first or time.perf_counter()
             pieces.append(chunk.choices[0].text)
+            chunks += 1
         if chunk.usage:
             usage = chunk.usage.completion_tokens
     end = time.perf_counter()
-    return {"ttft_s": first - t0, "decode_s": end - first, "start": t0, "end": end, "tokens": usage,
-            "text": "".join(pieces)}
+    # llama-cpp-python's server sends no usage when streaming: one text chunk per token there
+    return {"ttft_s": first - t0, "decode_s": end - first, "start": t0, "end": end,
+            "tokens": usage if usage is not None else chunks, "text": "".join(pieces)}
 
 
 # ---- the server side ------------------------------------------------------------------------
 
-def reference(n: int, new_tokens: int, tok, path=None) -> list[str]:
-    model = AutoModelForCausalLM.from_pretrained(path or default_model_path()).eval()
+def reference(n: int, new_tokens: int, tok, gguf: Path | None = None) -> list[str]:
+    """Single-process transformers' greedy texts (on a GGUF file: transformers' own GGUF reader)."""
+    model = (AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name) if gguf is not None
+             else AutoModelForCausalLM.from_pretrained(default_model_path())).eval()
     out = []
     with torch.inference_mode():
         for i in range(n):
@@ -191,6 +197,7 @@ def main():
                     help="a Python with llama-cpp-python[server] installed (default: this one)")
     ap.add_argument("--peer-threads", type=int, default=os.cpu_count(), help="llama.cpp's threads")
     args = ap.parse_args()
+    torch.set_num_threads(1)  # the workers share these cores: more threads here stall everyone (DESIGN.md)
     users = tuple(args.users) if args.users else ((1, 4) if args.quick else USERS)
     if args.peer:
         return peer_main(args, users)
@@ -241,7 +248,9 @@ def peer_main(args, users: tuple[int, ...]) -> None:
     gguf = smollm2_gguf()
     folder = resolve_checkpoint(gguf)
     tok = AutoTokenizer.from_pretrained(folder)
-    want = reference(max(users), args.new_tokens, tok, folder)
+    memo = Path(tempfile.gettempdir()) / f"bench_serve_ref_{gguf.stat().st_size}_{max(users)}_{args.new_tokens}.json"
+    want = json.loads(memo.read_text()) if memo.is_file() else reference(max(users), args.new_tokens, tok, gguf)
+    memo.write_text(json.dumps(want))  # a rerun skips the slow single-process reference
     rows, load_before = [], os.getloadavg()[0]
     peer = {"server": "llama-cpp-python's OpenAI server (python -m llama_cpp.server), llama.cpp on the Q4_1 GGUF "
                       "itself, one process", "python": args.peer_python, "threads": args.peer_threads}
