@@ -258,26 +258,6 @@ def part_memory() -> list[dict]:
 
 # ---- fit: a model too big at float, served quantized ---------------------------------------------
 
-def format_costs(path: Path, repeats: int = 30) -> dict:
-    """Per format: one layer's stored bytes and its decode time ÷ the float layer's (this process, 1 thread)."""
-    from bloombee_nb.model.span import SpanRunner
-
-    torch.set_num_threads(1)
-    out = {}
-    for fmt in FORMATS:
-        span = SpanRunner(path, 0, 1, quantize=fmt)
-        span.open("p", 1, 64)
-        span.forward("p", torch.randn(1, 16, 512), torch.arange(16)[None], torch.ones(1, 16, dtype=torch.long))
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            span.forward("p", torch.randn(1, 1, 512), torch.full((1, 1), 16), torch.ones(1, 1, dtype=torch.long))
-            times.append(time.perf_counter() - t0)
-            span.rollback("p", 16)
-        out[str(fmt)] = dict(layer_weight_bytes=span.weight_bytes, decode_layer_s=statistics.median(times))
-    return out
-
-
 def part_fit() -> dict:
     import dataclasses
 
@@ -287,20 +267,21 @@ def part_fit() -> dict:
     from bloombee_nb.plan import Workload
     from bloombee_nb.plan.errors import InfeasiblePlanError
 
+    from bloombee_nb.model.quantize import measure_formats
+
     path = synthetic_58m()
-    costs = format_costs(path)
-    base = costs["None"]
     workload = Workload(prompt_len=16, new_tokens=32)
     with bb.connect(n_workers=3) as cluster:
         profile = profile_cluster(cluster, str(path), progress=False)
-        budget = int(1.1 * base["layer_weight_bytes"])  # each worker: one float layer (and its KV)
-        workers = tuple(dataclasses.replace(
-            w, ram_bytes=budget, accel_bytes=0, disk_bytes=0,
-            format_decode_factor={f: c["decode_layer_s"] / base["decode_layer_s"] for f, c in costs.items() if f != "None"})
-            for w in profile.workers)
-        model = dataclasses.replace(profile.model, format_weight_bytes={
-            f: c["layer_weight_bytes"] for f, c in costs.items() if f != "None"})
-        profile = dataclasses.replace(profile, model=model, workers=workers)
+        measured = {w.name: cluster.client.submit(measure_formats, str(path), workers=[w.address], pure=False).result()
+                    for w in profile.workers}  # each worker measures its own formats' bytes and speed
+        costs = next(iter(measured.values()))["layer_weight_bytes"]
+        profile = profile.with_formats(costs, {n: m["format_decode_factor"] for n, m in measured.items()})
+        budget = int(1.1 * profile.model.layer_weight_bytes)  # each worker: one float layer (and its KV)
+        profile = dataclasses.replace(profile, workers=tuple(
+            dataclasses.replace(w, ram_bytes=budget, accel_bytes=0, disk_bytes=0) for w in profile.workers))
+        costs = dict(layer_weight_bytes=costs, float_layer_weight_bytes=profile.model.layer_weight_bytes,
+                     format_decode_factor={n: m["format_decode_factor"] for n, m in measured.items()})
         try:
             runtime_plan(profile, workload)
             float_error = None

@@ -180,3 +180,34 @@ def tensor_bytes(t: torch.Tensor) -> int:
 def weight_bytes(module: nn.Module) -> int:
     """Stored bytes of ``module``'s parameters, quantized ones counted as stored."""
     return sum(tensor_bytes(p) for p in module.parameters())
+
+
+def measure_formats(path, formats=("int8", "nf4"), num_threads: int = 1, repeats: int = 30, context: int = 16) -> dict:
+    """What the planner needs per format, measured where this runs (a worker: ``client.submit``): one
+    layer's stored bytes, and its decode step's time ÷ the float layer's (median of ``repeats``).
+
+    Returns ``{"layer_weight_bytes": {fmt: bytes}, "format_decode_factor": {fmt: factor}}`` — the
+    values of ``ModelProfile.format_weight_bytes`` and ``WorkerProfile.format_decode_factor``.
+    """
+    import statistics
+    import time
+
+    from .span import SpanRunner
+
+    torch.set_num_threads(num_threads)
+    seconds, nbytes = {}, {}
+    for fmt in (None, *formats):
+        span = SpanRunner(path, 0, 1, quantize=fmt)
+        d, one = span.hidden_size, torch.ones(1, 1, dtype=torch.long)
+        span.open("m", 1, context + 1)
+        span.forward("m", torch.randn(1, context, d, dtype=span.dtype), torch.arange(context)[None],
+                     torch.ones(1, context, dtype=torch.long))
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            span.forward("m", torch.randn(1, 1, d, dtype=span.dtype), torch.full((1, 1), context), one)
+            times.append(time.perf_counter() - t0)
+            span.rollback("m", context)
+        seconds[fmt], nbytes[fmt] = statistics.median(times), span.weight_bytes
+    return {"layer_weight_bytes": {f: nbytes[f] for f in formats},
+            "format_decode_factor": {f: seconds[f] / seconds[None] for f in formats}}

@@ -317,6 +317,14 @@ class ClusterProfile(_JsonValue):
         workers = tuple(dataclasses.replace(w, **changes) if w.name == name else w for w in self.workers)
         return dataclasses.replace(self, workers=workers)
 
+    def with_formats(self, layer_weight_bytes: dict[str, int], decode_factor: dict[str, dict[str, float]]) -> "ClusterProfile":
+        """A copy that prices quantized formats: one layer's bytes per format, and per worker name the
+        format's decode time ÷ the float one (``bloombee_nb.model.quantize.measure_formats`` measures both)."""
+        model = dataclasses.replace(self.model, format_weight_bytes=dict(layer_weight_bytes))
+        workers = tuple(dataclasses.replace(w, format_decode_factor=dict(decode_factor.get(w.name, {})))
+                        for w in self.workers)
+        return dataclasses.replace(self, model=model, workers=workers)
+
     def with_link(self, src: str, dst: str, **changes) -> "ClusterProfile":
         """A copy with link ``src → dst`` changed, or added (then give bandwidth and RTT)."""
         src, dst = str(src), str(dst)

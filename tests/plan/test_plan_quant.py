@@ -17,10 +17,10 @@ FORMATS = (None, "int8", "nf4")
 def quantized(cluster: ClusterProfile, int8=0.9, nf4=1.3) -> ClusterProfile:
     """The same cluster with int8 (¼ of the bytes) and nf4 (⅛ + scales) priced: measured-like factors."""
     lw = cluster.model.layer_weight_bytes
-    model = ModelProfile(**{**cluster.model.to_dict(), "format_weight_bytes": {"int8": lw // 4, "nf4": lw // 7}})
-    workers = tuple(WorkerProfile(**{**w.to_dict(), "format_decode_factor": {"int8": int8, "nf4": nf4}})
-                    for w in cluster.workers)
-    return ClusterProfile(model=model, workers=workers, links=cluster.links, client=cluster.client)
+    out = cluster.with_formats({"int8": lw // 4, "nf4": lw // 7},
+                               {w.name: {"int8": int8, "nf4": nf4} for w in cluster.workers})
+    assert ClusterProfile.from_json(out.to_json()) == out  # the formats survive a profile's JSON
+    return out
 
 
 def brute_latency(cluster: ClusterProfile, workload: Workload, offloads) -> float:
