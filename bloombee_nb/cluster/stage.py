@@ -8,9 +8,13 @@ to its client. A step carries its own route (``protocol.py``), so the stage keep
 state: star and chain, private and swarm sessions are the same path. Control (open, close,
 roll back, keep a path, ping, info) are actor methods.
 
-Every touch of the span's state is pushed to the private thread, so the worker's event loop never
-blocks: a ping is answered while a step computes, and two chains that cross the same workers in
-opposite orders cannot deadlock.
+Every touch of the span's state runs on one private thread, so the worker's event loop does not
+block on long work: a ping is answered while a prompt computes, and two chains that cross the same
+workers in opposite orders cannot deadlock. One exception, for latency: a decode-sized batch
+(one new position per row, at most ``INLINE_ROWS`` rows, weights resident) found with the thread
+idle runs on the event loop itself — the hand-off to a thread and back costs more than the
+difference to a one-user decode step (benchmarks/results/latency_*.md), and the loop is held no
+longer than one decode step.
 
 Speculative decoding: an entry may carry a token tree (``tree``: its parents ``[T]`` as a frame)
 and the accepted path of the previous tree step (``keep``: ``(past_len, frame of [B, K] node
@@ -49,13 +53,17 @@ from .policy import check_allowed
 from .protocol import Delivery, Entry, StageRef, Step
 from .wire import StageWire
 
+#: A decode batch of at most this many rows may run on the event loop (module doc).
+INLINE_ROWS = 8
+
 
 class StageActor:
     def __init__(self, path: str, start: int, end: int, dtype: str | None = None, num_threads: int = 1,
                  max_kv_bytes: int | None = None, max_sessions: int | None = None,
                  allow_unverified_architecture: bool = False, weight_offload: float = 0.0, kv_offload: float = 0.0,
                  micro_batch: int | None = None, merge: bool = True, device: str | None = None,
-                 quantize: str | None = None):  # quantized spans (issue 19): passed to SpanRunner unchanged
+                 quantize: str | None = None,  # quantized spans (issue 19): passed to SpanRunner unchanged
+                 inline_decode: bool = True):
         worker = _this_worker()
         self.address = worker.address if worker is not None else "local"
         self.wire = StageWire.of(worker) if worker is not None else None
@@ -75,11 +83,17 @@ class StageActor:
         self._tasks: set[asyncio.Task] = set()      # steps being taken through the queue and sent on
         self.out_policy = transport.CodecPolicy()   # which codec this stage's outgoing frames use, by size
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="bloombee-stage")
+        self._on_thread = 0                         # calls running or waiting on the private thread
+        self.inline_decode = inline_decode          # decode batches may run on the event loop (module doc)
         self.queue = StageQueue(self._run_batch)
         self.set_batching(micro_batch, merge)
 
     async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        self._on_thread += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        finally:
+            self._on_thread -= 1
 
     @property
     def micro_batch(self) -> int | None:
@@ -230,7 +244,13 @@ class StageActor:
         return out.hidden, out.computes
 
     async def _run_batch(self, batch: list[Job]) -> list:
+        if self._inline(batch):
+            return self._compute_jobs(batch)  # on the loop: the thread is idle, so nothing else touches the span
         return await self._run(self._compute_jobs, batch)
+
+    def _inline(self, batch: list[Job]) -> bool:
+        return (self.inline_decode and self._on_thread == 0 and self.runner.streamer is None
+                and all(j.tokens <= 1 and j.tree is None for j in batch) and sum(j.rows for j in batch) <= INLINE_ROWS)
 
     def _compute(self, j: Job):
         hidden, position_ids, attention_mask = j.frames
