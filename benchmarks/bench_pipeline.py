@@ -3,6 +3,7 @@ tokens/s on 1, 2 and 3 stages, against single-process transformers on the same c
 
     python benchmarks/bench_pipeline.py                 # shipped tiny model
     python benchmarks/bench_pipeline.py --synthetic 58m # a random-init 58M-parameter Llama
+    python benchmarks/bench_pipeline.py --synthetic 58m --device cuda --dtype bfloat16 --out DIR  # stages on a GPU
 
 Writes benchmarks/results/pipeline_loopback[_<name>].json and a PNG plot beside it. Every stage
 runs torch with 1 thread, and so does the transformers baseline, so the difference is the
@@ -13,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,20 +52,29 @@ def greedy_steps(step, ids, n_new):
     return ttft, decode
 
 
-def bench_local(path, ids, n_new, repeats):
+def bench_local(path, ids, n_new, repeats, device="cpu", dtype=torch.float32):
     torch.set_num_threads(1)
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    ids = ids.to(device)
     runs = []
     for _ in range(repeats + 1):  # first run is warm-up
         cache = DynamicCache(config=model.config)
         with torch.inference_mode():
-            runs.append(greedy_steps(lambda x: model(x, cache=cache, use_cache=True).logits, ids, n_new))
+            runs.append(greedy_steps(lambda x: _synced(model(x, cache=cache, use_cache=True).logits), ids, n_new))
     return summarize(runs[1:], n_new)
 
 
-def bench_distributed(cluster, path, n_stages, ids, n_new, repeats, relay):
+def _synced(t):
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
+    return t
+
+
+def bench_distributed(cluster, path, n_stages, ids, n_new, repeats, relay, device="cpu", dtype=torch.float32):
     workers = cluster.worker_addresses()[:n_stages]
-    model = bb.DistributedModelForCausalLM.from_pretrained(path, cluster=cluster, workers=workers, relay=relay)
+    kw = {} if device == "cpu" else {"device": device}
+    model = bb.DistributedModelForCausalLM.from_pretrained(path, cluster=cluster, workers=workers, relay=relay,
+                                                           dtype=dtype, **kw)
     runs, hop_overhead = [], []
     for r in range(repeats + 1):
         with model.inference_session(max_length=ids.shape[1] + n_new) as s:
@@ -91,7 +103,12 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cpu", help="where the stages (and the single-process baseline) compute")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--relays", nargs="+", default=["chain", "star"])
+    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
     tmp = tempfile.TemporaryDirectory()
     if args.synthetic:
         path, name = synthetic_checkpoint(Path(tmp.name) / "m"), f"synthetic_{args.synthetic}"
@@ -106,23 +123,27 @@ def main():
     result = {"model": name, "params": sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(path).parameters()),
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
               "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads available, Python {platform.python_version()}",
-              "torch": torch.__version__, "command": "python benchmarks/bench_pipeline.py"
-              + (f" --synthetic {args.synthetic}" if args.synthetic else ""),
-              "transformers_single_process": bench_local(path, ids, args.new_tokens, args.repeats), "distributed": {}}
+              "torch": torch.__version__, "command": "python " + " ".join(sys.argv),
+              "device": args.device, "dtype": args.dtype, "load_average": os.getloadavg(),
+              "transformers_single_process": bench_local(path, ids, args.new_tokens, args.repeats, args.device, dtype),
+              "distributed": {}}
     with bb.connect(n_workers=3) as cluster:
-        for relay in ("chain", "star"):
+        for relay in args.relays:
             for n in (1, 2, 3):
                 result["distributed"][f"{n}-{relay}"] = bench_distributed(cluster, path, n, ids, args.new_tokens,
-                                                                         args.repeats, relay)
+                                                                         args.repeats, relay, args.device, dtype)
     base = result["transformers_single_process"]["decode_ms_median"]
     for key, r in result["distributed"].items():
         n = int(key.split("-")[0])
         r["added_ms_per_token"] = r["decode_ms_median"] - base
         r["added_ms_per_hop"] = r["added_ms_per_token"] / n
-    stem = "pipeline_loopback" + ("" if name.startswith("tiny") else f"_{name}")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    plot(result, RESULTS / f"{stem}.png")
+    stem = "pipeline_loopback" + ("" if name.startswith("tiny") else f"_{name}") + (
+        "" if args.device == "cpu" else f"_{args.device.split(':')[0]}_{args.dtype}")
+    out = Path(args.out) if args.out else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    result["load_average_after"] = os.getloadavg()
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    plot(result, out / f"{stem}.png")
     print(json.dumps(result, indent=2))
 
 

@@ -5,6 +5,7 @@
 #
 #   bash benchmarks/gpu_check.sh            # ~3-5 min on one H100
 #   bash benchmarks/gpu_check.sh profile    # only the device tests and benchmarks/gpu_profile.py
+#   bash benchmarks/gpu_check.sh install-only  # only step 1 (benchmarks/gpu_wave2.sh uses it)
 #
 # 1. installs .whl/*.whl into /tmp/site (nothing of the machine's own Python is changed) and makes
 #    bloombee_nb importable from this tree: PYTHONPATH, plus a sitecustomize that maps
@@ -47,6 +48,8 @@ if _spec is not None and _spec.loader is not None:
     _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
 EOF
 export PYTHONPATH=$SITE:$ROOT
+
+[ "${1:-}" = "install-only" ] && exit 0
 
 echo "== machine"
 nvidia-smi -L || echo "nvidia-smi: not available"

@@ -8,17 +8,11 @@ Two relays, same results:
 - ``"star"`` (Petals-style, kept for comparison): the client calls each stage in turn and relays
   every intermediate result itself. Per token: N round trips through the client.
 
-Failures are noticed within bounded time and name the worker(s) they are about
-(:class:`~bloombee_nb.errors.StageUnavailableError` ``.workers``):
-
-- a worker process that dies closes its connections: calls on it fail at once;
-- every call also has a timeout (``timeout_s``): Dask never resolves a call whose arguments fail to
-  serialise, and a hung worker never answers;
-- while a call waits longer than ``liveness_interval_s``, a watchdog asks the scheduler which
-  workers it still has (a killed worker is gone from it at once, while a call to its address would
-  retry connecting for Dask's 30 s connect timeout) and pings every stage on its worker's event loop
-  (:meth:`StageActor.ping`, answered even while a long step computes): a stage silent for
-  ``ping_timeout_s`` fails the call as hung.
+Both are routes of one step protocol (``protocol.py``), sent by one relay (``relay.py``) over
+Dask's own connections; stages run steps through one entry point (``stage.py``). Failures are
+noticed within bounded time and name the worker(s) they are about
+(:class:`~bloombee_nb.errors.StageUnavailableError` ``.workers``): a worker that dies closes its
+connection and fails its steps at once; a hung one is found by the watchdog (``liveness.py``).
 
 What to do about a failure (replay the session on live workers) is the session's business
 (``generate/session.py``); a chain never retries by itself.
@@ -27,7 +21,6 @@ What to do about a failure (replay the session on live workers) is the session's
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from dataclasses import dataclass
 
@@ -36,9 +29,11 @@ from distributed import Client, wait
 
 from .. import transport
 from ..errors import BloombeeError, StageHungError, StageLeavingError, StageUnavailableError
-from ..transport.emulation import hold
+from .liveness import Watchdog
 from .placement import Placement, StageSpec
-from .stage import GROUP, Route, StageActor, extra_nbytes
+from .protocol import Entry, StageRef
+from .relay import Relay
+from .stage import StageActor
 
 #: Seconds an actor call may take before its worker counts as gone. Dask never resolves a call
 #: whose arguments fail to serialise, so every call carries a timeout.
@@ -102,10 +97,10 @@ class RemoteChain:
         self.owner = client.id   # the stages bind this client's sessions to it
         self._futures = [] if shared else futures  # an actor lives as long as its future is held
         self.actors = list(futures) if shared else gather_actors(client, futures, placement.stages)
-        for a, b, st, spec in zip(self.actors, self.actors[1:], placement.stages, placement.stages[1:]):
-            if not shared:
-                _settle(st, a, "set_next", b, unavailable_message(spec), self.actors[-1], spec.worker,
-                        timeout_s=timeout_s)
+        self.refs = tuple(StageRef(st.worker, a.key, st.start, st.end) for st, a in zip(placement.stages, self.actors))
+        self._relayer = Relay(client, self.owner)
+        self.watchdog = Watchdog(client, placement, lambda i: self._call(i, "ping"), liveness_interval_s,
+                                 ping_timeout_s)
         # the codec each sender uses on each of its links: the client's per stage it sends to
         # (chain: only the first), each stage's for its one outgoing link
         n = len(self.actors)
@@ -117,8 +112,6 @@ class RemoteChain:
             # the gain on decode-sized frames: see benchmarks/results/compression.md)
             fixed = transport.CodecPolicy.fixed(transport.Codec.parse(compression), min_compress_bytes)
             self.set_policies([fixed] * n, [fixed] * n)
-        self._steps = itertools.count()
-        self._acks: list[asyncio.Future] = []  # chain mode: first-stage acceptances not yet checked
         self.micro_batch, self.prefill_chunk = micro_batch, prefill_chunk
         self.group = group and not shared  # chain relay: concurrent sessions' plain steps travel together (_Groups)
         self._groups: _Groups | None = None
@@ -205,19 +198,10 @@ class RemoteChain:
         m = self.micro_batch or batch
         parts = [(session_id if batch <= m else f"{session_id}/{k}", a, min(a + m, batch))
                  for k, a in enumerate(range(0, batch, m))]
-        self._gather([self._call(i, "open_session", sub, b - a, max_length, self._route(i), self.owner)
+        self._gather([self._call(i, "open_session", sub, b - a, max_length, self.owner)
                       for sub, a, b in parts for i in range(len(self.actors))])
         self._parts[session_id] = parts
         self._seq.update({sub: 0 for sub, _, _ in parts})
-
-    def _route(self, i: int) -> Route | None:
-        """Stage ``i``'s route for a session of a shared chain (a private chain set it once: None)."""
-        if not self.shared:
-            return None
-        nxt = i + 1 < len(self.actors)
-        spec = self.placement.stages[i + 1] if nxt else None
-        return Route(self.actors[i + 1] if nxt else None, self.actors[-1], spec.worker if nxt else None,
-                     unavailable_message(spec) if nxt else "")
 
     def stage_sessions(self, session_id: str) -> list[str]:
         """The ids ``session_id`` goes by on the stages (one per micro-batch)."""
@@ -357,55 +341,36 @@ class RemoteChain:
 
     async def _relay_star(self, session_id: str, hidden: torch.Tensor, pos: bytes, mask: bytes, spec=(None, None),
                           seq: int | None = None):
+        """Star: one hop per stage, each output back to the client, which sends it to the next."""
         walls, computes, sent, into, back = [], [], 0, [], []
-        extra = extra_nbytes(*spec)
         for i in range(len(self.actors)):
             t0 = time.perf_counter()
             if i == 0 or self.client_policies[i] != self.stage_policies[i - 1]:  # else relay the bytes as they are
                 hidden = hidden if i == 0 else transport.decode(frame)
                 frame = transport.encode(hidden, self.client_policies[i].codec_for(hidden.numel() * hidden.element_size()))
-            nbytes = len(frame) + len(pos) + len(mask) + extra
-            sent += nbytes
+            entry = Entry(session_id, frame, pos, mask, seq, *spec)
+            sent += entry.nbytes()
             into.append(len(frame))
-            await hold(nbytes)  # emulated client link (benchmarks only)
-            frame, ((compute_s, out_bytes),) = await self._call(i, "forward", session_id, frame, pos, mask,
-                                                                 None, (), *spec, seq, self.owner)
+            frame, (compute,) = await self._send((self.refs[i],), entry)
             walls.append(time.perf_counter() - t0)
-            computes.append((compute_s, out_bytes))
+            computes.append(compute)
             back.append(len(frame))
         return frame, walls, computes, sent, into + back
 
     async def _relay_chain(self, session_id: str, frame: bytes, pos: bytes, mask: bytes, spec=(None, None),
                            seq: int | None = None):
-        sent = len(frame) + len(pos) + len(mask) + extra_nbytes(*spec)
-        (out, computes), wall = await self._first_to_last(
-            session_id, sent, "forward", lambda step: (session_id, frame, pos, mask, step, (), *spec, seq, self.owner))
-        hops = [len(frame), *(b for _, b in computes)]
-        return out, [wall], list(computes), sent, hops
+        """Chain: the whole route at once; the last stage's output comes back."""
+        entry = Entry(session_id, frame, pos, mask, seq, *spec)
+        t0 = time.perf_counter()
+        out, computes = await self._send(self.refs, entry)
+        return out, [time.perf_counter() - t0], list(computes), entry.nbytes(), [len(frame), *(b for _, b in computes)]
 
-    async def _first_to_last(self, key: str, sent: int, method: str, args_for):
-        """Chain mode: ``method(*args_for(step))`` to the first stage, and the last stage's output of
-        ``(key, step)`` collected (the collect is asked for first, so no output waits unclaimed).
-        Returns that output and the wall time. A stage refusing the step raises its error; a
-        failure further down arrives through the collect, typed."""
-        await self._check_acks()
-        step, t0 = next(self._steps), time.perf_counter()
-        collect = asyncio.ensure_future(self._call(len(self.actors) - 1, "collect", key, step, self.timeout_s))
-        await hold(sent)  # emulated client link (benchmarks only)
-        ack = asyncio.ensure_future(self._call(0, method, *args_for(step)))
-        try:
-            await asyncio.wait({collect, ack}, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:  # the watchdog gave up on this step
-            collect.cancel()
-            ack.cancel()
-            raise
-        if ack.done() and ack.exception() is not None:  # a stage refused the step: say which error
-            collect.cancel()
-            raise ack.exception()
-        out = await collect  # a failure anywhere in the chain arrives here, typed
-        if not ack.done():
-            self._acks.append(ack)  # the first stage's answer is still on its way; checked next step
-        return out, time.perf_counter() - t0
+    async def _send(self, hops: tuple[StageRef, ...], entry: Entry) -> tuple[bytes, tuple]:
+        """One entry along ``hops``: (output frame, computes), or its error raised."""
+        (out,) = (await self._relayer.send(hops, (entry,), self.timeout_s)).entries
+        if out.failed:
+            raise out.error
+        return out.hidden, out.computes
 
     async def _grouped(self, session_id: str, frame: bytes, pos: bytes, mask: bytes, seq, rows: int):
         if self._groups is None:
@@ -413,22 +378,16 @@ class RemoteChain:
         return await self._groups.submit([session_id, frame, pos, mask, seq, ()], rows)
 
     async def _relay_group(self, entries: list) -> list:
-        """Several sessions' steps through the chain as one message each hop (see
-        :meth:`StageActor.forward_group`); returns each entry's ``(out, walls, computes, sent,
-        hops)`` or the exception its step raised."""
-        sizes = [len(e[1]) + len(e[2]) + len(e[3]) for e in entries]
-        outs, wall = await self._first_to_last(GROUP, sum(sizes), "forward_group",
-                                               lambda step: (entries, step, self.owner))
-        return [res if isinstance(res, BaseException) else
-                (res, [wall], list(computes), sent, [len(e[1]), *(b for _, b in computes)])
-                for e, sent, (_, res, _, _, _, computes) in zip(entries, sizes, outs)]
-
-    async def _check_acks(self):
-        done = [a for a in self._acks if a.done()]
-        self._acks = [a for a in self._acks if not a.done()]
-        for a in done:
-            if a.exception() is not None:
-                raise a.exception()
+        """Several sessions' steps through the chain as one step with one entry each (their stages
+        run them as one forward where they can); returns each entry's ``(out, walls, computes,
+        sent, hops)`` or the exception its step raised."""
+        sent = [Entry(sid, frame, pos, mask, seq) for sid, frame, pos, mask, seq, _ in entries]
+        t0 = time.perf_counter()
+        delivery = await self._relayer.send(self.refs, tuple(sent), self.timeout_s)
+        wall = time.perf_counter() - t0
+        return [e.error if e.failed else
+                (e.hidden, [wall], list(e.computes), s.nbytes(), [len(s.hidden), *(b for _, b in e.computes)])
+                for s, e in zip(sent, delivery.entries)]
 
     async def _call(self, i: int, method: str, *args):
         """``method(*args)`` on stage ``i`` within ``timeout_s``; any way it cannot be reached (closed
@@ -442,58 +401,7 @@ class RemoteChain:
 
     # ---- liveness -------------------------------------------------------------------------------
     async def _watched(self, call):
-        """Await ``call`` (a step or a broadcast); once it has waited ``liveness_interval_s``, a
-        watchdog runs beside it and fails it as soon as a stage's worker is found lost."""
-        task = asyncio.ensure_future(call)
-        watch = None
-        try:
-            if self.liveness_interval_s is not None:
-                await asyncio.wait({task}, timeout=self.liveness_interval_s)  # a fast call costs no watchdog
-                if not task.done():
-                    watch = asyncio.ensure_future(self._watch())
-                    await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if not task.done() and watch is not None:
-                task.cancel()
-                return watch.result()  # raises what the watchdog found
-            return await task
-        finally:
-            for t in (task, watch):
-                if t is not None and not t.done():
-                    t.cancel()
-
-    async def _watch(self):
-        """Raises once a stage's worker is gone from the scheduler (checked every
-        ``liveness_interval_s``) or has not answered a ping for ``ping_timeout_s``."""
-        pings, since = None, 0.0
-        loop = asyncio.get_running_loop()
-        try:
-            while True:
-                gone = await self._gone_from_scheduler()
-                if gone:
-                    raise StageUnavailableError(_lost_message(self.placement, gone, "left the cluster "
-                                                "(the scheduler lost it)"), workers=gone)
-                if pings is None:
-                    pings, since = {i: asyncio.ensure_future(self._call(i, "ping"))
-                                    for i in range(len(self.actors))}, loop.time()
-                else:
-                    silent = [self.placement.stages[i].worker for i, p in pings.items()
-                              if not p.done() or p.cancelled() or p.exception() is not None]
-                    if not silent:
-                        pings = None
-                    elif loop.time() - since >= self.ping_timeout_s or all(p.done() for p in pings.values()):
-                        raise StageHungError(_lost_message(self.placement, silent, f"did not answer a ping "
-                                             f"within {self.ping_timeout_s:.0f}s (hung)"), workers=silent)
-                await asyncio.sleep(self.liveness_interval_s)
-        finally:
-            for p in (pings or {}).values():
-                p.cancel()
-
-    async def _gone_from_scheduler(self) -> list[str]:
-        try:
-            present = (await self.client.scheduler.identity(n_workers=-1))["workers"]
-        except (OSError, KeyError, TypeError):
-            return []  # the scheduler did not answer: only our own calls can tell
-        return [w for w in dict.fromkeys(self.placement.workers) if w not in present]
+        return await self.watchdog.watched(call)
 
     def ping(self, timeout_s: float | None = None, skip=()) -> dict[str, dict | None]:
         """worker address -> its stage's :meth:`StageActor.ping` answer, ``None`` where the worker
@@ -524,6 +432,10 @@ class RemoteChain:
         :class:`StageUnavailableError` (a session on it then recovers onto its model's chain)."""
         held = [*self._futures, *(getattr(a, "_future", None) for a in self.actors)]
         self.actors, self._futures, self.released = [], [], True
+        try:
+            self.client.loop.add_callback(self._relayer.close)  # the workers forget our delivery streams
+        except RuntimeError:
+            pass  # the client's loop is closed: so are the streams
         for future in held:  # now, not when (or if) the garbage collector gets to them
             if future is not None:
                 future.release()
@@ -653,11 +565,6 @@ def _settle(stage: StageSpec, actor, method: str, *args, timeout_s: float):
         raise
     except (OSError, TimeoutError, KeyError, RuntimeError) as exc:
         raise _unavailable(stage, exc) from exc
-
-
-def _lost_message(placement: Placement, workers: list[str], what: str) -> str:
-    spans = ", ".join(f"{s.worker} (layers {s.start}–{s.end - 1})" for s in placement.stages if s.worker in workers)
-    return f"{spans} {what}"
 
 
 def gather_actors(client: Client, futures: list, stages: tuple[StageSpec, ...], poll_s: float = 1.0) -> list:

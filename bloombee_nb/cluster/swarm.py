@@ -7,7 +7,7 @@ are wanted), so they outlive the client that placed them, and forgets them when 
 leaves. A client's ``from_pretrained`` finds the model in the registry and :func:`attach_chain`
 routes a chain through the hosted spans — replicas included — from what it measures itself (its
 round trip to each stage and each stage's load), without loading a layer. Every session on a
-shared stage carries its own route (``stage.Route``), and steps of different clients that meet at
+shared stage carries its own route (every step does: ``protocol.py``), and steps of different clients that meet at
 a stage merge into one forward like any others.
 
 Who may host what is the lender's choice: a worker started with ``--host`` / ``--allow`` carries a

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from bloombee_nb import transport
-from bloombee_nb.cluster.stage import StageActor, _Job
+from bloombee_nb.cluster.batching import Job
+from bloombee_nb.cluster.stage import StageActor
 from bloombee_nb.errors import ShapeMismatchError
 from bloombee_nb.model.merge import forward_many
 from bloombee_nb.model.span import SpanRunner
@@ -150,20 +151,20 @@ def test_decode_steps_take_turns_with_a_long_prompt(checkpoints):
     """The queue policy: decode steps of other sessions run between a long prompt's chunks,
     merged into one forward of at most micro_batch rows."""
     st = _stage(checkpoints, micro_batch=3)
-    job = lambda sid, rows, tokens, seq=None: _Job(sid, (), None, None, seq, rows, tokens)  # noqa: E731
-    st._queue = [job("long", 1, 64, 0), job("long", 1, 64, 1), job("a", 1, 1), job("b", 2, 1), job("c", 1, 1)]
-    st._next_seq = {"long": 0}
+    job = lambda sid, rows, tokens, seq=None: Job(sid, (), None, None, seq, rows, tokens)  # noqa: E731
+    st.queue.jobs = [job("long", 1, 64, 0), job("long", 1, 64, 1), job("a", 1, 1), job("b", 2, 1), job("c", 1, 1)]
+    st.queue.next_seq = {"long": 0}
     order = []
-    while batch := st._next_batch():
+    while batch := st.queue.next_batch():
         order.append([j.session_id for j in batch])
         for j in batch:
             if j.seq is not None:
-                st._next_seq[j.session_id] = j.seq + 1
+                st.queue.next_seq[j.session_id] = j.seq + 1
     assert order == [["long"], ["a", "b"], ["long"], ["c"]]
 
     st.set_batching(None, merge=False)  # Petals-style: one step at a time, in arrival order
-    st._queue, st._next_seq = [job("long", 1, 64), job("a", 1, 1), job("b", 2, 1)], {}
-    assert [[j.session_id for j in b] for b in iter(st._next_batch, [])] == [["long"], ["a"], ["b"]]
+    st.queue.jobs, st.queue.next_seq = [job("long", 1, 64), job("a", 1, 1), job("b", 2, 1)], {}
+    assert [[j.session_id for j in b] for b in iter(st.queue.next_batch, [])] == [["long"], ["a"], ["b"]]
 
 
 def test_a_group_of_steps_fails_only_where_a_step_is_bad(cluster, checkpoints):

@@ -36,7 +36,7 @@ def test_a_flooding_client_does_not_starve_another(checkpoints, reference, merge
                                                              pos, mask)]
         sessions = [(f"a{i}", "client-A") for i in range(6)] + [("b0", "client-B")]
         for sid, owner in sessions:
-            await stage.open_session(sid, 1, 16, None, owner)
+            await stage.open_session(sid, 1, 16, owner)
         done: list[str] = []
 
         async def step(sid, owner):

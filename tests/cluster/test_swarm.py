@@ -139,7 +139,7 @@ def test_a_client_cannot_close_or_roll_back_another_clients_session(local, check
             frames = [transport.encode(t.contiguous()) for t in (h, torch.tensor([[4]]), torch.ones(1, 1, dtype=torch.long))]
             for someone in (b.client.id, None):   # a step into another client's session, named or not
                 with pytest.raises(SessionOwnerError, match="another client"):
-                    stage.forward(s.session_id, *frames, None, (), None, None, None, someone).result()
+                    stage.forward(s.session_id, *frames, None, None, None, someone).result()
             assert s.length == 4 and bb.swarm(b).loads[first.key].sessions == 1  # untouched
             assert s.session_id not in repr(bb.swarm(b)) + bb.swarm(b)._repr_html_()
         model.close()
