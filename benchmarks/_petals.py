@@ -348,7 +348,8 @@ def _users_in_threads(model, prompts, new_tokens: int) -> dict:
 
 
 # ---- many users against the swarm (issue 16 item 6; bench_swarm.py calls this) -----------------------
-def petals_multi_user(swarm: PetalsSwarm, prompts: list[list[int]], new_tokens: int, processes: int = 4) -> dict:
+def petals_multi_user(swarm: PetalsSwarm, prompts: list[list[int]], new_tokens: int, processes: int = 4,
+                      timeout_s: float = 900) -> dict:
     """All ``prompts`` (one per user) at once, spread over ``min(len(prompts), processes)`` client
     processes (threads inside each), as bench_swarm spreads its users. Returns a row with the keys
     bench_swarm's rows have (``exact`` is for the caller to fill in: this venv has no reference)."""
@@ -356,7 +357,8 @@ def petals_multi_user(swarm: PetalsSwarm, prompts: list[list[int]], new_tokens: 
     share = [prompts[i::n] for i in range(n)]
     order = [i for k in range(n) for i in range(k, len(prompts), n)]  # user index of each result
     mem_before = swarm.server_memory()
-    results = swarm.client_processes([{"prompts": s, "new_tokens": new_tokens, "threads": True} for s in share])
+    results = swarm.client_processes([{"prompts": s, "new_tokens": new_tokens, "threads": True} for s in share],
+                                     timeout_s)
     users = [None] * len(prompts)
     for i, u in zip(order, [u for r in results for u in r["users"]]):
         users[i] = u

@@ -65,19 +65,23 @@ def bench_bloombee(cluster, path: str, n: int, ids, new_tokens: int, repeats: in
 
 
 def bench_petals(env, path: str, servers: list[int], ids, new_tokens: int, repeats: int, logs: Path,
-                 users: list[int], user_tokens: int) -> tuple[dict, list]:
+                 users: list[int], user_tokens: int) -> tuple[dict, list, dict]:
     """Each swarm size: start it, time one client's generations; the last swarm also serves --users."""
-    out, user_rows = {}, []
+    out, user_rows, errors = {}, [], {}
     for n in servers:
         t0 = time.perf_counter()
-        with PetalsSwarm(path, n, python=env.python, logs=logs / f"petals_{n}") as swarm:
-            start_s = time.perf_counter() - t0
-            res = swarm.client({"prompts": ids.tolist(), "new_tokens": new_tokens, "repeats": repeats})
-            out[f"{n}-servers"] = dict(summarize(res["runs"], new_tokens), spans=swarm.spans,
-                                       swarm_start_s=start_s, server_memory=swarm.server_memory())
-            if users and n == servers[-1]:
-                user_rows = [users_row(swarm, path, u, user_tokens) for u in users]
-    return out, user_rows
+        try:
+            with PetalsSwarm(path, n, python=env.python, logs=logs / f"petals_{n}") as swarm:
+                start_s = time.perf_counter() - t0
+                res = swarm.client({"prompts": ids.tolist(), "new_tokens": new_tokens, "repeats": repeats}, 600)
+                out[f"{n}-servers"] = dict(summarize(res["runs"], new_tokens), spans=swarm.spans,
+                                           swarm_start_s=start_s, server_memory=swarm.server_memory())
+                if users and n == servers[-1]:
+                    user_rows = [users_row(swarm, path, u, user_tokens) for u in users]
+        except (RuntimeError, TimeoutError) as exc:  # a client that hung or died: say so, keep the rest
+            errors[f"{n}-servers"] = str(exc)[-800:]
+            print(f"Petals {n} servers failed: {exc}", flush=True)
+    return out, user_rows, errors
 
 
 def users_row(swarm, path: str, users: int, new_tokens: int) -> dict:
@@ -86,7 +90,7 @@ def users_row(swarm, path: str, users: int, new_tokens: int) -> dict:
 
     vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
     prompts = [torch.randint(3, vocab, (1, 16), generator=torch.Generator().manual_seed(i)) for i in range(users)]
-    row = petals_multi_user(swarm, [p[0].tolist() for p in prompts], new_tokens)
+    row = petals_multi_user(swarm, [p[0].tolist() for p in prompts], new_tokens, timeout_s=600)
     ref = AutoModelForCausalLM.from_pretrained(path).eval()
     with torch.inference_mode():
         row["exact"] = all(timed_generate(ref, p, new_tokens)["tokens"] == t for p, t in zip(prompts, row.pop("user_tokens")))
@@ -139,8 +143,10 @@ def main() -> None:
         result["petals_not_measured"] = env.why_not if env else "--no-petals given"
     else:
         result["versions"]["petals_venv"] = env.versions
-        result["petals"], user_rows = bench_petals(env, path, args.servers, ids, args.new_tokens, args.repeats,
-                                                   logs, args.users, args.user_tokens)
+        result["petals"], user_rows, errors = bench_petals(env, path, args.servers, ids, args.new_tokens,
+                                                           args.repeats, logs, args.users, args.user_tokens)
+        if errors:
+            result["petals_errors"] = errors
         for k, r in result["petals"].items():
             print(f"Petals {k}", fmt(r), flush=True)
     result["load_average_after"] = os.getloadavg()
