@@ -157,7 +157,7 @@ def host(model: str | Path, cluster, *, workers: list[str] | None = None, spans:
     """
     from ..model.checkpoint import resolve_checkpoint, weight_map
     from ..model.family import _stored_dtype, load_config
-    from ..model.quantize import check_format
+    from ..model.quantize import canonical
     from .chain import gather_actors
 
     key = model_key(model)
@@ -174,8 +174,8 @@ def host(model: str | Path, cluster, *, workers: list[str] | None = None, spans:
     if len(spans) != len(workers):
         raise SwarmError(f"{len(spans)} spans for {len(workers)} workers: give one span per worker")
     dtype, _, fmt = (dtype or "").partition("+")  # quantized spans are recorded as "float32+int8" (issue 19)
-    if check_format(fmt or stage_kwargs.get("quantize")):
-        stage_kwargs["quantize"] = check_format(fmt or stage_kwargs.get("quantize"))
+    if canonical(fmt or stage_kwargs.get("quantize")):
+        stage_kwargs["quantize"] = canonical(fmt or stage_kwargs.get("quantize"))
     dtype = dtype or str(_stored_dtype(path, weight_map(path), config)).removeprefix("torch.")
     label = dtype + (f"+{stage_kwargs['quantize']}" if stage_kwargs.get("quantize") else "")
     placement = [StageSpec(w, a, b) for w, (a, b) in zip(workers, spans)]

@@ -24,7 +24,7 @@ from ..errors import RecoveryError, StageUnavailableError, SwarmError
 from ..cluster.profiling import measure_links, profile_cluster
 from ..model.checkpoint import resolve_checkpoint
 from ..model.family import ClientMath, client_math, load_client_parts, load_config
-from ..model.quantize import check_format, per_stage
+from ..model.quantize import canonical, per_stage
 from ..cluster.planning import runtime_plan
 from ..plan import ClusterProfile, Plan, Workload
 from .recovery import find_lost, live_workers, recovery_error, replacement_placement
@@ -138,8 +138,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             chain_kwargs["micro_batch"] = _micro_batch(micro_batch, plan)
             chain_kwargs["group"] = (merge and plan is not None and plan.objective == "throughput") if group is None else group
             chain, listed = None, isinstance(quantize, (list, tuple))  # one format per stage, or one for all
-            if not listed and check_format(quantize):
-                stage_kwargs["quantize"] = check_format(quantize)  # every stage, replacements after a recovery too
+            if not listed and canonical(quantize):
+                stage_kwargs["quantize"] = canonical(quantize)  # every stage, replacements after a recovery too
             if swarm and plan is None and spans is None and workers is None and not listed:
                 label = stage_kwargs["dtype"] + (f"+{stage_kwargs['quantize']}" if "quantize" in stage_kwargs else "")
                 chain = _attach(cluster, worker_path, config.num_hidden_layers, label, swarm, chain_kwargs)

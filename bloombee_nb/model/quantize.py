@@ -65,14 +65,23 @@ ALIASES = {"int4": "nf4"}
 INSTALL_HINT = 'pip install -e ".[quant]" (torchao and bitsandbytes)'
 
 
-def check_format(fmt: str | None) -> str | None:
-    """The canonical name of ``fmt`` (``None``/"none"/"fp32" = no quantization), its library importable."""
+def canonical(fmt: str | None) -> str | None:
+    """The canonical name of ``fmt`` (``None``/"none"/"fp32" = no quantization). A client checks only
+    this: the library has to be installed where the span is built (:func:`check_format`)."""
     if fmt is None or fmt in ("none", "fp32", "float"):
         return None
     name = ALIASES.get(fmt, fmt) if isinstance(fmt, str) else None
     if name not in FORMATS:
         raise QuantizationError(f"unknown quantization format {fmt!r}; use one of "
                                 f"{sorted([*FORMATS, *ALIASES])} or None for the checkpoint's own dtype")
+    return name
+
+
+def check_format(fmt: str | None) -> str | None:
+    """:func:`canonical`, with the format's library importable here."""
+    name = canonical(fmt)
+    if name is None:
+        return None
     lib = FORMATS[name]
     if importlib.util.find_spec(lib.module) is None:
         raise QuantizationError(f"quantize={fmt!r} needs the {lib.library!r} package on this worker: {INSTALL_HINT}")
@@ -85,8 +94,8 @@ def per_stage(quantize, n_stages: int) -> list[str | None]:
         if len(quantize) != n_stages:
             raise QuantizationError(f"quantize lists {len(quantize)} formats for {n_stages} stages; give one per "
                                     "stage (None for a float stage) or a single format for all")
-        return [check_format(q) for q in quantize]
-    return [check_format(quantize)] * n_stages
+        return [canonical(q) for q in quantize]
+    return [canonical(quantize)] * n_stages
 
 
 def reference_config(fmt: str, compute_dtype: torch.dtype = torch.float32):
