@@ -164,7 +164,11 @@ def _to_nf4(layers: nn.Module, config) -> None:
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
 
     floats = {p: (m.weight.data, m.bias) for p, m in layers.named_modules() if type(m) is nn.Linear}
+    training = layers.training
     replace_with_bnb_linear(layers, quantization_config=config)
+    # The new Linear4bit modules start in training mode; on the CPU bitsandbytes takes its packed
+    # inference kernel only in eval mode, as transformers' model (always eval) does: same mode, same sums.
+    layers.train(training)
     for path, (weight, bias) in floats.items():
         module = layers.get_submodule(path)
         old = module.weight
