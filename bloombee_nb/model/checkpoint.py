@@ -1,7 +1,8 @@
 """Reading a Hugging Face checkpoint one tensor at a time.
 
 A worker never opens the whole model: it asks the safetensors index (or the single file's
-header) which file holds each tensor of its span and reads just those, memory-mapped.
+header) which file holds each tensor of its span and reads just those, memory-mapped. A GGUF
+checkpoint's folder names its .gguf file instead (``gguf.py``): its tensors are dequantized one by one.
 """
 
 from __future__ import annotations
@@ -80,16 +81,23 @@ def ensure_files(path: Path, fnames, download=None) -> None:
 
 
 def _check_folder(path: Path) -> None:
+    from .gguf import MAP_NAME
+
     if not (path / "config.json").is_file():
         raise CheckpointNotFoundError(f"{path} has no config.json; is it a Hugging Face checkpoint folder?")
-    if not ((path / INDEX_NAME).is_file() or (path / SINGLE_NAME).is_file()):
+    if not ((path / INDEX_NAME).is_file() or (path / SINGLE_NAME).is_file() or (path / MAP_NAME).is_file()):
         raise CheckpointNotFoundError(
             f"{path} has no {SINGLE_NAME} or {INDEX_NAME}; re-save the model with "
             "save_pretrained(..., safe_serialization=True)")
 
 
 def weight_map(path: Path) -> dict[str, str]:
-    """tensor name -> file name (relative to ``path``), from the index or the single file's header."""
+    """tensor name -> file name (relative to ``path``), from the index or the single file's header
+    (a converted GGUF folder: the absolute path of its .gguf file)."""
+    from . import gguf
+
+    if (path / gguf.MAP_NAME).is_file():
+        return gguf.weight_map(path)
     index = path / INDEX_NAME
     if index.is_file():
         return dict(json.loads(index.read_text())["weight_map"])
@@ -105,6 +113,11 @@ def load_tensors(path: Path, names: list[str], wmap: dict[str, str], dtype: torc
     ensure_files(path, by_file)  # a Hub checkpoint: fetch only these shards
     out = {}
     for fname, file_names in by_file.items():
+        if fname.endswith(".gguf"):
+            from .gguf import read_tensors
+
+            out.update(read_tensors(path, fname, file_names, dtype))
+            continue
         with safe_open(path / fname, framework="pt") as f:
             for name in file_names:
                 t = f.get_tensor(name)

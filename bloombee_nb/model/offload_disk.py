@@ -71,6 +71,11 @@ def file_layout(file: Path) -> dict[str, tuple[int, int, str, tuple[int, ...]]]:
 
 def stored_tensors(path: Path, names: list[str], wmap: dict[str, str]) -> dict[str, Stored]:
     """File, byte offset, dtype and shape of each of ``names`` (float tensors of a sharded or single checkpoint)."""
+    gguf = sorted({wmap[n] for n in names if wmap[n].endswith(".gguf")})
+    if gguf:  # a GGUF checkpoint (gguf.py): quantized blocks, dequantized on load
+        raise UnsupportedArchitectureError(
+            f"{gguf[0]} is a GGUF file: its quantized blocks cannot be streamed as a span's float tensors; run "
+            "this span with weight_offload=0 (kv_offload still works)")
     ensure_files(path, [wmap[n] for n in names])
     layouts = {f: file_layout(path / f) for f in {wmap[n] for n in names}}
     out = {}

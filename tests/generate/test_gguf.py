@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import bloombee_nb as bb
 from bloombee_nb.errors import CheckpointNotFoundError
-from bloombee_nb.model.checkpoint import resolve_checkpoint
+from bloombee_nb.model.checkpoint import load_tensors, resolve_checkpoint, weight_map
 from bloombee_nb.model.gguf import smollm2_gguf
 from tests.conftest import BIN
 from tests.helpers import distributed
@@ -59,7 +58,7 @@ def model(cluster, gguf_file):
 def test_the_converted_checkpoint_holds_transformers_own_tensors(gguf_file, ref):
     folder = resolve_checkpoint(gguf_file)  # converted once, then cached
     assert resolve_checkpoint(gguf_file) == folder
-    stored = load_file(folder / "model.safetensors")
+    stored = load_tensors(folder, list(weight_map(folder)), weight_map(folder))  # from the GGUF file itself
     want = ref.state_dict()
     assert set(stored) == set(want) - ({"lm_head.weight"} if ref.config.tie_word_embeddings else set())
     assert all(torch.equal(t, want[k]) for k, t in stored.items())
