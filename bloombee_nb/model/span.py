@@ -42,14 +42,14 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache
 
-from .._kernels import check_parents, compact_kv, depths, tree_attention_mask
+from .._kernels import TokenTree, compact_cache, tree_attention_mask
 from ..errors import (SessionLengthError, SessionLimitError, ShapeMismatchError, SpanError, TreeError,
                       UnknownSessionError, UnsupportedArchitectureError)
 from .checkpoint import resolve_checkpoint, weight_map
 from .family import (MASK_FUNCTIONS, _prefix, _stored_dtype, alibi_function, cache_keyword, decoder_layers, kv_bytes_per_token,
                      layer_attention_types, layer_prefix, load_config, load_span, meta_model, new_rotary,
                      rotary_per_layer_type)
-from .offload import ColdKVLayer, WeightStreamer, check_fraction, n_offloaded, offload_kv
+from .offload import WeightStreamer, check_fraction, n_offloaded, offload_kv
 from .quantize import QuantizationError, check_format, quantize_layers, weight_bytes
 
 #: Default ceiling of KV-cache bytes all sessions together may reserve on one stage.
@@ -258,11 +258,11 @@ class SpanRunner:
             raise ShapeMismatchError(f"tree_parents must be int64 [{T}] (one parent per new position), "
                                      f"got {parents.dtype} {list(parents.shape)}")
         try:
-            check_parents(parents)
+            tree = TokenTree(None, parents)  # the one tree type, the client's too: it checks the shape
         except ValueError as e:
             raise TreeError(f"tree_parents do not form a token tree: {e}. Flatten the tree breadth-first "
                             "(bloombee_nb._kernels.TokenTree / branching_parents)") from None
-        depth = depths(parents).to(position_ids.device)
+        depth = tree.depths().to(position_ids.device)
         if not torch.equal(position_ids - position_ids[:, :1], depth.expand_as(position_ids)):
             raise TreeError(f"position_ids of a tree step must be the root's position plus each node's depth "
                             f"{depth.tolist()}, got {position_ids.tolist()}; build them with "
@@ -326,18 +326,10 @@ class SpanRunner:
         """
         s = self._get(session_id)
         keep = self._check_path(s, session_id, past_len, keep)  # [B, K], -1 padded
-        rows_agree = bool((keep == keep[:1]).all()) and bool((keep >= 0).all())
         keep = keep.to(self._device)  # index tensors live with the cache they index
-        idx = keep[0] if rows_agree else keep.clamp(min=0)  # [K] takes the cheaper index_select
         cols = s.mask[:, past_len:].gather(1, keep.clamp(min=0)) * (keep >= 0)  # [B, K] new mask columns
-        try:
-            for layer in s.cache.layers[self.start:self.end]:
-                if isinstance(layer, ColdKVLayer):  # kv_offload: its oldest positions are in a file
-                    layer.compact(past_len, idx)
-                elif layer.is_initialized:
-                    layer.keys, layer.values = compact_kv(layer.keys, layer.values, past_len, idx)
-                    if hasattr(layer, "cumulative_length"):  # sliding-window layers count positions themselves
-                        layer.cumulative_length = past_len + keep.shape[1]
+        try:  # the routine the client's draft runs on its own cache too (offloaded KV layers compact themselves)
+            compact_cache(s.cache.layers[self.start:self.end], past_len, keep)
         except Exception:  # cannot happen after the checks above; if it does, never leave layers that disagree
             self._crop(s, past_len)
             s.mask, s.tree = s.mask[:, :past_len], None

@@ -6,7 +6,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
-import bloombee_nb as bb
 from bloombee_nb.errors import DraftModelError, SessionLengthError, TreeError
 from bloombee_nb.generate.speculative import (SpeculationSummary, accept_greedy, accept_sampled, children_of,
                                               load_draft)
@@ -263,14 +262,13 @@ def test_speculative_sampling_through_the_chain_matches_the_target(cluster, tmp_
         joint = lambda m: (m(prompt).logits[0, -1].double().softmax(-1)[:, None]  # noqa: E731
                            * m(nxt).logits[:, -1].double().softmax(-1)).flatten()   # [x1 * 8 + x2]
         want, drafts = joint(ref), joint(draft)
-    model = bb.DistributedModelForCausalLM.from_pretrained(target_path, cluster=cluster, spans=[(0, 1), (1, 3)])
     N = 3000
     torch.manual_seed(0)
-    with model.inference_session(max_length=24) as s:
+    with (distributed(target_path, cluster, spans=[(0, 1), (1, 3)]) as model,
+          model.inference_session(max_length=24) as s):
         out = model.generate(prompt.expand(N, -1), session=s, assistant_model=draft, tree_widths=(2, 2),
                              do_sample=True, top_k=0, max_new_tokens=3)
         summary = SpeculationSummary.of(s.rounds)
-    model.close()
     counts = torch.bincount(out[:, 4] * 8 + out[:, 5], minlength=64).double()
     assert s.rounds[0].widths == (2, 2) and 0.2 < summary.acceptance_rate < 0.9   # accepted and rejected
     assert chi_square_p(counts, want) > 1e-3
