@@ -95,7 +95,7 @@ def layer_parts(path: str, model, n_layers: int, past: int = 32) -> dict:
 
         def theirs():
             model.model(inputs_embeds=h1, past_key_values=cache, use_cache=True)
-            cache.crop(past)
+            cache.crop(-1)  # the one position just added
 
         def mask_and_rotary():
             from bloombee_nb.model.span import MASK_FUNCTIONS
