@@ -108,11 +108,11 @@ def main():
                         run_one(ours, ids[:, :16], 4), run_one(petals, ids[:, :16], 4)
                     r_ours, r_petals = run_one(ours, ids, n_new), run_one(petals, ids, n_new)
                     row = {"rate_mbit": rate, "rtt_ms": rtt, "prompt": prompt, "batch": batch, "new_tokens": n_new,
-                           "emulation": emulation, "codecs": codecs, "ours": r_ours, "petals": r_petals,
+                           "emulation": emulation, "codecs": codecs, "ours": r_ours, "petals_style": r_petals,
                            "bound": bound(r_ours, rate, rtt, hidden_bytes, batch, prompt, len(SPANS))}
                     rows.append(row)
                     print(json.dumps({k: row[k] for k in ("rate_mbit", "rtt_ms", "prompt", "batch")}),
-                          f"per-token ours {r_ours['per_token_s'] * 1e3:.1f} ms, petals {r_petals['per_token_s'] * 1e3:.1f}"
+                          f"per-token ours {r_ours['per_token_s'] * 1e3:.1f} ms, Petals-style {r_petals['per_token_s'] * 1e3:.1f}"
                           f" ms, bound {row['bound']['per_token_s'] * 1e3:.1f} ms", flush=True)
         ours.close(), petals.close()
     result = {"benchmark": "network_grid",
@@ -125,12 +125,12 @@ def main():
 
 
 def table(result: dict) -> str:
-    lines = ["| link | prompt × batch | TTFT ours / petals / bound (s) | per-token ours / petals / bound (ms) | "
-             "tokens/s ours / petals | speed-up | wire bytes per token raw → sent | prefill bytes raw → sent | "
-             "transfer share ours / petals |",
+    lines = ["| link | prompt × batch | TTFT ours / Petals-style / bound (s) | per-token ours / Petals-style / bound (ms) | "
+             "tokens/s ours / Petals-style | speed-up | wire bytes per token raw → sent | prefill bytes raw → sent | "
+             "transfer share ours / Petals-style |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        o, p, b = r["ours"], r["petals"], r["bound"]
+        o, p, b = r["ours"], r["petals_style"], r["bound"]
         lines.append(
             f"| {r['rate_mbit']:g} Mbit/s · {r['rtt_ms']:g} ms | {r['prompt']} × {r['batch']} "
             f"| {o['ttft_s']:.2f} / {p['ttft_s']:.2f} / {b['ttft_s']:.2f} "
@@ -150,7 +150,7 @@ def plot(result: dict, stem: Path) -> None:
     label = lambda r: f"{r['rate_mbit']:g}M·{r['rtt_ms']:g}ms<br>{r['prompt']}×{r['batch']}"  # noqa: E731
     x = [label(r) for r in rows]
     fig = make_subplots(rows=2, cols=1, subplot_titles=("per-token decode latency (ms)", "time to first token (s)"))
-    for key, name, color in (("ours", "chain + auto compression", "#2a9d8f"), ("petals", "Petals-style star, raw", "#e76f51"),
+    for key, name, color in (("ours", "chain + auto compression", "#2a9d8f"), ("petals_style", "Petals-style star, raw", "#e76f51"),
                              ("bound", "physical bound", "#264653")):
         fig.add_bar(x=x, y=[r[key]["per_token_s"] * 1e3 for r in rows], name=name, marker_color=color, row=1, col=1,
                     legendgroup=key)

@@ -13,7 +13,8 @@ with save_pretrained), a 32-token prompt, 64 greedy tokens, 1 torch thread in ev
 
 Every system is timed the same way: ``generate(..., streamer=)`` with a streamer that stamps each
 token (time to first token, per-token gaps, tokens/s over the whole generation), after one warm-up
-generation. Every system's tokens are checked against transformers'. If Petals cannot be
+generation. Every system's tokens are checked against transformers'. transformers runs again at
+the end: the gap between its two figures shows how much the shared machine's load moved in between. If Petals cannot be
 installed, the JSON says why and the rest is still measured. With ``--users``, the same swarm
 (the largest one) also serves 1, 4, 8, 16 users at once from up to 4 client processes (threads
 inside each), as bench_swarm.py does for bloombee_nb.
@@ -149,6 +150,9 @@ def main() -> None:
             result["petals_errors"] = errors
         for k, r in result["petals"].items():
             print(f"Petals {k}", fmt(r), flush=True)
+    # the same baseline again at the end: how far the shared machine's load moved the numbers
+    result["transformers_single_process_again_at_end"] = bench_transformers(path, ids, args.new_tokens, args.repeats)
+    print("transformers again", fmt(result["transformers_single_process_again_at_end"]), flush=True)
     result["load_average_after"] = os.getloadavg()
     finish(result, user_rows, args)
 
@@ -159,6 +163,8 @@ def finish(result: dict, user_rows: list, args) -> None:
     for group in ("bloombee_nb", "petals"):
         for r in result[group].values():
             r["exact"] = r["tokens"] == want
+    result["transformers_single_process_again_at_end"]["exact"] = (
+        result["transformers_single_process_again_at_end"]["tokens"] == want)
     best_petals = max((r["tokens_per_s"] for r in result["petals"].values()), default=None)
     for r in result["bloombee_nb"].values():
         r["x_best_petals_tokens_per_s"] = r["tokens_per_s"] / best_petals if best_petals else None
@@ -192,7 +198,8 @@ def fmt(r: dict) -> str:
 def rows(result: dict) -> list[tuple[str, dict]]:
     return ([("transformers, 1 process", result["transformers_single_process"])]
             + [(f"bloombee_nb, {k.replace('-', ' ')}", r) for k, r in result["bloombee_nb"].items()]
-            + [(f"Petals 2.2, {k.replace('-', ' ')}", r) for k, r in result["petals"].items()])
+            + [(f"Petals 2.2, {k.replace('-', ' ')}", r) for k, r in result["petals"].items()]
+            + [("transformers, 1 process, again at the end", result["transformers_single_process_again_at_end"])])
 
 
 def write_md(result: dict) -> None:
@@ -240,11 +247,11 @@ def plot(result: dict) -> None:
               for n in names]
     keys = [("decode_ms_median", "decode ms/token (median)"), ("ttft_ms_median", "time to first token (ms)"),
             ("tokens_per_s", "tokens/s")]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.5))
     for ax, (key, title) in zip(axes, keys):
         ax.bar([n.replace(", ", "\n") for n in names], [r[key] for r in rs], color=colors)
         ax.set_title(title, fontsize=10)
-        ax.tick_params(labelsize=8)
+        ax.tick_params(labelsize=7)
     fig.suptitle(f"58M Llama fp32, prompt {result['prompt_len']}, {result['new_tokens']} greedy tokens, "
                  "1 thread per process, loopback", fontsize=10)
     fig.tight_layout()

@@ -26,7 +26,7 @@ tokens/s (the users' decode rates added up), per-user decode latency (mean time 
 tokens), time to first token, how many steps each stage forward ran (merging), and where the
 CPU went: the client's and the workers' CPU seconds per new token, and how busy they kept the
 machine's cores. On a machine whose cores the client and every stage share, a configuration
-whose cores are all busy cannot go faster than its CPU per token allows, so petals' CPU per
+whose cores are all busy cannot go faster than its CPU per token allows, so Petals-style's CPU per
 token ÷ ours is the most ours can gain there. Writes benchmarks/results/throughput.json,
 throughput.md (the README table) and a plotly figure (throughput.html + .png).
 """
@@ -52,7 +52,7 @@ USERS = (1, 4, 8, 16)
 NEW_TOKENS, STAGGER_S, MICRO_BATCH = 32, 0.05, 4
 SPANS = [(0, 2), (2, 4), (4, 6)]
 CONFIGS = {
-    "petals": dict(relay="star", compression=None, merge=False, micro_batch=None, prefill_chunk=None),
+    "Petals-style": dict(relay="star", compression=None, merge=False, micro_batch=None, prefill_chunk=None),
     "ours, no micro-batching": dict(relay="chain", compression="auto", merge=False, micro_batch=None),
     "ours, latency mode": dict(relay="chain", compression="auto", merge=True, group=False, micro_batch=MICRO_BATCH),
     "ours": dict(relay="chain", compression="auto", merge=True, group=True, micro_batch=MICRO_BATCH),
@@ -203,13 +203,13 @@ def main():
 def table(result: dict) -> str:
     names = list(result["configs"])
     both = " / ".join(names)
-    lines = [f"| link | users | tokens/s, prompts included ({both}) | ours ÷ petals | decode tokens/s ({both}) "
-             f"| ours ÷ petals | ms per token per user ({both}) | TTFT s ({both}) | steps per forward (ours) "
+    lines = [f"| link | users | tokens/s, prompts included ({both}) | ours ÷ Petals-style | decode tokens/s ({both}) "
+             f"| ours ÷ Petals-style | ms per token per user ({both}) | TTFT s ({both}) | steps per forward (ours) "
              f"| CPU ms per token ({both}) | CPU busy ({both}) | exact |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         cell = lambda key, fmt, scale=1: " / ".join(format(r[n][key] * scale, fmt) for n in names)  # noqa: E731
-        ratio = lambda key: r["ours"][key] / r["petals"][key]  # noqa: E731
+        ratio = lambda key: r["ours"][key] / r["Petals-style"][key]  # noqa: E731
         cpu = lambda key, fmt: cell(key, fmt) if all(key in r[n] for n in names) else "–"  # noqa: E731
         lines.append(
             f"| {r['rate_mbit']:g} Mbit/s · {r['rtt_ms']:g} ms | {r['users']} | {cell('tokens_per_s', '.1f')} "
@@ -229,7 +229,7 @@ def plot(result: dict, stem: Path) -> None:
     fig = make_subplots(rows=2, cols=len(links), shared_xaxes=True,
                         subplot_titles=[f"{a:g} Mbit/s · {b:g} ms: {what}" for what in ("aggregate tokens/s",
                                         "ms per token per user") for a, b in links])
-    colors = {"petals": "#e76f51", "ours, no micro-batching": "#e9c46a", "ours, latency mode": "#8ab17d",
+    colors = {"Petals-style": "#e76f51", "ours, no micro-batching": "#e9c46a", "ours, latency mode": "#8ab17d",
               "ours": "#2a9d8f"}
     for c, link in enumerate(links, start=1):
         sub = [r for r in rows if (r["rate_mbit"], r["rtt_ms"]) == link]
