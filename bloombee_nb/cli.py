@@ -61,6 +61,13 @@ def _worker(args) -> int:
                   f"address: listen on it with --listen {model}", file=sys.stderr)
             return 2
 
+    import dask
+
+    from .cluster.connect import STAGE_WORKER_CONFIG
+
+    # this process is the worker (no nanny): glibc's trim threshold is the environment's; the profiler is off
+    dask.config.set({"distributed.worker.profile.enabled": STAGE_WORKER_CONFIG["distributed.worker.profile.enabled"]})
+
     async def serve():
         async with Worker(args.scheduler, nthreads=args.nthreads, name=args.name, host=args.listen_host,
                           memory_limit=args.memory_limit, security=_security(args),
