@@ -128,6 +128,11 @@ def main():
               "transformers_single_process": bench_local(path, ids, args.new_tokens, args.repeats, args.device, dtype),
               "distributed": {}}
     with bb.connect(n_workers=3) as cluster:
+        # one pass over every configuration first: whichever ran first on fresh workers measured up to 2.7 ms
+        # slower per token than the same configuration later in the run (tiny-llama, 2-3 stages)
+        for relay in args.relays:
+            for n in (1, 2, 3):
+                bench_distributed(cluster, path, n, ids, min(args.new_tokens, 16), 1, relay, args.device, dtype)
         for relay in args.relays:
             for n in (1, 2, 3):
                 result["distributed"][f"{n}-{relay}"] = bench_distributed(cluster, path, n, ids, args.new_tokens,
