@@ -18,11 +18,11 @@ from ..errors import NotEnoughWorkersError
 DEFAULT_WORKERS = 3
 
 #: Dask settings for the processes that host stages, where a decode step is latency-bound. With Dask's
-#: defaults the same 8 decoder layers took 12.2 ms in a worker against 11.2 ms in a plain process (58M
-#: Llama, 1 thread; 11.0 with both of these): the worker's statistical profiler samples every thread
-#: every 10 ms, holding the GIL between torch's ops, and the nanny's ``MALLOC_TRIM_THRESHOLD_=65536``
-#: makes glibc hand freed activation buffers back to the kernel after every step, so the next step
-#: faults them in again. Stage workers keep 16 MiB of freed heap instead (activations, not weights).
+#: defaults 8 decoder layers of a 58M Llama took 12.1 ms per decode step in a worker against 11.4 ms in
+#: a plain process, 11.65 with both of these (benchmarks/bench_worker_config.py): the worker's
+#: statistical profiler samples every thread every 10 ms, holding the GIL between torch's ops, and the
+#: nanny's ``MALLOC_TRIM_THRESHOLD_=65536`` makes glibc hand freed activation buffers back to the kernel
+#: after every step, so the next step faults them in again. Stage workers keep 16 MiB of freed heap.
 STAGE_WORKER_CONFIG = {
     "distributed.worker.profile.enabled": False,
     "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 16 << 20,
