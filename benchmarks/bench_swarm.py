@@ -17,8 +17,10 @@ shipped ``tiny-llama`` (or ``--synthetic 58m``):
 Measured per configuration: tokens/s over all users (first step to last token), each user's mean
 time per token, the workers' resident memory once every client has loaded (one copy of the model
 for everyone, or one per client process), stage actors alive, and exactness: every user's tokens
-against single-process transformers. Writes benchmarks/results/swarm.json, swarm.md and swarm.png.
-A real Petals swarm is not part of this run (see swarm.md).
+against single-process transformers. Then the same users, prompts and client processes against a
+real Petals 2.2 swarm of 3 servers serving the same checkpoint (``_petals.py``: its own venv, servers
+in a loopback-only network namespace; ``--no-petals`` skips it, and if it cannot install the JSON
+says why). Writes benchmarks/results/swarm[_58m].json, .md and .png.
 """
 
 from __future__ import annotations
@@ -138,6 +140,7 @@ def main() -> None:
     p.add_argument("--client", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
     p.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--no-petals", action="store_true", help="skip the real Petals 2.2 swarm (the JSON says so)")
     args = p.parse_args()
     if args.client:
         args.users = args.users[0]
@@ -174,12 +177,34 @@ def main() -> None:
     finally:
         for proc in [*workers, sched]:
             proc.kill()
+    petals = {} if args.no_petals else petals_rows(model, args.users, args.new_tokens, logs)
+    rows += petals.pop("rows", [])
     name = "swarm" + (f"_{args.synthetic}" if args.synthetic else "")
     out = stamp(dict(model=args.synthetic or "shipped tiny-llama", new_tokens=args.new_tokens,
-                     load_average_before=load0, load_average_after=os.getloadavg(), rows=rows))
+                     load_average_before=load0, load_average_after=os.getloadavg(), rows=rows, petals=petals))
     write_json(name, out)
     write_md(out, name)
     plot(out, name)
+
+
+def petals_rows(model: str, users: list[int], new_tokens: int, logs: Path) -> dict:
+    """The same users (same prompts, same client processes) against a real Petals 2.2 swarm of 3
+    servers on the same model, after ours (``_petals.py``); or why it could not run."""
+    from _petals import PetalsSwarm, ensure_petals_venv
+    from bench_petals import users_row
+
+    env = ensure_petals_venv()
+    if env.python is None:
+        return {"not_measured": env.why_not}
+    rows = []
+    with PetalsSwarm(model, 3, python=env.python, logs=logs / "petals") as swarm:
+        for n in users:
+            row = users_row(swarm, model, n, new_tokens)
+            mem = row.get("server_memory") or {}
+            rows.append({**row, "mode": "Petals 2.2, 3 servers", "stage_weight_bytes": None,
+                         "worker_rss_bytes": mem.get("rss_bytes"), "worker_pss_bytes": mem.get("pss_bytes"),
+                         "stage_actors": None})
+    return {"versions": env.versions, "spans": swarm.spans, "rows": rows}
 
 
 def write_md(out: dict, name: str) -> None:
@@ -190,14 +215,22 @@ def write_md(out: dict, name: str) -> None:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in out["rows"]:
         ms = sum(r["ms_per_token_per_user"]) / len(r["ms_per_token_per_user"])
+        if r["stage_weight_bytes"] is None:  # Petals: its servers' memory (PSS counts shared libraries once)
+            held = f"— | PSS {r['worker_pss_bytes'] / 2**20:.0f} (RSS {r['worker_rss_bytes'] / 2**20:.0f}) | 3 servers"
+        else:
+            held = f"{r['stage_weight_bytes'] / 2**20:.0f} | {r['worker_rss_bytes'] / 2**20:.0f} | {r['stage_actors']}"
         lines.append(f"| {r['mode']} | {r['users']} | {r['client_processes']} | {r['tokens_per_s']:.1f} | {ms:.1f} | "
-                     f"{r['stage_weight_bytes'] / 2**20:.0f} | {r['worker_rss_bytes'] / 2**20:.0f} | {r['stage_actors']} | {r['exact']} |")
+                     f"{held} | {r['exact']} |")
     lines += ["", "Weights held: the stages' own accounting of resident weight bytes (one copy per stage actor). "
               "Workers' RSS is the processes' resident memory: freed spans stay in the allocator, so the private "
               "runs (after the swarm runs, in the same workers) do not show their copies there.",
               f"Load average before / after the run: {out['load_average_before']} / {out['load_average_after']} "
               "(2 cores, shared).", "",
-              "A real Petals 2.2 swarm was not measured in this run (issue 16 asks for it; not done yet)."]
+              (f"Petals 2.2 ({out['petals']['versions'].get('petals')}): a DHT root and 3 servers in a loopback-only "
+               f"network namespace serving the same checkpoint (blocks {out['petals']['spans']}), the same prompts from "
+               "the same number of client processes, measured after ours in the same run."
+               if out.get("petals", {}).get("versions") else
+               f"A real Petals 2.2 swarm was not measured: {out.get('petals', {}).get('not_measured', '--no-petals')}.")]
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
@@ -208,10 +241,12 @@ def plot(out: dict, name: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for mode in ("private", "swarm"):
+    for mode in dict.fromkeys(r["mode"] for r in out["rows"]):
         rows = [r for r in out["rows"] if r["mode"] == mode]
         a.plot([r["users"] for r in rows], [r["tokens_per_s"] for r in rows], "o-", label=mode)
-        b.plot([r["users"] for r in rows], [r["stage_weight_bytes"] / 2**20 for r in rows], "o-", label=mode)
+        held = [r["stage_weight_bytes"] if r["stage_weight_bytes"] is not None else r["worker_pss_bytes"] for r in rows]
+        b.plot([r["users"] for r in rows], [h / 2**20 for h in held], "o-",
+               label=mode if rows[0]["stage_weight_bytes"] is not None else f"{mode} (servers' PSS)")
     a.set(xlabel="users", ylabel="tokens/s (all users)", title="throughput")
     b.set(xlabel="users", ylabel="weights held by the stages (MiB)", title="memory held by the workers")
     for ax in (a, b):
