@@ -31,6 +31,15 @@ def greedy(model_or_ref, ids, mask=None, **kw):
     return model_or_ref.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0, **kw)
 
 
+def open_sessions(cluster) -> dict:
+    """worker -> sessions open on its stages, where there are any."""
+    def count(dask_worker):
+        from bloombee_nb.cluster.stage import open_sessions
+
+        return open_sessions(dask_worker)
+    return {w: n for w, n in cluster.client.run(count, on_error="ignore").items() if n}
+
+
 def stage_actors(cluster) -> int:
     """Stage actors alive on the cluster's workers."""
     def count(dask_worker):
@@ -208,6 +217,8 @@ def test_killing_a_replica_on_the_route_reroutes_without_reloading(lent, checkpo
     by_address = {a: str(w["name"]) for a, w in lent.cluster.workers().items()}
     victim = lent.procs[by_address[first]]
     ids, _ = padded_batch([6], seed=4)
+    idle = model.inference_session(max_length=16)   # another session of this client, open on the same chain
+    model(ids, cache=idle)
     streamer = FaultAt(3, lambda: victim.send_signal(signal.SIGKILL))
     got = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, streamer=streamer)
     assert torch.equal(got, reference["llama"].generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0))
@@ -216,6 +227,14 @@ def test_killing_a_replica_on_the_route_reroutes_without_reloading(lent, checkpo
     assert model.placement.stages[0].worker != first and model.attached   # the other replica, hosted all along
     print(f"\nre-route: detect {event.detect_s:.2f} s, rebuild {event.rebuild_s:.2f} s, replay {event.replay_s:.2f} s,"
           f" longest gap {streamer.longest_gap_s:.2f} s")
+    # the re-route released the chain the idle session is open on; closing it still frees it on the
+    # hosted stages that chain crossed (they live on: a leaving worker would wait for it forever)
+    assert idle._opened_on.released
+    idle.close()
+    deadline = time.monotonic() + 10
+    while (left := open_sessions(lent.cluster)):
+        assert time.monotonic() < deadline, f"sessions left on the stages after every session closed: {left}"
+        time.sleep(0.1)
     model.close()
 
 
