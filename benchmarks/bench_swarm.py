@@ -82,7 +82,7 @@ def start(cmd, pattern: str, log: Path):
 
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
-    f = open(log, "w")
+    f = open(log, "a", buffering=1)  # line by line, kept across restarts of the same name (soak_swarm rejoins)
     for line in proc.stdout:
         f.write(line)
         if m := re.search(pattern, line):
