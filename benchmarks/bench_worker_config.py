@@ -47,8 +47,6 @@ def decode_ms(path: str) -> float:
 
 
 def in_worker(path: str, settings: dict) -> float:
-    import dask
-
     import bloombee_nb as bb
 
     connect_module = importlib.import_module("bloombee_nb.cluster.connect")  # the module, not bb.connect
@@ -56,7 +54,7 @@ def in_worker(path: str, settings: dict) -> float:
     saved = connect_module.STAGE_WORKER_CONFIG
     connect_module.STAGE_WORKER_CONFIG = settings  # what bb.connect() gives its nannies, for this run only
     try:
-        with dask.config.set(settings), bb.connect(n_workers=1) as cluster:
+        with bb.connect(n_workers=1) as cluster:
             (ms,) = cluster.client.run(decode_ms, path).values()
     finally:
         connect_module.STAGE_WORKER_CONFIG = saved

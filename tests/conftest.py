@@ -132,3 +132,17 @@ def start_process(cmd: list[str], pattern: str, timeout_s: float = 90) -> tuple[
     proc.kill()
     raise AssertionError(f"{cmd} did not print {pattern!r}")
 
+
+@pytest.fixture(scope="session")
+def smollm2_file():
+    """SmolLM2-135M-Instruct's GGUF file (the ``.[real]`` extra; ``python -m bloombee_nb.model.gguf`` fetches
+    it): the tests of the real pretrained model skip without it."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    from bloombee_nb.errors import CheckpointNotFoundError
+    from bloombee_nb.model.gguf import smollm2_gguf
+
+    try:
+        return smollm2_gguf()
+    except CheckpointNotFoundError as exc:
+        pytest.skip(str(exc))

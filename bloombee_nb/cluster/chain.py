@@ -94,6 +94,7 @@ class RemoteChain:
         self.client, self.placement, self.timeout_s, self.relay = client, placement, timeout_s, relay
         self.liveness_interval_s, self.ping_timeout_s = liveness_interval_s, ping_timeout_s
         self.released, self.shared = False, shared
+        self.left_behind: list = []  # after release: the hosted stages' handles (swarm chains only)
         self.owner = client.id   # the stages bind this client's sessions to it
         self._futures = [] if shared else futures  # an actor lives as long as its future is held
         self.actors = list(futures) if shared else gather_actors(client, futures, placement.stages)
@@ -431,6 +432,8 @@ class RemoteChain:
         """Drop the actors: their workers free the spans' memory. Calls on a released chain raise
         :class:`StageUnavailableError` (a session on it then recovers onto its model's chain)."""
         held = [*self._futures, *(getattr(a, "_future", None) for a in self.actors)]
+        # hosted stages outlive a swarm chain: its sessions still close there (session._close_quietly)
+        self.left_behind = list(self.actors) if self.shared else []
         self.actors, self._futures, self.released = [], [], True
         try:
             self.client.loop.add_callback(self._relayer.close)  # the workers forget our delivery streams

@@ -77,7 +77,6 @@ class InferenceSession(Cache):
         self._tree: tuple[int, int] | None = None          # (past_len, nodes) of a tree step not kept yet
         self._keep: tuple[int, torch.Tensor] | None = None  # (past_len, paths [B, K]) for the next step
         self._opened_on = None                               # the chain this session is open on
-        self._opened_actors: list = []                       # its stages' handles, kept past a release
 
     # ---- the stages' side -------------------------------------------------------------------
     def step(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -158,7 +157,7 @@ class InferenceSession(Cache):
     def _open_on(self, chain) -> None:
         if self._opened_on is not chain:
             chain.open_session(self.session_id, self.batch, self.max_length)
-            self._opened_on, self._opened_actors = chain, list(chain.actors)
+            self._opened_on = chain
 
     def rollback(self, length: int) -> None:
         """Keep the first ``length`` positions on every stage."""
@@ -182,7 +181,7 @@ class InferenceSession(Cache):
     def close(self) -> None:
         if not self.closed and self._opened_on is not None:
             if self._opened_on.released:  # another session's recovery re-placed the model: the stages may live on
-                _close_quietly(self._opened_on, self._opened_actors, self.session_id)
+                _close_quietly(self._opened_on, self.session_id)
             else:
                 try:
                     self._opened_on.close_session(self.session_id)
@@ -230,8 +229,8 @@ class InferenceSession(Cache):
         chain, lost, reused = self.model._replacement_chain(old, exc)
         self.chain, rebuild_s = chain, time.perf_counter() - t0
         if self._opened_on is not None and self._opened_on is not chain:
-            _close_quietly(self._opened_on, self._opened_actors, self.session_id, keep=chain)
-            self._opened_on, self._opened_actors = None, []
+            _close_quietly(self._opened_on, self.session_id, keep=chain)
+            self._opened_on = None
         t1 = time.perf_counter()
         replayed = self._replay() if self.batch is not None else 0
         names = self.model._worker_names
@@ -327,16 +326,17 @@ def _kept(args: tuple) -> tuple:
     return tuple((a[0], own(a[1])) if isinstance(a, tuple) else own(a) for a in args)
 
 
-def _close_quietly(chain, actors: list, session_id: str, keep=None) -> None:
+def _close_quietly(chain, session_id: str, keep=None) -> None:
     """Best effort: a stage that is gone or hung has nothing left to free (and is not waited for).
-    ``actors`` are the stages' handles as they were when the session opened on ``chain``: a chain
-    released since (the model re-placed after another session's failure) holds none, and the hosted
-    stages it leaves behind would otherwise keep the session — and a leaving worker waiting for it —
-    forever (the swarm churn soak found 4). Stages that ``keep`` (the chain the session moves to)
-    shares are left alone: the session re-opens there, and a close arriving after that would undo it."""
+    A chain released since the session opened on it (the model re-placed after another session's
+    failure) still reaches the hosted stages it leaves behind (``chain.left_behind``), which would
+    otherwise keep the session forever (the swarm churn soak found 4); a private chain's stages went
+    with it. Stages that ``keep`` (the chain the session moves to) shares are left alone: the session
+    re-opens there, and a close arriving after that would undo it."""
     staying = {a.key for a in keep.actors} if keep is not None else set()
+    stages = chain.left_behind if chain.released else chain.actors
     for sub in chain.stage_sessions(session_id):
-        for actor in [a for a in actors if a.key not in staying]:
+        for actor in [a for a in stages if a.key not in staying]:
             try:  # each stage on its own: a lost one (its handle raises at once) must not spare the others
                 actor.close_session(sub, chain.owner)  # not awaited: fire and forget
             except (BloombeeError, OSError, RuntimeError, KeyError):

@@ -15,9 +15,7 @@ import pytest
 import torch
 
 import bloombee_nb as bb
-from bloombee_nb.errors import CheckpointNotFoundError
 from bloombee_nb.model.checkpoint import load_tensors, resolve_checkpoint, weight_map
-from bloombee_nb.model.gguf import smollm2_gguf
 from tests.conftest import BIN
 from tests.helpers import distributed
 
@@ -30,34 +28,26 @@ HELDOUT = Path(__file__).parents[1] / "data" / "heldout.txt"
 
 
 @pytest.fixture(scope="module")
-def gguf_file():
-    try:
-        return smollm2_gguf()
-    except CheckpointNotFoundError as exc:
-        pytest.skip(str(exc))
-
-
-@pytest.fixture(scope="module")
-def ref(gguf_file):
+def ref(smollm2_file):
     """Single-process transformers on the same GGUF file (dequantized by transformers itself)."""
-    return transformers.AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name,
+    return transformers.AutoModelForCausalLM.from_pretrained(smollm2_file.parent, gguf_file=smollm2_file.name,
                                                              dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
-def tok(gguf_file):
-    return transformers.AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+def tok(smollm2_file):
+    return transformers.AutoTokenizer.from_pretrained(smollm2_file.parent, gguf_file=smollm2_file.name)
 
 
 @pytest.fixture(scope="module")
-def model(cluster, gguf_file):
-    with distributed(str(gguf_file), cluster, spans=SPANS) as m:
+def model(cluster, smollm2_file):
+    with distributed(str(smollm2_file), cluster, spans=SPANS) as m:
         yield m
 
 
-def test_the_converted_checkpoint_holds_transformers_own_tensors(gguf_file, ref):
-    folder = resolve_checkpoint(gguf_file)  # converted once, then cached
-    assert resolve_checkpoint(gguf_file) == folder
+def test_the_converted_checkpoint_holds_transformers_own_tensors(smollm2_file, ref):
+    folder = resolve_checkpoint(smollm2_file)  # converted once, then cached
+    assert resolve_checkpoint(smollm2_file) == folder
     stored = load_tensors(folder, list(weight_map(folder)), weight_map(folder))  # from the GGUF file itself
     want = ref.state_dict()
     assert set(stored) == set(want) - ({"lm_head.weight"} if ref.config.tie_word_embeddings else set())
@@ -121,7 +111,7 @@ def test_perplexity_on_held_out_text_equals_single_process(model, ref, tok):
     assert got == pytest.approx(want, rel=1e-6)
 
 
-def test_three_bloombee_nb_worker_processes_chat_exactly(gguf_file, ref, tok, tmp_path):
+def test_three_bloombee_nb_worker_processes_chat_exactly(smollm2_file, ref, tok, tmp_path):
     """The same file served by a scheduler and 3 `bloombee-nb worker` processes (one span each)."""
     sched_file = tmp_path / "scheduler.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -140,7 +130,7 @@ def test_three_bloombee_nb_worker_processes_chat_exactly(gguf_file, ref, tok, tm
         want = ref.generate(ids, do_sample=False, max_new_tokens=10)
         with bb.connect(address) as cluster:
             cluster.wait_for_workers(3, timeout_s=120)
-            model = bb.DistributedModelForCausalLM.from_pretrained(str(gguf_file), cluster=cluster, spans=SPANS)
+            model = bb.DistributedModelForCausalLM.from_pretrained(str(smollm2_file), cluster=cluster, spans=SPANS)
             assert len({s.worker for s in model.placement.stages}) == 3
             got = model.generate(ids, do_sample=False, max_new_tokens=10)
             model.close()

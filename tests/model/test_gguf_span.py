@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bloombee_nb.errors import CheckpointNotFoundError
 from bloombee_nb.model.checkpoint import resolve_checkpoint
 from bloombee_nb.model.family import load_config, load_span
-from bloombee_nb.model.gguf import MAP_NAME, smollm2_gguf
+from bloombee_nb.model.gguf import MAP_NAME
 from bloombee_nb.model.offload_disk import page_cache_fraction
 
 gguf = pytest.importorskip("gguf")
@@ -28,27 +27,19 @@ READAHEAD = 8 << 20  # bytes around a read the kernel may cache too (read_ahead_
 
 
 @pytest.fixture(scope="module")
-def gguf_file():
-    try:
-        return smollm2_gguf()
-    except CheckpointNotFoundError as exc:
-        pytest.skip(str(exc))
+def folder(smollm2_file):
+    return resolve_checkpoint(smollm2_file)  # config, tokenizer and the name map; no weights copied
 
 
-@pytest.fixture(scope="module")
-def folder(gguf_file):
-    return resolve_checkpoint(gguf_file)  # config, tokenizer and the name map; no weights copied
-
-
-def test_the_folder_holds_no_weights_and_names_every_tensor_of_the_file(folder, gguf_file):
+def test_the_folder_holds_no_weights_and_names_every_tensor_of_the_file(folder, smollm2_file):
     spec = json.loads((folder / MAP_NAME).read_text())
-    assert Path(spec["file"]) == gguf_file.resolve()
-    assert len(spec["tensors"]) == len(gguf.GGUFReader(gguf_file).tensors) == 272
+    assert Path(spec["file"]) == smollm2_file.resolve()
+    assert len(spec["tensors"]) == len(gguf.GGUFReader(smollm2_file).tensors) == 272
     assert not list(folder.glob("*.safetensors"))
 
 
-def test_a_span_equals_transformers_whole_model_load(folder, gguf_file):
-    ref = transformers.AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name,
+def test_a_span_equals_transformers_whole_model_load(folder, smollm2_file):
+    ref = transformers.AutoModelForCausalLM.from_pretrained(smollm2_file.parent, gguf_file=smollm2_file.name,
                                                             dtype=torch.float32)
     _, layers, _, dtype = load_span(folder, load_config(folder), 7, 20)
     assert dtype == torch.float32
@@ -58,9 +49,9 @@ def test_a_span_equals_transformers_whole_model_load(folder, gguf_file):
         assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), i
 
 
-def test_a_span_reads_only_its_tensors_of_the_file(folder, gguf_file, tmp_path):
-    copy = tmp_path / gguf_file.name  # a copy of our own, whose page cache this test may evict
-    shutil.copyfile(gguf_file, copy)
+def test_a_span_reads_only_its_tensors_of_the_file(folder, smollm2_file, tmp_path):
+    copy = tmp_path / smollm2_file.name  # a copy of our own, whose page cache this test may evict
+    shutil.copyfile(smollm2_file, copy)
     span_folder = shutil.copytree(folder, tmp_path / "folder")
     spec = json.loads((span_folder / MAP_NAME).read_text())
     (span_folder / MAP_NAME).write_text(json.dumps({**spec, "file": str(copy)}))

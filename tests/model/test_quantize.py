@@ -134,18 +134,10 @@ def test_the_swarm_records_the_format_and_clients_attach_only_to_their_own(clust
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
+def smollm2(smollm2_file, tmp_path_factory):
     """(GGUF file, a float folder of transformers' own reading of it): the reference is quantized from the
     very tensors ``from_pretrained(..., gguf_file=...)`` makes, whatever way the spans read the file."""
-    pytest.importorskip("gguf")
-    from bloombee_nb.errors import CheckpointNotFoundError
-    from bloombee_nb.model.gguf import smollm2_gguf
-
-    try:
-        gguf = smollm2_gguf()
-    except CheckpointNotFoundError as exc:
-        pytest.skip(str(exc))
-    return gguf, float_gguf_folder(gguf, tmp_path_factory.mktemp("smollm2"))
+    return smollm2_file, float_gguf_folder(smollm2_file, tmp_path_factory.mktemp("smollm2"))
 
 
 @pytest.mark.slow  # ~3.5 min per format on the shared 2-core machine (both passed in 426 s)
