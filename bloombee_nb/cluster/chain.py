@@ -430,7 +430,10 @@ class RemoteChain:
 
     def release(self) -> None:
         """Drop the actors: their workers free the spans' memory. Calls on a released chain raise
-        :class:`StageUnavailableError` (a session on it then recovers onto its model's chain)."""
+        :class:`StageUnavailableError` (a session on it then recovers onto its model's chain). Once:
+        a recovery releases both the failed chain and the current one, often the same chain."""
+        if self.released:
+            return
         held = [*self._futures, *(getattr(a, "_future", None) for a in self.actors)]
         # hosted stages outlive a swarm chain: its sessions still close there (session._close_quietly)
         self.left_behind = list(self.actors) if self.shared else []

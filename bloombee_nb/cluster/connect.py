@@ -28,6 +28,8 @@ STAGE_WORKER_CONFIG = {
     "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 16 << 20,
 }
 
+EMBEDDED_LOST_WORKER_TIMEOUT = "120s"  # how long an embedded cluster waits for a restarted worker
+
 
 class BloombeeCluster:
     """A Dask client plus, when we started it, the embedded ``LocalCluster`` behind it.
@@ -149,6 +151,11 @@ def connect(address: str | None = None, *, n_workers: int = DEFAULT_WORKERS, thr
     if address is None:
         local_kwargs.setdefault("dashboard_address", ":0" if importlib.util.find_spec("bokeh") else None)
         local_kwargs.setdefault("silence_logs", logging.WARNING)
+        # a killed worker's nanny starts it again, but LocalCluster closes a nanny whose worker is not
+        # back within lost-worker-timeout (read when the worker goes, so not scoped like the above):
+        # Dask's 15 s is less than a stage worker takes to import torch on a busy 2-core machine (CI
+        # lost a worker so). As a default, so a value the user configured still wins.
+        dask.config.update_defaults({"distributed": {"deploy": {"lost-worker-timeout": EMBEDDED_LOST_WORKER_TIMEOUT}}})
         with dask.config.set(STAGE_WORKER_CONFIG):  # the nannies keep the config they were made with
             local = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
                                  security=security, **local_kwargs)
