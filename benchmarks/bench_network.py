@@ -31,7 +31,7 @@ import torch
 
 import bloombee_nb as bb
 from bloombee_nb.cluster import linkemu
-from bloombee_nb.generate.model import choose_compression
+from bloombee_nb.generate.deployment import choose_compression
 from _common import RESULTS, shipped_model, write_json
 LINKS = [(1000, 5), (100, 5), (100, 100), (12.5, 50)]  # (Mbit/s, RTT ms)
 PROMPTS, BATCHES, NEW_TOKENS = (128, 512), (1, 8), 64

@@ -45,7 +45,7 @@ from transformers import AutoModelForCausalLM
 
 import bloombee_nb as bb
 from bloombee_nb.cluster import linkemu
-from bloombee_nb.generate.model import choose_compression
+from bloombee_nb.generate.deployment import choose_compression
 from _common import RESULTS, WIDE, random_checkpoint, scratch, shipped_model, write_json
 LINKS = [(100, 5), (100, 50)]  # (Mbit/s, RTT ms)
 USERS = (1, 4, 8, 16)

@@ -17,6 +17,7 @@ _LAZY = {
     "connect": "bloombee_nb.cluster.connect",
     "BloombeeCluster": "bloombee_nb.cluster.connect",
     "DistributedModelForCausalLM": "bloombee_nb.generate.model",
+    "DeployConfig": "bloombee_nb.generate.options",
     "InferenceSession": "bloombee_nb.generate.session",
     "errors": "bloombee_nb.errors",
     "host": "bloombee_nb.cluster.swarm",

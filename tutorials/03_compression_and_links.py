@@ -176,7 +176,7 @@ for mbit in (10_000, 1_000, 100, 10):
 # the model choose again with `choose_compression`.
 
 # %%
-from bloombee_nb.generate.model import choose_compression
+from bloombee_nb.generate.deployment import choose_compression
 
 names = [str(cluster.workers()[st.worker]["name"]) for st in model.placement.stages]  # profiles name workers by str
 slow = (profile.with_link("client", names[0], bandwidth_bytes_per_s=10e6 / 8, rtt_s=0.040)

@@ -34,13 +34,15 @@ EMBEDDED_LOST_WORKER_TIMEOUT = "120s"  # how long an embedded cluster waits for 
 class BloombeeCluster:
     """A Dask client plus, when we started it, the embedded ``LocalCluster`` behind it.
 
-    Use it as a context manager or call :meth:`close`. Models placed on it are remembered
-    (weakly) so the status panel can show which worker hosts which layers.
+    Use it as a context manager or call :meth:`close`. The models placed through it are
+    remembered (weakly, as their ``Deployment``) so the status panel can show which worker hosts
+    which layers, and their recoveries.
     """
 
     def __init__(self, client: Client, local: LocalCluster | None = None):
         self.client, self.local = client, local
-        self._models: weakref.WeakSet = weakref.WeakSet()
+        #: the models placed through this handle (their Deployments): the status panel shows their spans and recoveries
+        self.deployments: weakref.WeakSet = weakref.WeakSet()
 
     @property
     def address(self) -> str:
@@ -80,14 +82,14 @@ class BloombeeCluster:
 
     def recovery_events(self, last: int = 8) -> list:
         """The latest recoveries of the models placed here (``RecoveryEvent``), oldest first."""
-        events = [e for model in list(self._models) for e in getattr(model, "events", ())]
+        events = [e for d in list(self.deployments) for e in d.events]
         return sorted(events, key=lambda e: e.at)[-last:]
 
     def hosted_spans(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
-        for model in list(self._models):
-            for st in model.placement.stages:
-                out.setdefault(st.worker, []).append(f"{model.name_or_path}: layers {st.start}–{st.end - 1}")
+        for d in list(self.deployments):
+            for st in d.placement.stages:
+                out.setdefault(st.worker, []).append(f"{d.name}: layers {st.start}–{st.end - 1}")
         return out
 
     def close(self) -> None:

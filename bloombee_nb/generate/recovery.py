@@ -1,7 +1,7 @@
 """Recovering from lost workers: who is lost, where the spans go now, and what it cost.
 
 A session that meets :class:`~bloombee_nb.errors.StageUnavailableError` asks its model for a chain
-of live workers (``DistributedModelForCausalLM._replacement_chain``) and replays its history there
+of live workers (``Deployment.replacement_chain``) and replays its history there
 (``InferenceSession``). This module holds the pure parts:
 
 - :func:`find_lost`: which workers of the failed chain are lost, and why — gone from the scheduler,

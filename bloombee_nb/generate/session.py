@@ -77,6 +77,7 @@ class InferenceSession(Cache):
         self._tree: tuple[int, int] | None = None          # (past_len, nodes) of a tree step not kept yet
         self._keep: tuple[int, torch.Tensor] | None = None  # (past_len, paths [B, K]) for the next step
         self._opened_on = None                               # the chain this session is open on
+        self.tree_policy = None  # speculation's TreePolicy while a speculative generate() runs on this session
 
     # ---- the stages' side -------------------------------------------------------------------
     def step(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -226,14 +227,14 @@ class InferenceSession(Cache):
 
     def _move(self, exc: StageUnavailableError, detect_s: float) -> None:
         at, t0, old = time.time(), time.perf_counter(), self.chain
-        chain, lost, reused = self.model._replacement_chain(old, exc)
+        chain, lost, reused = self.model.deployment.replacement_chain(old, exc)
         self.chain, rebuild_s = chain, time.perf_counter() - t0
         if self._opened_on is not None and self._opened_on is not chain:
             _close_quietly(self._opened_on, self.session_id, keep=chain)
             self._opened_on = None
         t1 = time.perf_counter()
         replayed = self._replay() if self.batch is not None else 0
-        names = self.model._worker_names
+        names = self.model.deployment.worker_names
         event = RecoveryEvent(at, self.session_id, lost, spans_of(old.placement, names),
                               spans_of(chain.placement, names), detect_s, 0.0 if reused else rebuild_s,
                               time.perf_counter() - t1, replayed, reused, str(exc))

@@ -40,7 +40,6 @@ what plain ``generate`` would show them.
 from __future__ import annotations
 
 import time
-import weakref
 from collections import deque
 from dataclasses import dataclass
 from functools import lru_cache
@@ -52,6 +51,7 @@ from .._kernels import TokenTree
 from ..errors import SessionLengthError, ShapeMismatchError
 from .accept import Verdict, accept_greedy, accept_sampled, children_of
 from .draft import DraftMirror, check_draft, default_draft_path, load_draft
+from .threads import torch_threads
 from .tree_size import AcceptanceStats, ChainCost, LinkSample, StepSample, TreePolicy, chain_cost
 
 # the draft's and acceptance's names stay importable from here (generate.speculative was one module)
@@ -251,7 +251,7 @@ class _Run:
                 if l < v.accepted:
                     accepted[l, n - 1] += 1
         self.stats = self.stats.updated(tried.tolist(), accepted.tolist())
-        _ACCEPTANCE.setdefault(self.model, weakref.WeakKeyDictionary())[self.draft.model] = self.stats
+        self.model.acceptance[self.draft.model] = self.stats
 
     def _process(self, logits: torch.Tensor, tokens: torch.Tensor, tree: TokenTree, depth: int) -> torch.Tensor:
         """The generation's logits processors on the scores of the nodes at ``depth`` ``[B, n, V]``, each
@@ -297,13 +297,9 @@ class _Run:
         return not bool(self.unfinished.any())
 
 
-#: model -> draft -> the acceptance measured by the last generation with that pair: the next one
-#: starts from it instead of from the prior (a pair's acceptance changes with the text, not the call)
-_ACCEPTANCE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
 def remembered_stats(model, draft) -> AcceptanceStats:
-    return _ACCEPTANCE.get(model, {}).get(draft, AcceptanceStats())
+    """The acceptance the last generation of ``model`` with ``draft`` measured (the prior if none)."""
+    return model.acceptance.get(draft, AcceptanceStats())
 
 
 @lru_cache(maxsize=64)
@@ -328,11 +324,10 @@ def profile_link(model, batch: int) -> LinkSample | None:
 
 
 def speculative_decoding(model, input_ids, logits_processor, stopping_criteria, generation_config, *, draft,
-                         streamer=None, policy: TreePolicy | None = None, **model_kwargs):
+                         streamer=None, **model_kwargs):
     """The decoding loop ``generate(..., assistant_model=draft)`` runs (transformers' decoding-method
-    signature; the session is ``model_kwargs["cache"]``). Returns the sequences like ``generate``."""
-    from .model import _torch_threads
-
+    signature; the session is ``model_kwargs["cache"]``, carrying the tree policy of the call in
+    ``session.tree_policy``). Returns the sequences like ``generate``."""
     session = model_kwargs.get("cache")
     if session is None or not hasattr(session, "keep_path"):
         raise ValueError("speculative decoding needs the model's inference session as the cache; call "
@@ -340,9 +335,9 @@ def speculative_decoding(model, input_ids, logits_processor, stopping_criteria, 
     if getattr(session, "ragged", False):
         raise SessionLengthError("this session's rows hold different numbers of positions after a batched speculative "
                                  "generation; open a new session for the next turn")
-    with _torch_threads(model.client_threads), torch.inference_mode():
+    with torch_threads(model.client_threads), torch.inference_mode():
         run = _Run(model, draft, input_ids, logits_processor, stopping_criteria, generation_config, streamer,
-                   policy or TreePolicy(), session, model_kwargs.get("attention_mask"))
+                   getattr(session, "tree_policy", None) or TreePolicy(), session, model_kwargs.get("attention_mask"))
         done = run.emit()
         while not done:
             run.round()

@@ -20,8 +20,6 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 
-#: Hub snapshot folder -> (repo id, revision): shards are fetched on first use, one file at a time.
-_HUB_SOURCES: dict[Path, tuple[str, str | None]] = {}
 META_PATTERNS = ["*.json", "*.model", "*.txt", "*.jinja"]
 
 
@@ -55,7 +53,6 @@ def resolve_checkpoint(name_or_path: str | Path, revision: str | None = None) ->
             f"{name_or_path!r} is neither a local checkpoint folder nor a Hub model id that could be fetched "
             f"({type(exc).__name__}: {exc}). Pass the path of a folder saved with save_pretrained "
             "(config.json + *.safetensors), or check the model id and your network.") from None
-    _HUB_SOURCES[folder] = (str(name_or_path), revision)
     _check_folder(folder)
     return folder
 
@@ -66,7 +63,7 @@ def ensure_files(path: Path, fnames, download=None) -> None:
     ``download(repo_id, filename, revision)`` defaults to ``huggingface_hub.hf_hub_download``,
     which places the file in the same snapshot folder.
     """
-    source = _HUB_SOURCES.get(path)
+    source = hub_source(path)
     missing = [f for f in dict.fromkeys(fnames) if not (path / f).is_file()]
     if source is None or not missing:
         return
@@ -78,6 +75,17 @@ def ensure_files(path: Path, fnames, download=None) -> None:
         except Exception as exc:  # noqa: BLE001
             raise CheckpointNotFoundError(f"could not fetch {fname} of {source[0]!r} from the Hub "
                                           f"({type(exc).__name__}: {exc}); check the network or the cache") from None
+
+
+def hub_source(path: Path) -> tuple[str, str] | None:
+    """``(repo id, revision)`` of a Hub snapshot folder, read off the HF cache's own layout
+    (``…/models--<org>--<name>/snapshots/<commit>``: Hub ids cannot contain "--"); None for any
+    other folder. Its shards are fetched on first use, one file at a time (:func:`ensure_files`)."""
+    path = Path(path)
+    repo = path.parent.parent.name
+    if path.parent.name != "snapshots" or not repo.startswith("models--"):
+        return None
+    return repo.removeprefix("models--").replace("--", "/"), path.name
 
 
 def _check_folder(path: Path) -> None:

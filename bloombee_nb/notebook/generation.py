@@ -297,7 +297,7 @@ def _worker_name(model, address: str) -> str:
 
 def _worker_name_or(model, address: str) -> str:
     """The name the model remembers (no scheduler call while a generation streams)."""
-    return getattr(model, "_worker_names", {}).get(address) or _worker_name(model, address)
+    return getattr(getattr(model, "deployment", None), "worker_names", {}).get(address) or _worker_name(model, address)
 
 
 def _tree_room() -> int:

@@ -146,8 +146,8 @@ class NotebookSession:
         from ..cluster.profiling import profile_cluster
 
         model = self.require_model()
-        self.profile = profile_cluster(self.cluster, model._worker_path, progress=progress,
-                                       num_threads=model._stage_kwargs.get("num_threads", 1))
+        self.profile = profile_cluster(self.cluster, model.deployment.worker_path, progress=progress,
+                                       num_threads=model.deployment.options.num_threads)
         return self.profile
 
     def ensure_profile(self, progress: bool = True):
@@ -267,7 +267,7 @@ def stage_status(model, workers: dict) -> StageStatus:
     """Ask every stage of ``model.chain`` what it holds (``workers``: address → Dask info, for names)."""
     from ..plan._format import fmt_bytes  # lazily: loading the extension stays cheap
 
-    names = {**getattr(model, "_worker_names", {}), **{a: str(w.get("name", a)) for a, w in workers.items()}}
+    names = {**getattr(getattr(model, "deployment", None), "worker_names", {}), **{a: str(w.get("name", a)) for a, w in workers.items()}}
     stages = model.placement.stages
     infos, error, lost = [None] * len(stages), None, set()
     try:

@@ -35,7 +35,7 @@ def test_auto_compression_compresses_slow_links_only_and_stays_exact(cluster, ch
         ids, mask = padded_batch([40, 25, 33], seed=5)
         want = reference["llama"].generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
         for bandwidth, compresses in ((1e5, True), (1e11, False)):  # 100 kB/s vs 100 GB/s on every link
-            bb.generate.model.choose_compression(model.chain, cluster, model.embed_tokens, _profile(cluster, bandwidth))
+            bb.generate.deployment.choose_compression(model.chain, cluster, model.embed_tokens, _profile(cluster, bandwidth))
             policies = [p for _, _, p in model.chain.link_codecs()]
             assert len(policies) == (4 if relay == "chain" else 6)
             prefill_codecs = {p.codec_for(120 * 64 * 4) for p in policies}  # a 3 × 40-token prefill of width 64

@@ -94,6 +94,17 @@ def test_repr_html(model, cluster):
     assert "layers 0–1" in html and cluster.address in html
 
 
+def test_options_are_one_config_and_a_typo_is_a_type_error_naming_them(model, cluster, checkpoints):
+    import bloombee_nb as bb
+
+    assert model.deployment.options == bb.DeployConfig() and model.deployment in cluster.deployments  # defaults
+    with pytest.raises(TypeError, match="unknown option.*relya.*relay"):
+        bb.DistributedModelForCausalLM.from_pretrained(checkpoints["llama"], cluster=cluster, relya="star")
+    with pytest.raises(ValueError, match='relay must be "chain" or "star"'):
+        bb.DistributedModelForCausalLM.from_pretrained(checkpoints["llama"], cluster=cluster, relay="ring")
+    assert f"{model.name_or_path}: layers 0–1" in cluster.hosted_spans()[model.placement.stages[0].worker]
+
+
 def test_stop_strings_on_the_shipped_model(cluster):
     """Stop handling with real text: transformers' stop_strings need the tokenizer, as in HF."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -112,19 +112,19 @@ def test_a_hub_checkpoint_fetches_only_the_shards_of_the_span(tmp_path, monkeypa
     from bloombee_nb.model import checkpoint
 
     origin = make_checkpoint(tmp_path / "origin", "llama", seed=0, max_shard_size="60KB")
-    snapshot = tmp_path / "snapshot"
-    snapshot.mkdir()
+    snapshot = tmp_path / "hub" / "models--someone--tiny-llama" / "snapshots" / "0123abcd"  # the HF cache's layout
+    snapshot.mkdir(parents=True)
     for f in ("config.json", "model.safetensors.index.json"):
         shutil.copy(origin / f, snapshot / f)
     fetched = []
 
     def hub_download(repo_id, filename, revision=None):
-        assert repo_id == "someone/tiny-llama"
+        assert (repo_id, revision) == ("someone/tiny-llama", "0123abcd")
         fetched.append(filename)
         return str(shutil.copy(origin / filename, snapshot / filename))
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub_download)
-    monkeypatch.setitem(checkpoint._HUB_SOURCES, snapshot, ("someone/tiny-llama", None))
+    assert checkpoint.hub_source(origin) is None
     wmap = weight_map(snapshot)
     _, layers, _, _ = load_span(snapshot, load_config(snapshot), 2, 4)
     need = {wmap[n] for n in wmap if n.startswith(("model.layers.2.", "model.layers.3."))}

@@ -198,7 +198,7 @@ def model():
 
     with bb.connect(n_workers=2) as cluster:
         with distributed(default_model_path(), cluster) as m:
-            m.profile = profile_cluster(cluster, m._worker_path, progress=False)
+            m.profile = profile_cluster(cluster, m.deployment.worker_path, progress=False)
             yield m
 
 
