@@ -77,6 +77,9 @@ class StepTrace:
         return self.hidden_bytes * len(self.hop_wire_bytes)
 
 
+UNDO_TIMEOUT_S = 5.0  # how long undoing a half-opened session may take
+
+
 class RemoteChain:
     """Actor handles for a :class:`Placement`, with calls that time out and name the lost worker."""
 
@@ -199,10 +202,25 @@ class RemoteChain:
         m = self.micro_batch or batch
         parts = [(session_id if batch <= m else f"{session_id}/{k}", a, min(a + m, batch))
                  for k, a in enumerate(range(0, batch, m))]
-        self._gather([self._call(i, "open_session", sub, b - a, max_length, self.owner)
-                      for sub, a, b in parts for i in range(len(self.actors))])
+        try:
+            self._gather([self._call(i, "open_session", sub, b - a, max_length, self.owner)
+                          for sub, a, b in parts for i in range(len(self.actors))])
+        except BloombeeError:  # e.g. one stage is leaving: the others must not keep what they opened
+            self._undo_open([sub for sub, _, _ in parts])
+            raise
         self._parts[session_id] = parts
         self._seq.update({sub: 0 for sub, _, _ in parts})
+
+    def _undo_open(self, subs: list[str]) -> None:
+        """Close ``subs`` wherever they opened, waited for (a close arriving after the session
+        re-opened there, on the chain it moves to, would undo that), at most a few seconds."""
+        async def every():
+            await asyncio.gather(*(self._call(i, "close_session", sub, self.owner)
+                                   for sub in subs for i in range(len(self.actors))), return_exceptions=True)
+        try:
+            self.client.sync(asyncio.wait_for, every(), UNDO_TIMEOUT_S)
+        except (asyncio.TimeoutError, TimeoutError, OSError):
+            pass  # a stage too slow to answer keeps it until it is lost or the session is closed again
 
     def stage_sessions(self, session_id: str) -> list[str]:
         """The ids ``session_id`` goes by on the stages (one per micro-batch)."""

@@ -252,3 +252,23 @@ def test_a_lent_worker_leaving_hands_its_span_over_first(lent, checkpoints, refe
     assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0), got)
     assert model.attached and holder.worker not in model.placement.workers   # routed through the spare's span
     model.close()
+
+
+def test_a_session_one_stage_refuses_is_not_left_open_on_the_others(checkpoints):
+    """Opening a session is all or nothing: when one stage refuses it (its worker is leaving), the
+    stages that took it close it again — a client moving elsewhere would otherwise leave it there."""
+    from bloombee_nb.errors import StageLeavingError
+
+    with bb.connect(n_workers=2) as c:
+        model = bb.DistributedModelForCausalLM.from_pretrained(checkpoints["llama"], cluster=c, recover=False)
+
+        def leave(dask_worker):
+            from bloombee_nb.cluster.stage import begin_leaving
+
+            begin_leaving(dask_worker)
+
+        c.client.run(leave, workers=[model.placement.stages[-1].worker])
+        with pytest.raises(StageLeavingError):
+            model(padded_batch([5], seed=1)[0])
+        assert open_sessions(c) == {}
+        model.close()
