@@ -452,7 +452,10 @@ class RemoteChain:
         a recovery releases both the failed chain and the current one, often the same chain."""
         if self.released:
             return
-        held = [*self._futures, *(getattr(a, "_future", None) for a in self.actors)]
+        # our own stages' futures go now; a hosted stage's handle keeps the Future Dask binds to it on
+        # first use: released, it is cancelled in this client and every later call on the handle
+        # raises "Worker holding Actor was lost" — the session closes below would be skipped for good
+        held = [] if self.shared else [*self._futures, *(getattr(a, "_future", None) for a in self.actors)]
         # hosted stages outlive a swarm chain: its sessions still close there (session._close_quietly)
         self.left_behind = list(self.actors) if self.shared else []
         self.actors, self._futures, self.released = [], [], True

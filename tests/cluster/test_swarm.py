@@ -129,6 +129,32 @@ def test_clients_share_the_stages_and_each_stays_exact(local, checkpoints, refer
         bb.unhost(local, path)
 
 
+def test_a_session_on_a_released_swarm_chain_still_closes_on_the_hosted_stages(local, checkpoints):
+    """A re-route releases the client's chain while other sessions are open on it; their closes must
+    still reach the hosted stages (which live on). Releasing used to drop the Futures Dask binds to
+    the hosted stages' handles, after which every call on them failed ("Worker holding Actor was
+    lost") and the closes were skipped: in the churn soak a leaving worker waited out its grace."""
+    path = checkpoints["llama"]
+    bb.host(path, local)
+    try:
+        with bb.connect(local.address) as user:
+            model = bb.DistributedModelForCausalLM.from_pretrained(path, cluster=user)
+            sessions = [model.inference_session(max_length=16) for _ in range(2)]
+            for s in sessions:
+                model(padded_batch([5], seed=8)[0], cache=s)
+            model.chain.release()   # what a re-route does to the chain these sessions are open on
+            time.sleep(0.5)         # Dask drops released keys on its event loop
+            for s in sessions:
+                s.close()
+            deadline = time.monotonic() + 10
+            while (left := open_sessions(local)):
+                assert time.monotonic() < deadline, f"sessions left on the hosted stages: {left}"
+                time.sleep(0.1)
+            model.close()
+    finally:
+        bb.unhost(local, path)
+
+
 def test_a_client_cannot_close_or_roll_back_another_clients_session(local, checkpoints):
     path = checkpoints["llama"]
     bb.host(path, local)
