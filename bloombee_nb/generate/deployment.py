@@ -81,7 +81,8 @@ class Deployment:
             plan = runtime_plan(self.profile, opts.workload or Workload(), relay=opts.relay)
         if plan is not None:
             workers, spans = plan.workers, plan.layer_spans
-        self.plan, self.group = plan, opts.chain_options(plan)["group"]
+        chain_options = opts.chain_options(plan)
+        self.plan, self.group = plan, chain_options["group"]
         chain = None
         if opts.swarm and not opts.places_by_hand:
             chain = self._attach()
@@ -90,7 +91,7 @@ class Deployment:
             per = _plan_offloads(plan, placement, self.stage_options) or [{} for _ in placement.stages]
             formats = (per_stage(opts.quantize, len(per)) if opts.per_stage_formats
                        else _plan_formats(plan, len(per), self.stage_options))
-            chain = RemoteChain.create(self.cluster.client, placement, self.worker_path, **opts.chain_options(plan),
+            chain = RemoteChain.create(self.cluster.client, placement, self.worker_path, **chain_options,
                                        **self.stage_options,
                                        per_stage=[{**d, "quantize": q} if q else d for d, q in zip(per, formats)])
         if opts.compression == "auto":
@@ -134,14 +135,17 @@ class Deployment:
                   plan: Plan | None = None) -> RemoteChain:
         """Stages for ``placement`` with these options (the offload fractions and micro-batch of
         ``plan`` when it places exactly these spans)."""
-        kwargs = dict(self.options.chain_options(plan), group=self.group)
-        if plan is None or self.options.micro_batch != "plan":
-            kwargs["micro_batch"] = self.chain.micro_batch
+        kwargs = dict(self.options.chain_options(plan), group=self.group, micro_batch=self._micro_batch(plan))
         chain = RemoteChain.create(self.cluster.client, placement, self.worker_path, **kwargs, **self.stage_options,
                                    per_stage=_plan_offloads(plan, placement, self.stage_options))
         if chain.compression == "auto":
             choose_compression(chain, self.cluster, self.embed, profile)
         return chain
+
+    def _micro_batch(self, plan: Plan | None) -> int | None:
+        """Rows per forward for a new chain: ``plan``'s when following plans, else the current chain's."""
+        return self.options.micro_batch_for(plan) if plan is not None and self.options.micro_batch == "plan" \
+            else self.chain.micro_batch
 
     def replan(self, workload: Workload | None = None, *, profile: ClusterProfile | None = None,
                plan: Plan | None = None) -> Plan:
@@ -151,7 +155,7 @@ class Deployment:
         profile = profile or profile_cluster(self.cluster, self.worker_path, num_threads=self.options.num_threads)
         plan = plan or runtime_plan(profile, workload, relay=self.chain.relay)
         placement = place(plan.workers, self.n_layers, plan.layer_spans)
-        micro_batch = self.options.micro_batch_for(plan) if self.options.micro_batch == "plan" else self.chain.micro_batch
+        micro_batch = self._micro_batch(plan)
         if (placement != self.placement or _offloads(plan, placement) != _offloads(self.plan, placement)
                 or micro_batch != self.chain.micro_batch):
             self.chain = self.new_chain(placement, profile, plan)

@@ -28,6 +28,12 @@ from .threads import torch_threads
 from .tree_size import MAX_NODES, TreePolicy, tree_size
 
 
+def _of_deployment(attr: str, doc: str | None = None, settable: bool = False) -> property:
+    """The model's attribute that is its deployment's ``attr``."""
+    setter = (lambda self, value: setattr(self.deployment, attr, value)) if settable else None
+    return property(lambda self: getattr(self.deployment, attr), setter, doc=doc)
+
+
 class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = PreTrainedConfig
     base_model_prefix = "model"
@@ -71,39 +77,18 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         return model.eval()
 
     # the layers' whereabouts: the deployment's (placement, plan, recovery); kept here as the names users know
-    chain = property(lambda self: self.deployment.chain, doc="The current chain of stages (a session keeps its own).")
-    placement = property(lambda self: self.deployment.placement)
-    cluster = property(lambda self: self.deployment.cluster)
-    events = property(lambda self: self.deployment.events, doc="RecoveryEvents, oldest first.")
-    attached = property(lambda self: self.deployment.attached,
-                        doc="Whether the layers run on the swarm's hosted spans (shared) rather than this model's own.")
+    chain = _of_deployment("chain", "The current chain of stages (a session keeps its own).")
+    placement = _of_deployment("placement")
+    cluster = _of_deployment("cluster")
+    events = _of_deployment("events", "RecoveryEvents, oldest first.")
+    attached = _of_deployment("attached", "Whether the layers run on the swarm's hosted spans (shared) rather than "
+                                          "this model's own.")
+    plan = _of_deployment("plan", settable=True)
+    profile = _of_deployment("profile", settable=True)
+    auto_recover = _of_deployment("recover", "Sessions replay onto live workers when a stage is lost (session.py); "
+                                             "False: the error is raised.", settable=True)
     micro_batch = property(lambda self: self.chain.micro_batch,
                            doc="Rows per forward on a stage and per micro-batch (None: no limit).")
-
-    @property
-    def plan(self) -> Plan | None:
-        return self.deployment.plan
-
-    @plan.setter
-    def plan(self, plan: Plan | None) -> None:
-        self.deployment.plan = plan
-
-    @property
-    def profile(self) -> ClusterProfile | None:
-        return self.deployment.profile
-
-    @profile.setter
-    def profile(self, profile: ClusterProfile | None) -> None:
-        self.deployment.profile = profile
-
-    @property
-    def auto_recover(self) -> bool:
-        """Sessions replay onto live workers when a stage is lost (session.py); False: the error is raised."""
-        return self.deployment.recover
-
-    @auto_recover.setter
-    def auto_recover(self, on: bool) -> None:
-        self.deployment.recover = on
 
     def replan(self, workload: Workload | None = None, *, profile: ClusterProfile | None = None,
                plan: Plan | None = None) -> Plan:
