@@ -230,8 +230,12 @@ def measure_chain_overhead(client, addrs: list[str], path: str, one_way_s: float
 
 
 def profile_cluster(cluster, path: str, workers: list[str] | None = None, client_name: str = "client",
-                    num_threads: int = 1, progress: bool = True) -> ClusterProfile:
-    """Measure every worker and every ordered link (client included) with the model at ``path``."""
+                    num_threads: int = 1, progress: bool = True, formats=()) -> ClusterProfile:
+    """Measure every worker and every ordered link (client included) with the model at ``path``;
+    with ``formats`` (e.g. ``("int8", "nf4")``), also what each quantized format costs on every
+    worker (``quantize.measure_formats``), so the planner may choose a format per stage."""
+    # One straight sequence of measurements feeding one profile: the steps depend on each other's
+    # results (the step overheads need the links' RTTs, the chain overhead both), so it stays whole.
     from tqdm.auto import tqdm
 
     from ..model.checkpoint import resolve_checkpoint
@@ -242,13 +246,21 @@ def profile_cluster(cluster, path: str, workers: list[str] | None = None, client
     info = cluster.workers()
     addrs = workers or list(info)
     names = {a: str(info[a].get("name", a)) for a in addrs}
-    steps = len(addrs) + len(addrs) * (len(addrs) + 1)
+    from ..model.quantize import canonical, measure_formats
+
+    formats = tuple(dict.fromkeys(canonical(f) for f in formats or () if canonical(f)))
+    steps = len(addrs) * (2 if formats else 1) + len(addrs) * (len(addrs) + 1)
     bar = tqdm(total=steps, desc="profiling", disable=not progress)
     futures = {a: client.submit(measure_worker, path, num_threads, workers=[a], pure=False, allow_other_workers=False)
                for a in addrs}
-    measured = {}
+    format_futures = {a: client.submit(measure_formats, path, formats, num_threads, workers=[a], pure=False,
+                                       allow_other_workers=False) for a in addrs} if formats else {}
+    measured, format_costs = {}, {}
     for a, fut in futures.items():
         measured[a] = fut.result()
+        bar.update()
+    for a, fut in format_futures.items():
+        format_costs[a] = fut.result()
         bar.update()
     links = measure_links(client, addrs, names, client_name, bar.update)
     rtt_in = {ln.dst: ln.rtt_s for ln in links if ln.src == client_name}
@@ -271,4 +283,8 @@ def profile_cluster(cluster, path: str, workers: list[str] | None = None, client
                       disk_read_bytes_per_s=m["disk_read_bytes_per_s"], step_overhead_s=overhead[a],
                       chain_step_overhead_s=chain_overhead)
         for a, m in measured.items())
-    return ClusterProfile(model=model, workers=worker_profiles, links=tuple(links), client=client_name)
+    profile = ClusterProfile(model=model, workers=worker_profiles, links=tuple(links), client=client_name)
+    if format_costs:
+        profile = profile.with_formats(format_costs[addrs[0]]["layer_weight_bytes"],
+                                       {names[a]: c["format_decode_factor"] for a, c in format_costs.items()})
+    return profile

@@ -48,6 +48,7 @@ class Deployment:
         self.chain: RemoteChain | None = None
         self.group = False               # concurrent decode steps travel together (fixed by the first plan)
         self.plan: Plan | None = None
+        self.stage_formats: list[str | None] = []  # each stage's quantized format beyond stage_options' one
         self.profile: ClusterProfile | None = None
         self.events: list = []           # RecoveryEvents, oldest first (status and generation panels)
         self.worker_names: dict[str, str] = {}  # address -> Dask name, also of workers that are gone
@@ -77,8 +78,9 @@ class Deployment:
         opts, plan = self.options, self.options.plan
         workers, spans = opts.workers, opts.spans
         if plan == "auto":
-            self.profile = profile_cluster(self.cluster, self.worker_path, workers, num_threads=opts.num_threads)
-            plan = runtime_plan(self.profile, opts.workload or Workload(), relay=opts.relay)
+            self.profile = profile_cluster(self.cluster, self.worker_path, workers, num_threads=opts.num_threads,
+                                           formats=opts.formats)
+            plan = runtime_plan(self.profile, opts.workload or Workload(), relay=opts.relay, formats=opts.plan_formats)
         if plan is not None:
             workers, spans = plan.workers, plan.layer_spans
         chain_options = opts.chain_options(plan)
@@ -92,8 +94,8 @@ class Deployment:
             formats = (per_stage(opts.quantize, len(per)) if opts.per_stage_formats
                        else _plan_formats(plan, len(per), self.stage_options))
             chain = RemoteChain.create(self.cluster.client, placement, self.worker_path, **chain_options,
-                                       **self.stage_options,
-                                       per_stage=[{**d, "quantize": q} if q else d for d, q in zip(per, formats)])
+                                       **self.stage_options, per_stage=_with_formats(per, formats))
+            self.stage_formats = formats
         if opts.compression == "auto":
             choose_compression(chain, self.cluster, self.embed, self.profile)
         return chain
@@ -134,13 +136,52 @@ class Deployment:
     def new_chain(self, placement: Placement, profile: ClusterProfile | None = None,
                   plan: Plan | None = None) -> RemoteChain:
         """Stages for ``placement`` with these options (the offload fractions and micro-batch of
-        ``plan`` when it places exactly these spans)."""
+        ``plan`` when it places exactly these spans), each layer in the format it had."""
         kwargs = dict(self.options.chain_options(plan), group=self.group, micro_batch=self._micro_batch(plan))
+        formats = self._formats_for(placement, plan)
+        per = _plan_offloads(plan, placement, self.stage_options) or [{} for _ in placement.stages]
         chain = RemoteChain.create(self.cluster.client, placement, self.worker_path, **kwargs, **self.stage_options,
-                                   per_stage=_plan_offloads(plan, placement, self.stage_options))
+                                   per_stage=_with_formats(per, formats))
+        self.stage_formats = formats
         if chain.compression == "auto":
             choose_compression(chain, self.cluster, self.embed, profile)
         return chain
+
+    def _formats_for(self, placement: Placement, plan: Plan | None) -> list[str | None]:
+        """Each new stage's quantized format: ``plan``'s where it places exactly these spans and chose
+        formats (or may: ``formats=``), otherwise the format its layers had — so a recovery or a move
+        keeps what the user asked for. One format for every stage (``quantize="int8"``) travels in
+        ``stage_options`` instead. Layers of different formats cannot share a stage (a span has one
+        format): that is a RecoveryError saying what would help, never a silent change of format."""
+        n = len(placement.stages)
+        if "quantize" in self.stage_options:
+            return [None] * n
+        chosen = _plan_formats(plan, n, self.stage_options) if _plan_offloads(plan, placement, {}) is not None else None
+        if chosen is not None and (self.options.formats or any(chosen)):
+            return chosen
+        by_layer = self.layer_formats()
+        if not any(by_layer):
+            return [None] * n
+        out = []
+        for s in placement.stages:
+            held = set(by_layer[s.start:s.end])
+            if len(held) > 1:
+                raise RecoveryError(
+                    f"layers {s.start}–{s.end - 1} would go to one stage on worker {self.worker_names.get(s.worker, s.worker)}, "
+                    f"but they were held in different formats ({', '.join(sorted(str(f or 'float') for f in held))}) and a "
+                    "stage holds one: start a worker for the lost span (`bloombee-nb worker <scheduler>`; the session "
+                    "recovers on its next step), or load the model with one format for all stages (quantize=...) or "
+                    "with formats=[...] and plan=\"auto\" to let the planner choose again")
+            out.append(held.pop())
+        return out
+
+    def layer_formats(self) -> list[str | None]:
+        """The quantized format of each decoder layer in the current chain (None: float)."""
+        out: list[str | None] = [self.stage_options.get("quantize")] * self.n_layers
+        if self.chain is not None and len(self.stage_formats) == len(self.placement.stages):
+            for s, fmt in zip(self.placement.stages, self.stage_formats):
+                out[s.start:s.end] = [fmt or self.stage_options.get("quantize")] * (s.end - s.start)
+        return out
 
     def _micro_batch(self, plan: Plan | None) -> int | None:
         """Rows per forward for a new chain: ``plan``'s when following plans, else the current chain's."""
@@ -152,12 +193,13 @@ class Deployment:
         """Measure the cluster again (or take ``profile``), re-solve, and move the spans if the plan
         changed them (sessions already open finish on the chain they opened on)."""
         workload = workload or (self.plan.workload if self.plan is not None else Workload())
-        profile = profile or profile_cluster(self.cluster, self.worker_path, num_threads=self.options.num_threads)
-        plan = plan or runtime_plan(profile, workload, relay=self.chain.relay)
+        profile = profile or profile_cluster(self.cluster, self.worker_path, num_threads=self.options.num_threads,
+                                             formats=self.options.formats)
+        plan = plan or runtime_plan(profile, workload, relay=self.chain.relay, formats=self.options.plan_formats)
         placement = place(plan.workers, self.n_layers, plan.layer_spans)
         micro_batch = self._micro_batch(plan)
         if (placement != self.placement or _offloads(plan, placement) != _offloads(self.plan, placement)
-                or micro_batch != self.chain.micro_batch):
+                or micro_batch != self.chain.micro_batch or self._formats_for(placement, plan) != self.stage_formats):
             self.chain = self.new_chain(placement, profile, plan)
         self.plan, self.profile = plan, profile
         return plan
@@ -191,14 +233,14 @@ class Deployment:
             placement, plan = replacement_placement(
                 current.placement, lost, live_workers(workers, lost), self.n_layers,
                 profile=self.profile, workload=self.plan.workload if self.plan is not None else None,
-                relay=current.relay, names=self.worker_names)
+                relay=current.relay, names=self.worker_names, formats=self.options.plan_formats)
             self._lost = lost
             old.release()
             current.release()
             try:
                 self.chain = self.new_chain(placement, self.profile, plan)
-            except StageUnavailableError:
-                raise  # another worker went while loading: the session tries again without it
+            except (StageUnavailableError, RecoveryError):
+                raise  # another worker went while loading (the session tries again), or said what would help
             except Exception as cause:
                 raise recovery_error(lost, placement, cause) from cause
             self.plan = plan if plan is not None else self.plan
@@ -271,6 +313,11 @@ def _plan_formats(plan: Plan | None, n_stages: int, stage_options: dict) -> list
     """Each stage's quantization format from ``plan`` (its stages' ``quantize``) unless one was given for all."""
     formats = [getattr(s, "quantize", None) for s in plan.stages] if plan is not None else []
     return formats if len(formats) == n_stages and "quantize" not in stage_options else [None] * n_stages
+
+
+def _with_formats(per: list[dict], formats: list[str | None]) -> list[dict]:
+    """Each stage's keywords with its quantized format added where it has one."""
+    return [{**d, "quantize": q} if q else d for d, q in zip(per, formats)]
 
 
 def _offloads(plan: Plan | None, placement: Placement) -> list[tuple[float, float]]:

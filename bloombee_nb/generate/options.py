@@ -38,6 +38,9 @@ class DeployConfig:
     dtype: torch.dtype | str | None = None      # weights and activations (None: the checkpoint's)
     quantize: str | list | None = None          # linear weights in "int8" or "nf4"/"int4": one format, or
                                                 # one per stage (None: float); a plan's formats otherwise
+    formats: list[str] | None = None            # with plan="auto": the quantized formats the planner may
+                                                # choose per stage besides float (e.g. ["int8", "nf4"]),
+                                                # each measured on every worker first
     num_threads: int = 1                        # torch threads of each stage
     allow_unverified_architecture: bool = False  # run a family the adapter table has not verified
     weight_offload: float | None = None         # fraction of each stage's weights streamed from disk
@@ -88,6 +91,22 @@ class DeployConfig:
             raise ValueError(f'swarm must be True, False or "auto", got {self.swarm!r}')
         if self.micro_batch not in ("plan", None) and (not isinstance(self.micro_batch, int) or self.micro_batch < 1):
             raise ValueError(f'micro_batch must be a positive number of rows, "plan" or None, got {self.micro_batch!r}')
+        if self.formats is not None:
+            if isinstance(self.formats, str):
+                self.formats = [self.formats]
+            for fmt in self.formats:
+                canonical(fmt)  # an unknown format: QuantizationError naming the known ones
+            if self.plan != "auto":
+                raise ValueError('formats= lists what plan="auto" may choose; with a Plan or spans by hand, give '
+                                 'quantize="int8" | "nf4" or one format per stage instead')
+            if self.quantize is not None:
+                raise ValueError(f"quantize={self.quantize!r} fixes the formats and formats={self.formats!r} lets the "
+                                 "planner choose them: give one of the two")
+
+    @property
+    def plan_formats(self) -> tuple:
+        """The weight formats the planner may choose from (float always)."""
+        return (None, *(canonical(f) for f in self.formats or ()))
 
     @property
     def torch_dtype(self) -> torch.dtype | None:

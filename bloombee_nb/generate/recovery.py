@@ -111,7 +111,7 @@ def live_workers(workers: dict[str, dict], lost) -> list[str]:
 
 def replacement_placement(old: Placement, lost, live: list[str], n_layers: int, *,
                           profile: ClusterProfile | None = None, workload: Workload | None = None,
-                          relay: str = "chain", names: dict[str, str] | None = None):
+                          relay: str = "chain", names: dict[str, str] | None = None, formats=(None,)):
     """``(placement, plan or None)`` for the model's layers on ``live`` workers (see the module doc)."""
     names = names or {}
     if not live:
@@ -122,7 +122,7 @@ def replacement_placement(old: Placement, lost, live: list[str], n_layers: int, 
         return old, None  # nobody lost (a call timed out): the same workers, fresh stages
     if profile is not None:
         try:
-            return planned(profile, workload or Workload(), live, n_layers, relay, names)
+            return planned(profile, workload or Workload(), live, n_layers, relay, names, formats)
         except InfeasiblePlanError as exc:
             if not [a for a in live if names.get(a, a) not in {w.name for w in profile.workers}]:
                 raise RecoveryError(f"the live workers cannot host the model after losing "
@@ -132,7 +132,7 @@ def replacement_placement(old: Placement, lost, live: list[str], n_layers: int, 
 
 
 def planned(profile: ClusterProfile, workload: Workload, live: list[str], n_layers: int, relay: str,
-            names: dict[str, str]):
+            names: dict[str, str], formats=(None,)):
     """Re-solve the plan over the profiled workers that are live (at their current addresses)."""
     by_name = {names.get(a, a): a for a in live}
     for w in profile.workers:
@@ -140,7 +140,7 @@ def planned(profile: ClusterProfile, workload: Workload, live: list[str], n_laye
             profile = profile.with_worker(w.name, address=by_name[w.name])
         else:
             profile = profile.with_worker(w.name, include=False)
-    plan = runtime_plan(profile, workload, relay=relay)
+    plan = runtime_plan(profile, workload, relay=relay, formats=formats)
     return place(plan.workers, n_layers, plan.layer_spans), plan
 
 

@@ -26,7 +26,8 @@ sequences moves through the chain as one unit; ``B`` is the workload's batch, ``
   not hide: extra = max(0, t_read − t_c), and the stage takes t_c + extra = max(t_c, t_read).
 - Quantized stages (``fmt``, e.g. "int8", "nf4"): weights of ``model.weight_bytes_for(fmt)`` per
   layer, compute × ``worker.format_decode_factor[fmt]`` (both measured); a format the profile lacks
-  costs ∞ (never chosen).
+  costs ∞ (never chosen), and so does a quantized stage with weights offloaded (the runtime streams
+  offloaded layers as the checkpoint stores them, so it quantizes resident spans only).
 """
 
 from __future__ import annotations
@@ -155,7 +156,10 @@ def stage_cost(worker: WorkerProfile, model: ModelProfile, workload: Workload, n
                    kv_bytes(model, n_layers, workload.batch, workload.max_length), weight_offload, kv_offload)
     compute = decode_compute_s(worker, n_layers * decode_factor(worker, fmt), micro_batch)
     read = offload_read_s(worker, t, kv_read_fraction(workload, micro_batch))
-    return StageCost(compute, offload_extra_s(read, compute), fits(worker, t), t)
+    ok = fits(worker, t)
+    if fmt is not None:  # offloaded weights stream as stored in the checkpoint: a quantized span stays resident
+        ok = ok & (np.asarray(weight_offload) == 0)
+    return StageCost(compute, offload_extra_s(read, compute), ok, t)
 
 
 def min_bytes_for(model: ModelProfile, workload: Workload, n_layers: int, fmt: str | None = None) -> int:

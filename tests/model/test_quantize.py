@@ -1,6 +1,8 @@
 """Quantized spans (issue 19): distributed greedy output equals single-process transformers loading the
 same checkpoint with the same library's quantization (``reference_config``), token for token."""
 
+import time
+
 import pytest
 import torch
 
@@ -176,3 +178,89 @@ def float_gguf_folder(gguf, folder):
         del model.config.quantization_config
     model.config.save_pretrained(folder)
     return folder
+
+
+def test_plan_auto_measures_the_allowed_formats_and_follows_a_quantized_plan(cluster, checkpoints, quantized_refs):
+    """``formats=``: each worker measures what the formats cost there; when memory is short the plan
+    quantizes, the chain follows it, and its output equals transformers' with the same quantization."""
+    import math
+
+    from bloombee_nb.plan import Workload, cost
+
+    model = bb.DistributedModelForCausalLM.from_pretrained(checkpoints["llama"], cluster=cluster, plan="auto",
+                                                           formats=["int8", "int4"], swarm=False)
+    try:
+        profile = model.profile
+        sizes = profile.model.format_weight_bytes
+        assert set(sizes) == {"int8", "nf4"} and sizes["nf4"] < sizes["int8"] < profile.model.layer_weight_bytes / 3
+        assert all(set(w.format_decode_factor) == {"int8", "nf4"} and
+                   all(0 < f < math.inf for f in w.format_decode_factor.values()) for w in profile.workers)
+        assert [s["quantize"] for s in model.chain.info()] == [s.quantize for s in model.plan.stages]
+        # room for two nf4 layers per worker and not for one float layer, nothing to offload to
+        nf4 = profile.with_formats({"nf4": sizes["nf4"]},
+                                   {w.name: {"nf4": w.format_decode_factor["nf4"]} for w in profile.workers})
+        room = cost.min_bytes_for(nf4.model, Workload(), 2, "nf4")
+        assert room < cost.min_bytes_for(nf4.model, Workload(), 1, None)
+        for w in nf4.workers:
+            nf4 = nf4.with_worker(w.name, ram_bytes=int(room * 1.01), accel_bytes=0, disk_bytes=0)
+        plan = model.replan(profile=nf4)
+        assert [s.quantize for s in plan.stages] == ["nf4"] * len(plan.stages) and len(plan.stages) == 3
+        assert [s["quantize"] for s in model.chain.info()] == ["nf4"] * 3
+        ids, mask = padded_batch([4, 11, 7], seed=3)
+        want = quantized_refs("llama", "nf4").generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                                       pad_token_id=0)
+        assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                          pad_token_id=0), want)
+    finally:
+        model.close()
+    with pytest.raises(ValueError, match="give one of the two"):
+        bb.DeployConfig.of(dict(plan="auto", formats=["int8"], quantize="int8"))
+    with pytest.raises(ValueError, match='formats= lists what plan="auto" may choose'):
+        bb.DeployConfig.of(dict(formats=["int8"]))
+    with pytest.raises(QuantizationError, match="unknown quantization format 'int3'"):
+        bb.DeployConfig.of(dict(plan="auto", formats=["int3"]))
+
+
+def shut_down(cluster, address: str) -> None:
+    """The worker at ``address`` closes with its nanny, as a lender shutting down does (no restart;
+    Dask's ``retire_workers`` refuses workers that hold actors)."""
+    cluster.client.run(lambda dask_worker: dask_worker.loop.add_callback(dask_worker.close, nanny=True) and None,
+                       workers=[address])
+    deadline = time.monotonic() + 60
+    while address in cluster.workers() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+@pytest.mark.slow  # kills worker processes of its own 4-worker cluster
+def test_a_stage_per_format_keeps_its_format_when_its_worker_is_lost(checkpoints):
+    """A killed int8 stage is re-loaded in int8 on a spare worker (the output equals the same run
+    without a fault); when no spare is left and an even re-split would put float and int8 layers
+    in one stage, the session gets a RecoveryError saying what to do, never another format."""
+    from bloombee_nb.errors import RecoveryError
+    from tests.generate.test_family_features import FaultAt, kill_worker
+
+    spans, formats = [(0, 1), (1, 3), (3, 5)], [None, "int8", "nf4"]
+    ids, mask = padded_batch([5, 9], seed=4)
+    with bb.connect(n_workers=4) as own:
+        model = bb.DistributedModelForCausalLM.from_pretrained(
+            checkpoints["llama"], cluster=own, workers=own.worker_addresses()[:3], spans=spans, quantize=formats)
+        try:
+            want = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+            victim = model.placement.stages[1].worker
+            got = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                                 streamer=FaultAt(3, lambda: kill_worker(own, victim)))
+            assert torch.equal(got, want), (got.tolist(), want.tolist())
+            assert victim not in model.placement.workers and len(model.events) == 1
+            assert [s["quantize"] for s in model.chain.info()] == formats
+            assert [(s.start, s.end) for s in model.placement.stages] == spans
+            # no spare (the killed worker's restart leaves), then stage 0's worker leaves: the two left
+            # would have to split the 5 layers evenly, mixing float and int8 layers in one stage
+            own.wait_for_workers(4, 120)
+            for spare in [w for w in own.worker_addresses() if w not in model.placement.workers]:
+                shut_down(own, spare)
+            victim = model.placement.stages[0].worker
+            with pytest.raises(RecoveryError, match=r"layers 0–\d .*different formats \(float, int8\)"):
+                model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                               streamer=FaultAt(3, lambda: shut_down(own, victim)))
+        finally:
+            model.close()
