@@ -104,6 +104,7 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--users", type=int, default=4, help="users per client process")
     p.add_argument("--new-tokens", type=int, default=24)
+    p.add_argument("--out", default="soak_swarm", help="result files' name in benchmarks/results")
     p.add_argument("--client", default=None, help=argparse.SUPPRESS)
     p.add_argument("--model", default=None, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -120,9 +121,12 @@ def main() -> None:
                            r"scheduler at (tcp://\S+)", logs / "scheduler.log")
     procs: dict[str, subprocess.Popen] = {}
 
-    def lend(name):
-        procs[name] = start([BIN, "worker", address, "--name", name, "--listen", "127.0.0.1", "--host", model,
-                             "--layers", "3"], r"(hosts layers)", logs / f"{name}.log")[0]
+    def lend(name) -> float:
+        """Start lender ``name``; the seconds from its joining the scheduler to hosting its span."""
+        procs[name], after_join = start([BIN, "worker", address, "--name", name, "--listen", "127.0.0.1", "--host",
+                                         model, "--layers", "3"], r"hosts layers .* \(([\d.]+) s after joining\)",
+                                        logs / f"{name}.log")
+        return float(after_join)
 
     names = [f"w{i}" for i in range(args.workers)]
     for n in names:
@@ -148,9 +152,10 @@ def main() -> None:
             proc.wait()
         gone_s = time.monotonic() - t0
         time.sleep(2)
-        lend(name)
+        after_join = lend(name)
         events.append({"at_s": round(60 * args.minutes - (t_end - time.monotonic()), 1), "worker": name, "how": how,
-                       "exit_s": round(gone_s, 2), "rejoined_s": round(time.monotonic() - t0, 2)})
+                       "exit_s": round(gone_s, 2), "rejoined_s": round(time.monotonic() - t0, 2),
+                       "hosted_after_join_s": after_join})
         print(events[-1], flush=True)
         k += 1
     for c in clients:
@@ -171,15 +176,19 @@ def main() -> None:
     for proc in [*procs.values(), sched]:
         proc.send_signal(signal.SIGKILL)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "soak_swarm.json").write_text(json.dumps(out, indent=2))
-    (RESULTS / "soak_swarm.md").write_text(
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(out, indent=2))
+    rejoin = [e["hosted_after_join_s"] for e in events]
+    (RESULTS / f"{args.out}.md").write_text(
         f"# Swarm churn soak\n\nCommand: `{out['command']}` · {out['machine']} · load average {load0[0]:.1f} → "
         f"{out['load_average_end'][0]:.1f}\n\n{out['users']} users in {args.clients} client processes, "
         f"{args.workers} lenders, one killed or leaving every {args.period:.0f} s for {args.minutes:g} min "
         f"({len(events)} events).\n\n| generations | tokens | errors | mismatches | recoveries | longest pause "
         f"between tokens | sessions left on stages |\n|---|---|---|---|---|---|---|\n| {out['generations']} | "
         f"{out['tokens']} | {len(out['errors'])} | {out['mismatches']} | {out['recoveries']} | "
-        f"{out['longest_gap_s']:.2f} s | {sum(left.values())} |\n")
+        f"{out['longest_gap_s']:.2f} s | {sum(left.values())} |\n\nA restarted lender hosts its span "
+        f"{min(rejoin, default=0):.1f}–{max(rejoin, default=0):.1f} s after joining the scheduler; from the kill or "
+        f"leave signal to hosting again (exit, 2 s pause, process start, join, load): "
+        f"{min((e['rejoined_s'] for e in events), default=0):.1f}–{max((e['rejoined_s'] for e in events), default=0):.1f} s.\n")
     print(json.dumps({k: v for k, v in out.items() if k != "events"}, indent=2))
 
 

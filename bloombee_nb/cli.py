@@ -77,12 +77,13 @@ def _worker(args) -> int:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, leave.signal)
             print(f"bloombee-nb worker {worker.address} joined {args.scheduler}", flush=True)
+            joined = time.monotonic()
             if args.host or args.allow:
                 from .cluster.policy import POLICY, HostPolicy
 
                 await worker.plugin_add(HostPolicy([*args.host, *args.allow]), name=POLICY)
             for model in args.host:
-                await asyncio.to_thread(_host_here, args, worker.address, model)
+                await asyncio.to_thread(_host_here, args, worker.address, model, joined)
             await worker.finished()
 
     asyncio.run(serve())
@@ -102,7 +103,7 @@ def _looks_like_an_address(text: str) -> bool:
         return text in ("localhost", "0.0.0.0")
 
 
-def _host_here(args, address: str, model: str) -> None:
+def _host_here(args, address: str, model: str, joined: float) -> None:
     """``--host MODEL``: this worker takes the span of MODEL the swarm needs most (see
     :func:`bloombee_nb.cluster.swarm.host`), as many layers as ``--layers`` (default: all)."""
     import bloombee_nb as bb
@@ -114,7 +115,8 @@ def _host_here(args, address: str, model: str) -> None:
         except Exception as exc:  # noqa: BLE001 — the worker keeps serving; the owner reads why
             print(f"bloombee-nb worker {address} could not host {model}: {type(exc).__name__}: {exc}", flush=True)
             return
-    print(f"bloombee-nb worker {address} hosts layers {span.start}–{span.end - 1} of {span.model}", flush=True)
+    print(f"bloombee-nb worker {address} hosts layers {span.start}–{span.end - 1} of {span.model} "
+          f"({time.monotonic() - joined:.1f} s after joining)", flush=True)
 
 
 def _hand_over_here(args, address: str) -> None:
