@@ -53,6 +53,9 @@ def client(args) -> None:
                for i in range(args.users)]
     with bb.connect(args.client) as cluster:
         model = bb.DistributedModelForCausalLM.from_pretrained(path, cluster=cluster, swarm=args.mode == "swarm")
+        # untimed warm-up (a few tokens): the first forward of a process or a fresh stage pays one-time
+        # costs (lazy imports, allocator growth) that would otherwise land on whichever mode runs first
+        model.generate(prompts[0][:, :4], max_new_tokens=4, do_sample=False, pad_token_id=0)
         print(json.dumps({"ready": True, "attached": model.attached}), flush=True)
         sys.stdin.readline()  # GO
         results = [None] * args.users
