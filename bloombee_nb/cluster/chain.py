@@ -227,13 +227,20 @@ class RemoteChain:
         return [sub for sub, _, _ in self._parts.get(session_id, [(session_id, 0, 0)])]
 
     def close_session(self, session_id: str) -> None:
+        """Close the session on every stage. On a released chain (another session's recovery re-placed
+        or re-routed the model, maybe while this ran) it raises StageUnavailableError and remembers
+        the session's parts, so that the caller can still close it on the hosted stages left behind."""
+        self._check_usable()
         subs = self.stage_sessions(session_id)
-        self._parts.pop(session_id, None)
         for sub in subs:
             self._seq.pop(sub, None)
             if self._groups is not None:
                 self._groups.forget(sub)
-        self._gather([self._call(i, "close_session", sub, self.owner) for sub in subs for i in range(len(self.actors))])
+        try:
+            self._gather([self._call(i, "close_session", sub, self.owner) for sub in subs for i in range(len(self.actors))])
+        finally:
+            if not self.released:
+                self._parts.pop(session_id, None)
 
     def rollback(self, session_id: str, length: int) -> None:
         """Keep the first ``length`` positions of the session on every stage."""

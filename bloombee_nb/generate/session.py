@@ -181,13 +181,16 @@ class InferenceSession(Cache):
 
     def close(self) -> None:
         if not self.closed and self._opened_on is not None:
-            if self._opened_on.released:  # another session's recovery re-placed the model: the stages may live on
-                _close_quietly(self._opened_on, self.session_id)
-            else:
-                try:
-                    self._opened_on.close_session(self.session_id)
-                except BloombeeError:
-                    pass  # a stage that is gone has nothing left to free
+            chain = self._opened_on
+            try:
+                chain.close_session(self.session_id)
+            except StageUnavailableError:
+                # released before or while this close ran (another session's recovery re-placed the
+                # model or re-routed): its hosted stages may live on and still hold this session
+                if chain.released:
+                    _close_quietly(chain, self.session_id)
+            except BloombeeError:
+                pass  # a stage that is gone has nothing left to free
         self.closed, self.history = True, []
 
     # ---- history and recovery -----------------------------------------------------------------

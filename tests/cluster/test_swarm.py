@@ -19,7 +19,7 @@ import torch
 import bloombee_nb as bb
 from bloombee_nb import transport
 from bloombee_nb.cluster.swarm import actors, hosted, model_key
-from bloombee_nb.errors import SessionOwnerError, SwarmError
+from bloombee_nb.errors import SessionOwnerError, StageUnavailableError, SwarmError
 from bloombee_nb.plan.swarm import choose_span, route
 from tests.cluster.test_faults import FaultAt, Swarm
 from tests.conftest import BIN, padded_batch
@@ -138,12 +138,20 @@ def test_a_session_on_a_released_swarm_chain_still_closes_on_the_hosted_stages(l
     bb.host(path, local)
     try:
         with bb.connect(local.address) as user:
-            model = bb.DistributedModelForCausalLM.from_pretrained(path, cluster=user)
+            model = bb.DistributedModelForCausalLM.from_pretrained(path, cluster=user, micro_batch=2)
             sessions = [model.inference_session(max_length=16) for _ in range(2)]
-            for s in sessions:
-                model(padded_batch([5], seed=8)[0], cache=s)
-            model.chain.release()   # what a re-route does to the chain these sessions are open on
+            for s, lengths in zip(sessions, ([5, 3, 4, 5], [5])):  # the first goes as 2 micro-batches
+                ids, mask = padded_batch(lengths, seed=8)
+                model(ids, attention_mask=mask, cache=s)
+            chain = model.chain
+            chain.release()         # what a re-route does to the chain these sessions are open on
             time.sleep(0.5)         # Dask drops released keys on its event loop
+            # a close that finds its chain released (before or while it runs: the soak left 2 sessions
+            # when a release landed between the session's check and the chain's call) raises and keeps
+            # what the session goes by, so the session can still close it on the stages left behind
+            with pytest.raises(StageUnavailableError, match="released"):
+                chain.close_session(sessions[0].session_id)
+            assert len(chain.stage_sessions(sessions[0].session_id)) == 2
             for s in sessions:
                 s.close()
             deadline = time.monotonic() + 10
