@@ -153,11 +153,16 @@ def main():
                             print(inst["name"], key, name, json.dumps(entry[name]), flush=True)
                         row["workloads"][key] = entry
                     results["instances"].append(row)
-            finally:
-                for p in procs[::-1]:
+            finally:  # workers leave while the scheduler still answers them, then the scheduler
+                for p in procs[1:]:
                     p.terminate()
-                for p in procs:
-                    p.wait(30)
+                for p in procs[1:]:
+                    try:
+                        p.wait(60)
+                    except subprocess.TimeoutExpired:
+                        p.kill()
+                procs[0].terminate()
+                procs[0].wait(30)
     write_json("plan_applied", results)
     plot(results, RESULTS / "plan_applied.png")
 
