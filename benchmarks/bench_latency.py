@@ -168,7 +168,7 @@ CATEGORIES = [  # (label, substrings of a stack: the first that matches names th
     ("frames (encode/decode)", ("transport/frame.py", "transport/codec.py")),
     ("Dask comm (tcp, serialization)", ("distributed/comm/", "distributed/protocol/")),
     ("stage queue and protocol", ("cluster/batching.py", "cluster/stage.py", "cluster/wire.py", "cluster/protocol.py")),
-    ("client relay", ("cluster/relay.py", "cluster/chain.py")),
+    ("client relay", ("cluster/relay.py", "cluster/chain.py", "cluster/groups.py", "cluster/trace.py")),
     ("client generate / session", ("generate/model.py", "generate/session.py")),
     ("event loop (tornado/asyncio)", ("asyncio/", "tornado/")),
     ("Dask's own threads (monitor, nanny)", ("distributed/system_monitor", "psutil", "distributed/nanny.py")),

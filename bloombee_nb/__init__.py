@@ -22,6 +22,7 @@ _LAZY = {
     "errors": "bloombee_nb.errors",
     "host": "bloombee_nb.cluster.swarm",
     "unhost": "bloombee_nb.cluster.swarm",
+    "rebalance": "bloombee_nb.cluster.swarm",
     "swarm": "bloombee_nb.cluster.swarm",
 }
 

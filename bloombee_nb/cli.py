@@ -3,7 +3,8 @@
     bloombee-nb worker tcp://host:8786          # serve whatever span the scheduler's clients place here
                                                 # (SIGTERM / Ctrl-C: hand the spans over, then exit; twice: exit now)
     bloombee-nb worker tcp://host:8786 --host MODEL   # lend it to the swarm: host the span of MODEL the swarm
-                                                # needs most, for every client (and only MODEL)
+                                                # needs most, for every client (and only MODEL); every
+                                                # 5 s it moves where a lost span left layers unserved
     bloombee-nb swarm tcp://host:8786           # which worker hosts which layers of which model
     bloombee-nb chat --model smollm2.gguf       # a conversation whose KV cache stays on the stages
     bloombee-nb credentials ./creds             # TLS credentials; then `scheduler --tls ./creds`, `worker … --tls ./creds`
@@ -17,6 +18,7 @@ import argparse
 import asyncio
 import signal
 import sys
+import threading
 import time
 
 
@@ -84,6 +86,9 @@ def _worker(args) -> int:
                 await worker.plugin_add(HostPolicy([*args.host, *args.allow]), name=POLICY)
             for model in args.host:
                 await asyncio.to_thread(_host_here, args, worker.address, model, joined)
+            if args.host and args.rebalance_every > 0:
+                threading.Thread(target=_keep_balanced, args=(args, worker.address, leave.stop), daemon=True,
+                                 name="bloombee-rebalance").start()
             await worker.finished()
 
     asyncio.run(serve())
@@ -117,6 +122,26 @@ def _host_here(args, address: str, model: str, joined: float) -> None:
             return
     print(f"bloombee-nb worker {address} hosts layers {span.start}–{span.end - 1} of {span.model} "
           f"({time.monotonic() - joined:.1f} s after joining)", flush=True)
+
+
+def _keep_balanced(args, address: str, stop: threading.Event) -> None:
+    """``--host``: every ``--rebalance-every`` seconds until the worker leaves, ask the swarm whether
+    this worker's span should move (:func:`bloombee_nb.cluster.swarm.rebalance`) and move it."""
+    import bloombee_nb as bb
+
+    with bb.connect(args.scheduler, security=_security(args)) as cluster:
+        while not stop.wait(args.rebalance_every):
+            for model in args.host:
+                try:
+                    for old, new in bb.rebalance(cluster, model, workers=[address], capacity=args.layers or 1 << 30,
+                                                 num_threads=args.nthreads):
+                        print(f"bloombee-nb worker {address} moved from layers {old.start}–{old.end - 1} to "
+                              f"{new.start}–{new.end - 1} of {new.model}", flush=True)
+                except Exception as exc:  # noqa: BLE001 — the worker keeps serving; the owner reads why
+                    if stop.is_set():
+                        return
+                    print(f"bloombee-nb worker {address} could not rebalance {model}: {type(exc).__name__}: {exc}",
+                          flush=True)
 
 
 def _hand_over_here(args, address: str) -> None:
@@ -177,8 +202,10 @@ class _Leave:
 
     def __init__(self, worker, args):
         self.worker, self.args, self.grace_s, self.task = worker, args, args.leave_grace_s, None
+        self.stop = threading.Event()  # set when leaving: no more rebalancing moves
 
     def signal(self) -> None:
+        self.stop.set()
         if self.task is None:
             self.task = asyncio.ensure_future(self.leave())
             return
@@ -238,6 +265,8 @@ def _generate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Long: a flat list of every subcommand's options, then one dispatch; read top to bottom it is
+    # the whole command-line surface, which splitting it per subcommand would scatter.
     p = argparse.ArgumentParser(prog="bloombee-nb", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -254,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--layers", type=int, default=None, help="with --host: at most this many layers (default: all)")
     w.add_argument("--quantize", choices=["int8", "int4", "nf4"], default=None,
                    help="with --host: hold the span's weights quantized (clients asking for this format attach)")
+    w.add_argument("--rebalance-every", type=float, default=5.0, metavar="SECONDS",
+                   help="with --host: this often, move the span where the swarm needs it (e.g. layers whose only "
+                        "host was lost), when a replica elsewhere keeps its layers served; 0: never")
     w.add_argument("--memory-limit", default="auto")
     w.add_argument("--tls", metavar="FOLDER", default=None,
                    help="credentials folder (bloombee-nb credentials): mutual TLS, tls:// scheduler address")

@@ -22,18 +22,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
 
 import torch
-from distributed import Client, wait
+from distributed import Client
 
 from .. import transport
-from ..errors import BloombeeError, StageHungError, StageLeavingError, StageUnavailableError
-from .liveness import Watchdog
-from .placement import Placement, StageSpec
-from .protocol import Entry, StageRef
+from ..errors import BloombeeError, StageUnavailableError
+from .groups import Groups
+from .links import LinkCodecs
+from .liveness import Watchdog, awaitable, ping_stages
+from .loading import gather_actors, submit_stages, unavailable
+from .placement import Placement
+from .protocol import Entry, StageRef, speculation_frames
 from .relay import Relay
-from .stage import StageActor
+from .trace import StepTrace, merge_traces
 
 #: Seconds an actor call may take before its worker counts as gone. Dask never resolves a call
 #: whose arguments fail to serialise, so every call carries a timeout.
@@ -42,45 +44,14 @@ DEFAULT_CALL_TIMEOUT_S = 120.0
 DEFAULT_LIVENESS_INTERVAL_S = 1.0
 #: A stage whose worker does not answer a ping for this long counts as hung.
 DEFAULT_PING_TIMEOUT_S = 10.0
-
-
-RELAYS = ("chain", "star")
 #: Prompts longer than this many tokens are sent in chunks of it (module doc: Batching).
 DEFAULT_PREFILL_CHUNK = 256
-
-
-@dataclass(frozen=True)
-class StepTrace:
-    """What one step cost: wall time seen by the client, compute time of each stage on its worker."""
-
-    tokens: int                         # positions processed in this step (per sequence)
-    stage_wall_s: tuple[float, ...]     # star: round trip per stage; chain: one entry, the whole traversal
-    stage_compute_s: tuple[float, ...]  # span forward per stage, worker clock
-    bytes_sent: int                     # frame bytes the client sent
-    bytes_received: int                 # frame bytes the client received
-    relay: str = "star"
-    hidden_bytes: int = 0               # uncompressed bytes of the hidden states of one hop
-    hop_wire_bytes: tuple[int, ...] = ()  # hidden-state frame bytes on each hop (chain: N+1, star: 2N)
-
-    @property
-    def wall_s(self) -> float:
-        return sum(self.stage_wall_s)
-
-    @property
-    def wire_bytes(self) -> int:
-        """Hidden-state bytes that crossed links in this step, as sent (compressed or not)."""
-        return sum(self.hop_wire_bytes)
-
-    @property
-    def raw_bytes(self) -> int:
-        """The same hidden states uncompressed: what a raw wire would have carried."""
-        return self.hidden_bytes * len(self.hop_wire_bytes)
-
-
 UNDO_TIMEOUT_S = 5.0  # how long undoing a half-opened session may take
 
+RELAYS = ("chain", "star")
 
-class RemoteChain:
+
+class RemoteChain(LinkCodecs):
     """Actor handles for a :class:`Placement`, with calls that time out and name the lost worker."""
 
     def __init__(self, client: Client, placement: Placement, futures: list, timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
@@ -105,20 +76,10 @@ class RemoteChain:
         self._relayer = Relay(client, self.owner)
         self.watchdog = Watchdog(client, placement, lambda i: self._call(i, "ping"), liveness_interval_s,
                                  ping_timeout_s)
-        # the codec each sender uses on each of its links: the client's per stage it sends to
-        # (chain: only the first), each stage's for its one outgoing link
-        n = len(self.actors)
-        self.client_policies = [transport.CodecPolicy()] * n
-        self.stage_policies = [transport.CodecPolicy()] * n
-        self.compression = compression  # the setting: None, a codec label, or "auto" (chosen per link)
-        if compression and compression != "auto":
-            # one codec on every link; frames under min_compress_bytes stay raw (headers outweigh
-            # the gain on decode-sized frames: see benchmarks/results/compression.md)
-            fixed = transport.CodecPolicy.fixed(transport.Codec.parse(compression), min_compress_bytes)
-            self.set_policies([fixed] * n, [fixed] * n)
+        self._init_codecs(compression, min_compress_bytes)  # each sender's codec per link (links.py)
         self.micro_batch, self.prefill_chunk = micro_batch, prefill_chunk
-        self.group = group and not shared  # chain relay: concurrent sessions' plain steps travel together (_Groups)
-        self._groups: _Groups | None = None
+        self.group = group and not shared  # chain relay: concurrent sessions' plain steps travel together (groups.py)
+        self._groups: Groups | None = None
         self._parts: dict[str, list[tuple[str, int, int]]] = {}  # session -> (stage session id, rows a:b)
         self._seq: dict[str, int] = {}                            # stage session id -> its next step's seq
 
@@ -135,56 +96,11 @@ class RemoteChain:
         stage i on top of them; ``micro_batch`` is both the rows a stage runs in one forward and
         the rows a batch is split into (see :meth:`forward`); ``group`` (default: the stages'
         ``merge``) sends concurrent sessions' steps together."""
-        per_stage = per_stage or [{}] * len(placement.stages)
-        if len(per_stage) != len(placement.stages):
-            raise ValueError(f"per_stage has {len(per_stage)} entries for {len(placement.stages)} stages")
-        futures = [
-            client.submit(StageActor, path, st.start, st.end, actor=True, pure=False,
-                          workers=[st.worker], allow_other_workers=False,
-                          **{**stage_kwargs, "micro_batch": micro_batch, **own})
-            for st, own in zip(placement.stages, per_stage)
-        ]
+        futures = submit_stages(client, placement, path, per_stage, **stage_kwargs, micro_batch=micro_batch)
         return cls(client, placement, futures, timeout_s, relay, compression,
                    liveness_interval_s=liveness_interval_s, ping_timeout_s=ping_timeout_s, micro_batch=micro_batch,
                    prefill_chunk=prefill_chunk,
                    group=stage_kwargs.get("merge", True) if group is None else group)
-
-    def hops(self) -> list[tuple[int, int]]:
-        """The links hidden states cross, as (sender, receiver) with -1 for the client."""
-        n = len(self.actors)
-        if self.relay == "chain" and n > 1:
-            return [(-1, 0), *((i, i + 1) for i in range(n - 1)), (n - 1, -1)]
-        return [*((-1, i) for i in range(n)), *((i, -1) for i in range(n))]
-
-    def set_policies(self, client_policies: list, stage_policies: list) -> None:
-        """Install who encodes what: the client's policy per destination stage, each stage's own (a
-        shared stage keeps its own: other clients' steps leave it too)."""
-        self.client_policies, self.stage_policies = list(client_policies), list(stage_policies)
-        for st, a, p in zip(self.placement.stages, self.actors, stage_policies):
-            if self.shared:
-                break
-            _settle(st, a, "set_compression", p.to_dict(), timeout_s=self.timeout_s)
-
-    def choose_compression(self, bandwidth_Bps: dict[tuple[int, int], float], sample: torch.Tensor) -> None:
-        """Per link, the codec that pays for itself: each sender calibrates every candidate on
-        ``sample`` (a real hidden state) on its own machine, and :meth:`CodecPolicy.choose` picks
-        by frame size for that link's measured bandwidth. ``bandwidth_Bps`` maps each of
-        :meth:`hops` to bytes/s; a hop that is missing stays raw."""
-        frame = transport.encode(sample)
-        stage_stats = [[tuple(transport.CodecStats(transport.Codec.parse(c.pop("codec")), **c) for c in st)
-                        for st in per_size] for per_size in self.broadcast("calibrate_codecs", frame)]
-        client_stats = transport.calibrate_sizes(sample)
-        client_policies, stage_policies = list(self.client_policies), list(self.stage_policies)
-        for (src, dst), bw in bandwidth_Bps.items():
-            if src == -1:
-                client_policies[dst] = transport.CodecPolicy.choose(client_stats, bw)
-            else:
-                stage_policies[src] = transport.CodecPolicy.choose(stage_stats[src], bw)
-        self.set_policies(client_policies, stage_policies)
-
-    def link_codecs(self) -> list[tuple[int, int, transport.CodecPolicy]]:
-        """(sender, receiver, policy) for each hop, -1 being the client: what the link map shows."""
-        return [(s, d, self.client_policies[d] if s == -1 else self.stage_policies[s]) for s, d in self.hops()]
 
     def broadcast(self, method: str, *args) -> list:
         """Call ``method`` on every stage concurrently; the first failure is raised after all answered
@@ -285,7 +201,7 @@ class RemoteChain:
             raise
         outs = [torch.cat([transport.decode(r[0]) for r in results[p * n_chunks:(p + 1) * n_chunks]], dim=1)
                 for p in range(len(parts))]
-        trace = _merge_traces(results, self.relay, T, hidden.numel() * hidden.element_size(),
+        trace = merge_traces(results, self.relay, T, hidden.numel() * hidden.element_size(),
                               time.perf_counter() - t0)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0), trace
 
@@ -346,7 +262,7 @@ class RemoteChain:
     def _relay(self, session_id, hidden, position_ids, attention_mask, tree_parents, keep, seq):
         """One session's step through the chain, as a coroutine (frames encoded here, now)."""
         pos, mask = transport.encode(position_ids.contiguous()), transport.encode(attention_mask.contiguous())
-        spec = _speculation_frames(tree_parents, keep)
+        spec = speculation_frames(tree_parents, keep)
         if self.relay == "chain" and len(self.actors) > 1:
             nbytes = hidden.numel() * hidden.element_size()
             frame = transport.encode(hidden.contiguous(), self.client_policies[0].codec_for(nbytes))
@@ -369,6 +285,7 @@ class RemoteChain:
                           seq: int | None = None):
         """Star: one hop per stage, each output back to the client, which sends it to the next."""
         walls, computes, sent, into, back = [], [], 0, [], []
+        frame = b""  # the frame in hand (stage 0 always encodes one before it is read)
         for i in range(len(self.actors)):
             t0 = time.perf_counter()
             if i == 0 or self.client_policies[i] != self.stage_policies[i - 1]:  # else relay the bytes as they are
@@ -400,7 +317,7 @@ class RemoteChain:
 
     async def _grouped(self, session_id: str, frame: bytes, pos: bytes, mask: bytes, seq, rows: int):
         if self._groups is None:
-            self._groups = _Groups(self)
+            self._groups = Groups(self._relay_group, self.micro_batch)
         return await self._groups.submit([session_id, frame, pos, mask, seq, ()], rows)
 
     async def _relay_group(self, entries: list) -> list:
@@ -419,11 +336,11 @@ class RemoteChain:
         """``method(*args)`` on stage ``i`` within ``timeout_s``; any way it cannot be reached (closed
         connection, timeout, an actor Dask says is lost) becomes a typed error naming the worker."""
         try:
-            return await asyncio.wait_for(_awaitable(getattr(self.actors[i], method)(*args)), self.timeout_s)
+            return await asyncio.wait_for(awaitable(getattr(self.actors[i], method)(*args)), self.timeout_s)
         except BloombeeError:
             raise
         except (OSError, asyncio.TimeoutError, TimeoutError, KeyError, RuntimeError) as exc:
-            raise _unavailable(self.placement.stages[i], exc) from exc
+            raise unavailable(self.placement.stages[i], exc) from exc
 
     # ---- liveness -------------------------------------------------------------------------------
     async def _watched(self, call):
@@ -433,22 +350,10 @@ class RemoteChain:
         """worker address -> its stage's :meth:`StageActor.ping` answer, ``None`` where the worker
         did not answer within ``timeout_s`` (default: ``ping_timeout_s``) or its call failed.
         Workers in ``skip`` are not pinged."""
-        timeout_s = self.ping_timeout_s if timeout_s is None else timeout_s
-
-        async def one(actor):
-            try:
-                return await asyncio.wait_for(_awaitable(actor.ping()), timeout_s)
-            except (OSError, asyncio.TimeoutError, TimeoutError, KeyError, RuntimeError, BloombeeError):
-                return None
-
-        asked = [(w, a) for w, a in zip(self.placement.workers, self.actors) if w not in skip]
-
-        async def every():
-            return await asyncio.gather(*(one(a) for _, a in asked))
-
         if self.released:
-            return {w: None for w, _ in asked}
-        return dict(zip([w for w, _ in asked], self.client.sync(every)))
+            return {}  # no stage left to ask: release dropped the actors
+        timeout_s = self.ping_timeout_s if timeout_s is None else timeout_s
+        return ping_stages(self.client, self.placement.workers, self.actors, timeout_s, skip)
 
     def info(self) -> list[dict]:
         return self.broadcast("info")
@@ -480,81 +385,6 @@ class RemoteChain:
                                         "were re-placed after a failure); sessions move to the model's current chain")
 
 
-class _Groups:
-    """Concurrent sessions' decode steps, sent through the chain together (the client's micro-batches).
-
-    Only one-position plain steps group: a prompt (or a chunk of one) travels alone, so decode
-    steps never wait for a prompt's compute on the way.
-
-    When to send: when no group is on its way — or as soon as the steps waiting fill a micro-batch
-    (``micro_batch`` rows), so micro-batches follow each other through the chain. A group that
-    comes back is expected to step again at once: the next group waits for its sessions (at most
-    ``LINGER_S``), so the users cycle as one group instead of two alternating ones (which would
-    make each wait a traversal per token). The price: a step that arrives while a group travels
-    waits for it, up to one traversal. So this is the throughput setting
-    (``from_pretrained(group=True)``, the default for a plan made for throughput); without it,
-    steps go at once and the stages still merge what reaches them together.
-    """
-
-    LINGER_S = 0.02  # the longest the next group waits for the sessions of the one that came back
-
-    def __init__(self, chain: RemoteChain):
-        self.chain = chain
-        self.pending: list[tuple[list, int, asyncio.Future]] = []
-        self.inflight = 0
-        self.expected: set[str] = set()   # sessions of a group that came back, not stepped again yet
-        self.returned_at = 0.0
-        self._timer: asyncio.TimerHandle | None = None
-
-    async def submit(self, entry: list, rows: int):
-        fut = asyncio.get_running_loop().create_future()
-        self.pending.append((entry, rows, fut))
-        self.expected.discard(entry[0])
-        self._dispatch()
-        return await fut
-
-    def forget(self, session_id: str) -> None:
-        self.expected.discard(session_id)  # closed: it will not step again
-
-    def _ready(self, now: float) -> bool:
-        m = self.chain.micro_batch
-        if m is not None and sum(r for _, r, _ in self.pending) >= m:
-            return True
-        return self.inflight == 0 and (not self.expected or now - self.returned_at >= self.LINGER_S)
-
-    def _dispatch(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        m = self.chain.micro_batch
-        while self.pending and self._ready(loop.time()):
-            group, rows = [], 0
-            while self.pending and (not group or m is None or rows + self.pending[0][1] <= m):
-                group.append(self.pending.pop(0))
-                rows += group[-1][1]
-            self.inflight += 1
-            asyncio.ensure_future(self._send(group))
-        if self.pending and self.inflight == 0:
-            self._timer = loop.call_at(self.returned_at + self.LINGER_S, self._dispatch)
-
-    async def _send(self, group: list) -> None:
-        try:
-            results = await self.chain._relay_group([e for e, _, _ in group])
-        except BaseException as exc:  # noqa: BLE001 — every step of the group gets it
-            results = [exc] * len(group)
-        finally:
-            self.inflight -= 1
-        self.returned_at = asyncio.get_running_loop().time()
-        for (entry, _, fut), res in zip(group, results):
-            if not fut.done():
-                ok = not isinstance(res, BaseException)
-                fut.set_result(res) if ok else fut.set_exception(res)
-                if ok:
-                    self.expected.add(entry[0])
-        self._dispatch()
-
-
 async def _all(relays: list) -> list:
     """Await calls together; the first failure is raised after all finished (a recoverable one first)."""
     results = await asyncio.gather(*relays, return_exceptions=True)
@@ -563,73 +393,3 @@ async def _all(relays: list) -> list:
         raise next((e for e in errors if isinstance(e, StageUnavailableError)), errors[0])
     return results
 
-
-def _merge_traces(results: list, relay: str, tokens: int, hidden_bytes: int, wall_s: float) -> StepTrace:
-    """One step's trace from the relays it took (one, or one per micro-batch and chunk)."""
-    if len(results) == 1:
-        out, walls, computes, sent, hops = results[0]
-        return StepTrace(tokens, tuple(walls), tuple(c for c, _ in computes), sent, len(out), relay, hidden_bytes,
-                         tuple(hops))
-    computes = [sum(c[i][0] for _, _, c, _, _ in results) for i in range(len(results[0][2]))]
-    hops = [sum(r[4][i] for r in results) for i in range(len(results[0][4]))]
-    return StepTrace(tokens, (wall_s,), tuple(computes), sum(r[3] for r in results), sum(len(r[0]) for r in results),
-                     relay, hidden_bytes, tuple(hops))
-
-
-async def _awaitable(future):
-    return await future
-
-
-def unavailable_message(stage: StageSpec) -> str:
-    return (f"the worker {stage.worker} hosting layers {stage.start}–{stage.end - 1} did not answer. It is gone or "
-            "overloaded: check the cluster (bb.connect(...).workers()) and load the model again so its spans are "
-            "placed on live workers.")
-
-
-def _unavailable(stage: StageSpec, exc: BaseException) -> StageUnavailableError:
-    error = StageHungError if isinstance(exc, (asyncio.TimeoutError, TimeoutError)) else StageUnavailableError
-    return error(f"{unavailable_message(stage)} [{type(exc).__name__}: {exc}]", workers=(stage.worker,))
-
-
-def _settle(stage: StageSpec, actor, method: str, *args, timeout_s: float):
-    """A set-up call on one stage, waited for; a stage that cannot be reached raises typed."""
-    try:
-        return getattr(actor, method)(*args).result(timeout=timeout_s)
-    except BloombeeError:
-        raise
-    except (OSError, TimeoutError, KeyError, RuntimeError) as exc:
-        raise _unavailable(stage, exc) from exc
-
-
-def gather_actors(client: Client, futures: list, stages: tuple[StageSpec, ...], poll_s: float = 1.0) -> list:
-    """The actor handles of ``futures`` once every stage has loaded its span.
-
-    Loading may take long (a real span is gigabytes), so there is no overall timeout; instead a
-    stage whose worker leaves the cluster or stops taking work (``closing_gracefully``: it is
-    leaving) while loading fails the whole chain at once, naming it — Dask itself would wait forever
-    for a task pinned to a worker that is gone.
-    """
-    while True:
-        try:
-            wait(futures, timeout=poll_s)
-            return client.gather(futures)
-        except TimeoutError:
-            pass
-        workers = client.sync(client.scheduler.identity, n_workers=-1)["workers"]
-        for fut, st in zip(futures, stages):
-            state = workers.get(st.worker, {}).get("status")
-            if not fut.done() and state != "running":
-                for f in futures:
-                    f.cancel()
-                error = StageLeavingError if state == "closing_gracefully" else StageUnavailableError
-                raise error(f"{st.worker} cannot load layers {st.start}–{st.end - 1}: "
-                            f"{'it is leaving' if state else 'it left the cluster'}", workers=(st.worker,))
-
-
-def _speculation_frames(tree_parents: torch.Tensor | None,
-                        keep: tuple[int, torch.Tensor] | None) -> tuple[bytes | None, tuple[int, bytes] | None]:
-    """A step's tree and kept path as frames (``(None, None)`` for a plain step)."""
-    tree = None if tree_parents is None else transport.encode(tree_parents.to(torch.long).cpu().contiguous())
-    if keep is not None:
-        keep = (int(keep[0]), transport.encode(torch.as_tensor(keep[1], dtype=torch.long).cpu().contiguous()))
-    return tree, keep

@@ -7,13 +7,16 @@
   connecting for Dask's 30 s connect timeout) and pings every stage on its worker's event loop
   (``StageActor.ping``, answered even while a long step computes): a stage silent for
   ``ping_timeout_s`` fails the call as hung.
+
+:func:`ping_stages` asks every stage the same way on demand (a recovery checks which workers
+still answer).
 """
 
 from __future__ import annotations
 
 import asyncio
 
-from ..errors import StageHungError, StageUnavailableError
+from ..errors import BloombeeError, StageHungError, StageUnavailableError
 from .placement import Placement
 
 
@@ -81,3 +84,26 @@ class Watchdog:
 def lost_message(placement: Placement, workers: list[str], what: str) -> str:
     spans = ", ".join(f"{s.worker} (layers {s.start}–{s.end - 1})" for s in placement.stages if s.worker in workers)
     return f"{spans} {what}"
+
+
+def ping_stages(client, workers, actors, timeout_s: float, skip=()) -> dict[str, dict | None]:
+    """worker address -> its stage's ``StageActor.ping`` answer (``workers[i]`` hosts ``actors[i]``),
+    ``None`` where the worker did not answer within ``timeout_s`` or its call failed. Workers in
+    ``skip`` are not pinged."""
+    async def one(actor):
+        try:
+            return await asyncio.wait_for(awaitable(actor.ping()), timeout_s)
+        except (OSError, asyncio.TimeoutError, TimeoutError, KeyError, RuntimeError, BloombeeError):
+            return None
+
+    asked = [(w, a) for w, a in zip(workers, actors) if w not in skip]
+
+    async def every():
+        return await asyncio.gather(*(one(a) for _, a in asked))
+
+    return dict(zip([w for w, _ in asked], client.sync(every)))
+
+
+async def awaitable(future):
+    """An actor call's future as a coroutine, for ``asyncio.wait_for``."""
+    return await future

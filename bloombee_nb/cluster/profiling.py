@@ -234,8 +234,8 @@ def profile_cluster(cluster, path: str, workers: list[str] | None = None, client
     """Measure every worker and every ordered link (client included) with the model at ``path``;
     with ``formats`` (e.g. ``("int8", "nf4")``), also what each quantized format costs on every
     worker (``quantize.measure_formats``), so the planner may choose a format per stage."""
-    # One straight sequence of measurements feeding one profile: the steps depend on each other's
-    # results (the step overheads need the links' RTTs, the chain overhead both), so it stays whole.
+    # Long: one straight sequence of measurements feeding one profile; the steps depend on each
+    # other's results (the step overheads need the links' RTTs, the chain overhead both).
     from tqdm.auto import tqdm
 
     from ..model.checkpoint import resolve_checkpoint

@@ -21,7 +21,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+import torch
 from distributed.protocol import to_serialize
+
+from .. import transport
 
 
 @dataclass(frozen=True)
@@ -154,3 +157,13 @@ def _error(value) -> BaseException | None:
     from ..errors import BloombeeError
 
     return BloombeeError(f"a stage reported an error this client cannot read: {value!r}")
+
+
+def speculation_frames(tree_parents: torch.Tensor | None,
+                       keep: tuple[int, torch.Tensor] | None) -> tuple[bytes | None, tuple[int, bytes] | None]:
+    """A step's token tree and kept path as frames, :class:`Entry`'s ``tree`` and ``keep``
+    (``(None, None)`` for a plain step)."""
+    tree = None if tree_parents is None else transport.encode(tree_parents.to(torch.long).cpu().contiguous())
+    if keep is not None:
+        keep = (int(keep[0]), transport.encode(torch.as_tensor(keep[1], dtype=torch.long).cpu().contiguous()))
+    return tree, keep

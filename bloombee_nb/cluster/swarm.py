@@ -1,14 +1,15 @@
 """The swarm: spans hosted once by lenders, used by any number of clients.
 
 Hosting is separate from using. :func:`host` (or ``bloombee-nb worker … --host MODEL``) starts
-stage actors that belong to the swarm, not to a client: the registry below, a Dask scheduler
-plugin, records them and *wants* their keys on the scheduler (as Dask's own published datasets
+stage actors that belong to the swarm, not to a client: the registry (``registry.py``, a Dask
+scheduler plugin) records them and *wants* their keys on the scheduler (as Dask's own published datasets
 are wanted), so they outlive the client that placed them, and forgets them when their worker
 leaves. A client's ``from_pretrained`` finds the model in the registry and :func:`attach_chain`
 routes a chain through the hosted spans — replicas included — from what it measures itself (its
 round trip to each stage and each stage's load), without loading a layer. Every session on a
-shared stage carries its own route (every step does: ``protocol.py``), and steps of different clients that meet at
-a stage merge into one forward like any others.
+shared stage carries its own route (every step does: ``protocol.py``), and steps of different
+clients that meet at a stage merge into one forward like any others. Lenders keep the swarm
+balanced: :func:`rebalance` moves a replica to layers whose only host was lost.
 
 Who may host what is the lender's choice: a worker started with ``--host`` / ``--allow`` carries a
 :class:`HostPolicy` (a Dask worker plugin), and a stage refuses to load any other model there.
@@ -27,16 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distributed import Actor
-from distributed.diagnostics.plugin import SchedulerPlugin
 
 from ..errors import SwarmError
-from ..plan.swarm import choose_span, coverage, route
+from ..plan.swarm import coverage, route
+from .loading import gather_actors
 from .placement import Placement, StageSpec, even_spans
+from .registry import ensure_registry
 from .policy import HostPolicy, model_key  # noqa: F401 (HostPolicy: part of the swarm's API)
 from .stage import StageActor
 
-REGISTRY = "bloombee-swarm"          # the scheduler plugin's name
-OWNER = "bloombee-swarm"             # the pseudo-client that wants hosted actors' keys on the scheduler
 
 
 @dataclass(frozen=True)
@@ -60,86 +60,10 @@ class HostedSpan:
         return StageSpec(self.worker, self.start, self.end)
 
 
-# ---- the registry (runs inside the Dask scheduler) -----------------------------------------------
-class SwarmRegistry(SchedulerPlugin):
-    """Which worker hosts which span of which model, kept on the scheduler.
-
-    Handlers (called as ``client.scheduler.bloombee_swarm_*``): ``add`` records spans and wants
-    their actors' keys for the swarm; ``remove`` forgets them (the actors stop when no client holds
-    them either); ``list`` answers the records. A worker that leaves takes its records with it.
-    """
-
-    name = REGISTRY
-    idempotent = True  # registering again (every client does) keeps the running registry
-
-    #: a claimed span not hosted within this long (its worker failed to load it) is free again
-    CLAIM_S = 120.0
-
-    def __init__(self):
-        self.spans: dict[str, dict] = {}
-        self.claims: dict[tuple[str, str], tuple[tuple[int, int], float]] = {}  # (model, worker) -> (span, when)
-
-    async def start(self, scheduler) -> None:
-        self.scheduler = scheduler
-        scheduler.handlers.update({"bloombee_swarm_add": self.add, "bloombee_swarm_remove": self.remove,
-                                   "bloombee_swarm_list": self.list, "bloombee_swarm_claim": self.claim,
-                                   "bloombee_swarm_unclaim": self.unclaim})
-
-    def claim(self, model: str, worker: str, n_layers: int, capacity: int) -> tuple[int, int]:
-        """The span ``worker`` should host (``choose_span`` over what is hosted and claimed), claimed
-        for it at once: workers joining together each get a different one."""
-        now = time.time()
-        self.claims = {k: v for k, v in self.claims.items() if now - v[1] < self.CLAIM_S}
-        taken = [(r["start"], r["end"]) for r in self.spans.values() if r["model"] == model]
-        taken += [span for (m, w), (span, _) in self.claims.items() if m == model and w != worker]
-        span = choose_span(n_layers, taken, capacity)
-        self.claims[(model, worker)] = (span, now)
-        return span
-
-    def unclaim(self, model: str, workers: list[str]) -> None:
-        """Claims of ``workers`` that will not be hosted after all (their stages failed to load)."""
-        for w in workers:
-            self.claims.pop((model, w), None)
-
-    def add(self, spans: list[dict]) -> None:
-        for rec in spans:
-            if rec["worker"] not in self.scheduler.workers:
-                raise SwarmError(f"{rec['worker']} is not a worker of this cluster")
-            self.scheduler.client_desires_keys(keys=[rec["key"]], client=OWNER)
-            self.spans[rec["key"]] = rec
-            self.claims.pop((rec["model"], rec["worker"]), None)
-
-    def remove(self, keys: list[str]) -> None:
-        keys = [k for k in keys if self.spans.pop(k, None) is not None]
-        if keys:
-            self.scheduler.client_releases_keys(keys=keys, client=OWNER, stimulus_id=f"bloombee-unhost-{time.time()}")
-
-    def list(self) -> list[dict]:
-        return list(self.spans.values())
-
-    def remove_worker(self, scheduler, worker: str, *, stimulus_id: str, **kwargs) -> None:
-        self.claims = {k: v for k, v in self.claims.items() if k[1] != worker}
-        gone = [k for k, rec in self.spans.items() if rec["worker"] == worker]
-        if gone:  # after Dask has finished removing the worker
-            asyncio.get_running_loop().call_soon(self.remove, gone)
-
-
-def _registry(client) -> None:
-    """Install the registry on the scheduler, once (later calls find it running)."""
-    if not getattr(client, "_bloombee_swarm", False):
-        try:
-            client.register_plugin(SwarmRegistry())
-        except Exception as exc:  # noqa: BLE001 — e.g. the scheduler's Python cannot import bloombee_nb
-            raise SwarmError(f"the scheduler could not start the swarm's registry ({type(exc).__name__}: {exc}); "
-                             "run the scheduler where bloombee_nb is installed (`bloombee-nb scheduler`, or "
-                             "`dask scheduler` in the same environment)") from exc
-        client._bloombee_swarm = True
-
-
 def hosted(cluster, model: str | None = None) -> list[HostedSpan]:
     """The spans the swarm hosts (of ``model``, a :func:`model_key`, when given)."""
     client = cluster.client
-    _registry(client)
+    ensure_registry(client)
     recs = client.sync(client.scheduler.bloombee_swarm_list)
     spans = [HostedSpan(**r) for r in recs]
     return sorted((s for s in spans if model is None or s.model == model), key=lambda s: (s.model, s.start, s.name))
@@ -155,10 +79,11 @@ def host(model: str | Path, cluster, *, workers: list[str] | None = None, spans:
     swarm an even split over ``workers`` (default: all), on a covered one a replica of the least
     served span. ``layers_per_worker`` caps a worker's span (default: an even share).
     """
+    # Long: claim, load and register are one transaction - the spans claimed here are unclaimed if
+    # loading or registering fails, and the futures are released either way.
     from ..model.checkpoint import resolve_checkpoint, weight_map
     from ..model.family import _stored_dtype, load_config
     from ..model.quantize import canonical
-    from .chain import gather_actors
 
     key = model_key(model)
     path = resolve_checkpoint(model)
@@ -166,18 +91,19 @@ def host(model: str | Path, cluster, *, workers: list[str] | None = None, spans:
     n = config.num_hidden_layers
     workers = list(workers or cluster.worker_addresses())
     claimed = spans is None
+    ensure_registry(cluster.client)
     if spans is None:
-        _registry(cluster.client)
         cap = layers_per_worker or max(b - a for a, b in even_spans(n, len(workers)))
         spans = [tuple(cluster.client.sync(cluster.client.scheduler.bloombee_swarm_claim, model=key, worker=w,
                                            n_layers=n, capacity=cap)) for w in workers]
     if len(spans) != len(workers):
         raise SwarmError(f"{len(spans)} spans for {len(workers)} workers: give one span per worker")
     dtype, _, fmt = (dtype or "").partition("+")  # quantized spans are recorded as "float32+int8" (issue 19)
-    if canonical(fmt or stage_kwargs.get("quantize")):
-        stage_kwargs["quantize"] = canonical(fmt or stage_kwargs.get("quantize"))
+    quantize = canonical(fmt or stage_kwargs.pop("quantize", None))  # "none"/"fp32": float, no suffix
+    if quantize:
+        stage_kwargs["quantize"] = quantize
     dtype = dtype or str(_stored_dtype(path, weight_map(path), config)).removeprefix("torch.")
-    label = dtype + (f"+{stage_kwargs['quantize']}" if stage_kwargs.get("quantize") else "")
+    label = dtype + (f"+{quantize}" if quantize else "")
     placement = [StageSpec(w, a, b) for w, (a, b) in zip(workers, spans)]
     futures = [cluster.client.submit(StageActor, key, st.start, st.end, actor=True, pure=False, workers=[st.worker],
                                      allow_other_workers=False, dtype=dtype, **stage_kwargs)
@@ -231,6 +157,56 @@ def hand_over(cluster, leaving: str) -> list[HostedSpan]:
             raise SwarmError(f"no other worker accepts layers {mine.start}–{mine.end - 1} of {mine.model}: clients "
                              "lose this model until a worker hosts them")
     return new
+
+
+def rebalance(cluster, model: str | Path, workers: list[str] | None = None, *, capacity: int | None = None,
+              drain_s: float = 2.0, **stage_kwargs) -> list[tuple[HostedSpan, HostedSpan]]:
+    """Move hosted spans of ``model`` where the swarm needs them: each of ``workers`` (default: every
+    worker hosting it) in turn asks the registry whether moving raises the least-replicated layer's
+    count (:func:`~bloombee_nb.plan.swarm.better_span`: e.g. a replica moves to layers whose only
+    host was lost). A moving stage first refuses new steps (its sessions replay on the replicas that
+    still hold its layers — a move never takes a layer's last copy), waits up to ``drain_s`` for steps
+    in flight and for its sessions to leave, then the worker drops it and loads the new span. ``capacity``: layers a worker may hold
+    (default: its current span's). Returns ``(old, new)`` per move. A lender started with ``--host``
+    runs this for itself every few seconds (``--rebalance-every``)."""
+    key = model_key(model)
+    client = cluster.client
+    ensure_registry(client)
+    moves = []
+    for worker in list(workers or dict.fromkeys(s.worker for s in hosted(cluster, key))):
+        mine = [s for s in hosted(cluster, key) if s.worker == worker]
+        if len(mine) != 1:
+            continue
+        (old,) = mine
+        span = client.sync(client.scheduler.bloombee_swarm_move, model=key, worker=worker,
+                           capacity=capacity or old.end - old.start)
+        if span is None:
+            continue
+        try:
+            _drain(cluster, old, drain_s)
+            client.sync(client.scheduler.bloombee_swarm_remove, keys=[old.key])
+            (new,) = host(model, cluster, workers=[worker], spans=[tuple(span)], dtype=old.dtype, **stage_kwargs)
+        except BaseException:
+            client.sync(client.scheduler.bloombee_swarm_unclaim, model=key, workers=[worker])
+            raise
+        moves.append((old, new))
+    return moves
+
+
+def _drain(cluster, span: HostedSpan, timeout_s: float) -> None:
+    """The stage hosting ``span`` refuses new steps and sessions; wait up to ``timeout_s`` for the
+    sessions open on it to move (their clients replay them on replicas at their next step)."""
+    def leave(dask_worker, key=span.key):
+        stage = dask_worker.state.actors.get(key)
+        if stage is None:
+            return 0
+        stage.leaving = True
+        return len(stage.runner.sessions)
+
+    deadline = time.monotonic() + timeout_s
+    while cluster.client.run(leave, workers=[span.worker], on_error="ignore").get(span.worker) \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 # ---- the client's side -------------------------------------------------------------------------

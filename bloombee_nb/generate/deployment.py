@@ -21,6 +21,7 @@ Its options are one :class:`~bloombee_nb.generate.options.DeployConfig`, kept fo
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -33,7 +34,7 @@ from ..errors import RecoveryError, StageUnavailableError, SwarmError
 from ..model.quantize import per_stage
 from ..plan import ClusterProfile, Plan, Workload
 from .options import DeployConfig
-from .recovery import find_lost, live_workers, recovery_error, replacement_placement
+from .recovery import LEAVING, find_lost, live_workers, recovery_error, replacement_placement
 
 
 class Deployment:
@@ -250,8 +251,14 @@ class Deployment:
         from ..cluster.swarm import attach_chain, missing_layers
 
         self._lost = lost
-        chain = attach_chain(self.cluster, self.worker_path, self.n_layers, dtype=self._hosted_as(),
-                             exclude=set(lost), **self.options.swarm_chain_options())
+        # a stage that said "leaving" is routed around by its ping answer; its worker may host
+        # another span (a rebalancing move), so only workers that failed are excluded
+        exclude = {a for a, w in lost.items() if w.why != LEAVING}
+        deadline = time.monotonic() + self.options.swarm_heal_s
+        while (chain := attach_chain(self.cluster, self.worker_path, self.n_layers, dtype=self._hosted_as(),
+                                     exclude=exclude, **self.options.swarm_chain_options())) is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.25)  # layers no one else hosts: wait for a lender to take them (bb.rebalance)
         if chain is None:
             gone = missing_layers(self.cluster, self.worker_path, self.n_layers)
             raise RecoveryError(f"the swarm no longer hosts layers {_ranges(gone) or 'of a live route'} of "

@@ -71,6 +71,9 @@ class DeployConfig:
                                                 # the stages' workers (a swarm client: 0.2 s by default)
     recover: bool = True                        # a session that loses a stage re-places the spans (or
                                                 # re-routes) and replays its history; False: raise
+    swarm_heal_s: float = 30.0                  # a swarm client whose route lost layers no one else hosts
+                                                # waits this long for a lender to host them again (a
+                                                # replica moving there: bb.rebalance) before RecoveryError
 
     @classmethod
     def of(cls, options: dict) -> "DeployConfig":

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache
 
-from ..cluster.chain import StepTrace
+from ..cluster.trace import StepTrace
 from ..errors import (BloombeeError, SessionLengthError, ShapeMismatchError, StageUnavailableError, TreeError,
                       UnknownSessionError)
 from .recovery import RecoveryEvent, spans_of

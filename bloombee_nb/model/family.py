@@ -1,5 +1,10 @@
 """Model families: which architectures we can cut into spans, and how to build their parts.
 
+Over 400 lines because it is the one module that knows how families differ: the adapter table, the
+config checks that refuse what this runtime does not implement, and the checkpoint materialisation
+(transformers' layout conversions included) that the adapters' module names drive; ``span.py`` and
+the client stay family-blind by calling it.
+
 We never re-implement a block. The family's own ``*ForCausalLM`` is instantiated on the meta
 device (no memory), and the modules we need — a span of decoder layers, or the embeddings,
 final norm and LM head — are taken from it and materialised from the checkpoint's tensors.

@@ -1,5 +1,9 @@
 """A span of decoder layers and the KV caches of the sessions that run through it.
 
+Over 400 lines because :class:`SpanRunner` is the one stateful object of a stage: ``forward``,
+``keep_path``, ``rollback`` and the offload tiers read and change the same sessions' KV, masks and
+trees under one rule (a failed step leaves them as they were), easiest to check in one place.
+
 This is the state a stage owns (DESIGN.md: "state only in the stage (span + KV)"). It is plain
 torch + transformers — the Dask actor in ``cluster/stage.py`` only wraps it — so it can be tested
 and benchmarked without a cluster.
@@ -205,6 +209,27 @@ class SpanRunner:
         the device of ``hidden``.
         """
         s = self._get(session_id)
+        self._check_step(s, session_id, hidden, position_ids, attention_mask, tree_parents)
+        if tree_parents is not None:
+            tree_parents = tree_parents.cpu()  # checked and turned into a mask on the host: a few tiny ops
+            self._check_tree(s, tree_parents, position_ids)
+        out_device, dev = hidden.device, self._device
+        hidden, position_ids = hidden.to(dev), position_ids.to(dev)
+        mask = torch.cat([s.mask, attention_mask.to(dev, torch.long)], dim=1)
+        try:
+            with self._on_device():
+                out = self._run(s, hidden, position_ids, mask, tree_parents)
+        except Exception:
+            self._crop(s, s.length)  # a failed step must leave the KV cache as it was
+            raise
+        s.tree = None if tree_parents is None else (s.length, tree_parents.clone())
+        s.mask = mask
+        return out.to(out_device)
+
+    def _check_step(self, s: _Session, session_id: str, hidden: torch.Tensor, position_ids: torch.Tensor,
+                    attention_mask: torch.Tensor, tree_parents: torch.Tensor | None) -> None:
+        """A step's shapes, dtypes and length against the span and the session (the tree itself:
+        :meth:`_check_tree`); raises before anything changes."""
         B, T = s.batch, (hidden.shape[1] if hidden.dim() == 3 else -1)
         if hidden.dim() != 3 or hidden.shape[0] != B or hidden.shape[2] != self.hidden_size or T < 1:
             raise ShapeMismatchError(
@@ -224,21 +249,6 @@ class SpanRunner:
             raise TreeError(f"layers {self.span} use ALiBi ({self.config.model_type}), whose bias follows the "
                             "mask's token count, not a tree's depths: token-tree speculation is not supported for "
                             "this family; generate without assistant_model")
-        if tree_parents is not None:
-            tree_parents = tree_parents.cpu()  # checked and turned into a mask on the host: a few tiny ops
-            self._check_tree(s, tree_parents, position_ids)
-        out_device, dev = hidden.device, self._device
-        hidden, position_ids = hidden.to(dev), position_ids.to(dev)
-        mask = torch.cat([s.mask, attention_mask.to(dev, torch.long)], dim=1)
-        try:
-            with self._on_device():
-                out = self._run(s, hidden, position_ids, mask, tree_parents)
-        except Exception:
-            self._crop(s, s.length)  # a failed step must leave the KV cache as it was
-            raise
-        s.tree = None if tree_parents is None else (s.length, tree_parents.clone())
-        s.mask = mask
-        return out.to(out_device)
 
     def _on_device(self):
         """Make :attr:`device` the current CUDA device while the span computes (``cuda:1`` included),

@@ -183,28 +183,8 @@ def link_map(profile: ClusterProfile, plan: Plan | None = None, codecs: dict[tup
     """
     names = [profile.client, *[w.name for w in profile.workers]]
     pos = _node_positions(names)
-    pairs = {}
-    for ln in profile.links:
-        pairs.setdefault(tuple(sorted((ln.src, ln.dst), key=names.index)), []).append(ln)
-    logs = [math.log10(_mbit(min(x.bandwidth_bytes_per_s for x in lns))) for lns in pairs.values()]
-    lo, hi = (min(logs), max(logs)) if logs else (0.0, 1.0)
-    span = max(hi - lo, 1e-9)
     fig = go.Figure()
-    mid_x, mid_y, mid_text, mid_val = [], [], [], []
-    for (a, b), lns in pairs.items():
-        v = math.log10(_mbit(min(x.bandwidth_bytes_per_s for x in lns)))
-        rel = (v - lo) / span                                   # 0: the slowest edge, 1: the fastest
-        (x0, y0), (x1, y1) = pos[a], pos[b]
-        fig.add_scatter(x=[x0, x1], y=[y0, y1], mode="lines", hoverinfo="skip", showlegend=False,
-                        line=dict(color=sample_colorscale(BANDWIDTH_SCALE, rel)[0], width=2 + 8 * rel))
-        mid_x.append((x0 + x1) / 2)
-        mid_y.append((y0 + y1) / 2)
-        mid_val.append(v)
-        mid_text.append("<br>".join(f"{x.src} → {x.dst}: {_mbit(x.bandwidth_bytes_per_s):.4g} Mbit/s, "
-                                    f"RTT {x.rtt_s * 1e3:.3g} ms{_codec_note(codecs, x.src, x.dst)}" for x in lns))
-    fig.add_scatter(x=mid_x, y=mid_y, mode="markers", text=mid_text, hovertemplate="%{text}<extra></extra>",
-                    showlegend=False, marker=dict(size=9, color=mid_val, colorscale=BANDWIDTH_SCALE, cmin=lo, cmax=hi,
-                                                  showscale=True, colorbar=_log_colorbar(lo, hi)))
+    _add_link_edges(fig, profile, names, pos, codecs)
     chain = chain_names(profile, plan)
     fig.add_scatter(x=[pos[n][0] for n in chain], y=[pos[n][1] for n in chain], mode="lines", name="chain",
                     line=dict(color=CHAIN_COLOR, width=3, dash="dot"), hoverinfo="skip", showlegend=bool(chain))
@@ -225,6 +205,32 @@ def link_map(profile: ClusterProfile, plan: Plan | None = None, codecs: dict[tup
                       xaxis=axis, yaxis=dict(axis, scaleanchor="x"), legend=dict(orientation="h", y=-0.05))
     fig.layout.annotations = arrows
     return fig
+
+
+def _add_link_edges(fig: go.Figure, profile: ClusterProfile, names: list[str], pos: dict, codecs: dict | None) -> None:
+    """One edge per pair of participants with a measured link, coloured and sized by the slower
+    direction's bandwidth (log scale), and a hover marker at its midpoint with both directions."""
+    pairs = {}
+    for ln in profile.links:
+        pairs.setdefault(tuple(sorted((ln.src, ln.dst), key=names.index)), []).append(ln)
+    logs = [math.log10(_mbit(min(x.bandwidth_bytes_per_s for x in lns))) for lns in pairs.values()]
+    lo, hi = (min(logs), max(logs)) if logs else (0.0, 1.0)
+    span = max(hi - lo, 1e-9)
+    mid_x, mid_y, mid_text, mid_val = [], [], [], []
+    for (a, b), lns in pairs.items():
+        v = math.log10(_mbit(min(x.bandwidth_bytes_per_s for x in lns)))
+        rel = (v - lo) / span                                   # 0: the slowest edge, 1: the fastest
+        (x0, y0), (x1, y1) = pos[a], pos[b]
+        fig.add_scatter(x=[x0, x1], y=[y0, y1], mode="lines", hoverinfo="skip", showlegend=False,
+                        line=dict(color=sample_colorscale(BANDWIDTH_SCALE, rel)[0], width=2 + 8 * rel))
+        mid_x.append((x0 + x1) / 2)
+        mid_y.append((y0 + y1) / 2)
+        mid_val.append(v)
+        mid_text.append("<br>".join(f"{x.src} → {x.dst}: {_mbit(x.bandwidth_bytes_per_s):.4g} Mbit/s, "
+                                    f"RTT {x.rtt_s * 1e3:.3g} ms{_codec_note(codecs, x.src, x.dst)}" for x in lns))
+    fig.add_scatter(x=mid_x, y=mid_y, mode="markers", text=mid_text, hovertemplate="%{text}<extra></extra>",
+                    showlegend=False, marker=dict(size=9, color=mid_val, colorscale=BANDWIDTH_SCALE, cmin=lo, cmax=hi,
+                                                  showscale=True, colorbar=_log_colorbar(lo, hi)))
 
 
 def _log_colorbar(lo: float, hi: float) -> dict:

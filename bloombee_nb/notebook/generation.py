@@ -27,7 +27,7 @@ import numpy as np
 
 from transformers import TextStreamer
 
-from ..cluster.chain import StepTrace
+from ..cluster.trace import StepTrace
 
 PLAIN = "— (plain decoding; speculative: %%bloombee generate --speculative)"
 

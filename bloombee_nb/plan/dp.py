@@ -1,5 +1,9 @@
 """The planner: a dynamic program over chains of workers, spans, micro-batches and offloading.
 
+Over 400 lines because ~60 of them are the derivation below (recurrence, objectives, search modes)
+and the rest implement it step by step on the same ``Tables``: the cost tables, the relaxed and
+set DPs, the search over the throughput cap τ, and the bounds that decide when a plan is EXACT.
+
     plan = solve(cluster, Workload(batch=8, prompt_len=512, new_tokens=128, objective="throughput"))
     plan.spans          # [(worker_address, start, end), …]
 

@@ -1,5 +1,9 @@
 """What the planner knows: measured (or hand-written) profiles of the model, workers and links.
 
+Over 400 lines because it holds the whole vocabulary the planner, the profiler and the widgets
+share (model, worker, link, cluster and workload profiles), each a frozen value with its
+validation, JSON round trip, what-if copies and ``_repr_html_``.
+
 Every profile is a frozen value that round-trips through JSON with plain, unit-suffixed field
 names, so a profile measured today can be saved, edited by hand to ask "what if this machine had
 a GPU / this link were 10× faster", and planned for machines that are not here::

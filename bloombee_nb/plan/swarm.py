@@ -4,6 +4,8 @@
   hosts (Petals' ``block_selection`` fills the least-served blocks; we do the same, but keep span
   boundaries aligned with the spans already hosted, because a stage runs its whole span: a route
   needs spans that meet end to start).
+- :func:`better_span`: whether a worker already hosting should move (rebalancing after a loss),
+  only when that raises the least-replicated layer's count.
 - :func:`route`: one client's chain through the hosted spans (replicas included) at minimum cost:
   a shortest path over layer boundaries where hosting span ``i`` is an edge ``start_i → end_i``
   that costs its stage time plus the link into it, and the path ends with the link back to the
@@ -64,6 +66,25 @@ def choose_span(n_layers: int, hosted: Sequence[tuple[int, int]], capacity: int)
         raise ValueError(f"every span between the hosted boundaries {cuts} is wider than capacity={capacity}: "
                          "this worker cannot replicate any of them")
     return best[1]
+
+
+def better_span(n_layers: int, hosted: Sequence[tuple[int, int]], mine: tuple[int, int],
+                capacity: int) -> tuple[int, int] | None:
+    """Where the worker hosting ``mine`` (one of ``hosted``) should move, or None to stay.
+
+    The swarm's bottleneck is its least-replicated layer (0: no client can use the model). A move
+    is worth its pause only when it raises that minimum: the worker drops ``mine`` and takes
+    :func:`choose_span` of the rest. Never when ``mine`` holds a layer's last copy (the minimum
+    would not rise), never for a tie, so every move strictly raises the minimum and the swarm
+    settles (Petals moves a server when swarm throughput would grow by a margin; same idea, counted
+    in replicas because a stage runs its whole span).
+    """
+    others = list(hosted)
+    others.remove(mine)
+    new = choose_span(n_layers, others, capacity)
+    if new == mine:
+        return None
+    return new if min(coverage(n_layers, [*others, new])) > min(coverage(n_layers, hosted)) else None
 
 
 def route(spans: Sequence[tuple[int, int]], n_layers: int, stage_s: Sequence[float],

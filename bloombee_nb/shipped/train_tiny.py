@@ -168,6 +168,8 @@ def dir_size_mb(path):
 
 
 def main():
+    # Long: the training recipe read top to bottom (corpus, tokenizer, both models, evaluation, the
+    # results record); the record is built from nearly every local, so a helper would take them all.
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent))
     ap.add_argument("--target-steps", type=int, default=1000)

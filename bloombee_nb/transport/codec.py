@@ -237,18 +237,7 @@ def decompress(payload: memoryview, raw_nbytes: int, itemsize: int, codec: Codec
     pos = 0
     for i, start in enumerate(range(0, s_nbytes, chunk_nbytes)):
         want = min(chunk_nbytes, s_nbytes - start)
-        left = len(body) - pos
-        if left < BLOSC_HEADER_NBYTES:
-            raise FrameError(f"compressed frame truncated: chunk {i} has {left} bytes, less than a blosc2 header")
-        nbytes, _, cbytes = _BLOSC_SIZES.unpack_from(body, pos + 4)
-        if nbytes != want:
-            raise FrameError(f"compressed chunk {i} claims {nbytes} bytes, the frame header implies {want}: "
-                             "the frame lies or is corrupted")
-        if not BLOSC_HEADER_NBYTES <= cbytes <= left:
-            raise FrameError(f"compressed chunk {i} claims {cbytes} compressed bytes but {left} remain: "
-                             "the frame is truncated or corrupted")
-        if body[pos + 31] & _BLOSC2_LAZY_CHUNK:
-            raise FrameError(f"compressed chunk {i} is a lazy (on-disk) blosc2 chunk; frames carry data inline")
+        cbytes = _check_chunk(body, pos, i, want)
         try:
             blosc2.decompress2(body[pos:pos + cbytes], dst=stream[start:start + want], nthreads=nthreads)
         except (ValueError, RuntimeError) as e:
@@ -266,3 +255,21 @@ def decompress(payload: memoryview, raw_nbytes: int, itemsize: int, codec: Codec
         for j in range(planes.shape[0]):
             lanes[:, j] = planes[j]
     return out
+
+
+def _check_chunk(body: memoryview, pos: int, i: int, want: int) -> int:
+    """The compressed size of chunk ``i`` (at ``pos`` in ``body``), once its blosc2 header is
+    checked to promise exactly ``want`` bytes, inline, within what is left of ``body``."""
+    left = len(body) - pos
+    if left < BLOSC_HEADER_NBYTES:
+        raise FrameError(f"compressed frame truncated: chunk {i} has {left} bytes, less than a blosc2 header")
+    nbytes, _, cbytes = _BLOSC_SIZES.unpack_from(body, pos + 4)
+    if nbytes != want:
+        raise FrameError(f"compressed chunk {i} claims {nbytes} bytes, the frame header implies {want}: "
+                         "the frame lies or is corrupted")
+    if not BLOSC_HEADER_NBYTES <= cbytes <= left:
+        raise FrameError(f"compressed chunk {i} claims {cbytes} compressed bytes but {left} remain: "
+                         "the frame is truncated or corrupted")
+    if body[pos + 31] & _BLOSC2_LAZY_CHUNK:
+        raise FrameError(f"compressed chunk {i} is a lazy (on-disk) blosc2 chunk; frames carry data inline")
+    return cbytes

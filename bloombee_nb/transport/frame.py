@@ -110,6 +110,8 @@ def encode(tensor: torch.Tensor, codec: Codec | str | int = 0, *, chunk_nbytes: 
 
 def read_header(buf: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> Frame:
     """Parse and validate a frame header without touching (or allocating for) the payload."""
+    # Long: one linear pass over untrusted bytes, each check in the order the header is read, so
+    # every read is visibly preceded by the check that keeps it in bounds.
     mv = memoryview(buf)
     if len(mv) < _HEAD.size:
         raise FrameError(f"frame of {len(mv)} bytes is shorter than the {_HEAD.size}-byte header")

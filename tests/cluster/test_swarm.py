@@ -20,7 +20,7 @@ import bloombee_nb as bb
 from bloombee_nb import transport
 from bloombee_nb.cluster.swarm import actors, hosted, model_key
 from bloombee_nb.errors import SessionOwnerError, StageUnavailableError, SwarmError
-from bloombee_nb.plan.swarm import choose_span, route
+from bloombee_nb.plan.swarm import better_span, choose_span, route
 from tests.cluster.test_faults import FaultAt, Swarm
 from tests.conftest import BIN, padded_batch
 
@@ -60,6 +60,14 @@ def test_joining_workers_fill_gaps_first_then_replicate_the_least_served_aligned
     assert choose_span(5, [], 10) == (0, 5)
     with pytest.raises(ValueError, match="capacity"):
         choose_span(5, [], 0)
+
+
+def test_a_hosting_worker_moves_only_when_that_raises_the_least_replicated_layer():
+    assert better_span(5, [(0, 2), (0, 2)], (0, 2), 3) == (2, 5)          # a gap: a replica fills it
+    assert better_span(5, [(0, 2), (2, 5)], (0, 2), 3) is None            # a last copy never moves
+    assert better_span(5, [(0, 2), (0, 2), (2, 5)], (0, 2), 3) is None    # min stays 1: no move for a tie
+    assert better_span(4, [(0, 2)] * 3 + [(2, 4)], (0, 2), 2) == (2, 4)   # lopsided: min 1 -> 2
+    assert better_span(4, [(0, 2)] * 2 + [(2, 4)] * 2, (0, 2), 2) is None  # even: settled
 
 
 def test_route_takes_the_cheapest_chain_through_replicas_and_none_when_uncovered():
@@ -159,6 +167,38 @@ def test_a_session_on_a_released_swarm_chain_still_closes_on_the_hosted_stages(l
                 assert time.monotonic() < deadline, f"sessions left on the hosted stages: {left}"
                 time.sleep(0.1)
             model.close()
+    finally:
+        bb.unhost(local, path)
+
+
+def test_a_replica_moves_to_layers_whose_only_host_was_lost_and_generation_goes_on_exactly(local, checkpoints,
+                                                                                            reference):
+    """Rebalancing after a loss: the only host of layers 2–4 stops hosting mid-generation; the client
+    waits for the swarm to heal, a replica of layers 0–1 moves there (the other copy of 0–1 stays),
+    and the session replays on the new route: the output equals transformers'."""
+    path = checkpoints["llama"]
+    w = local.worker_addresses()
+    bb.host(path, local, workers=w, spans=[(0, 2), (2, 5), (0, 2)])
+    key = model_key(path)
+    try:
+        assert bb.rebalance(local, path, capacity=3) == []           # every layer hosted: nothing moves
+        moves = []
+
+        def lose_and_heal():
+            bb.unhost(local, path, workers=[w[1]])
+            threading.Thread(target=lambda: moves.extend(bb.rebalance(local, path, capacity=3)), daemon=True).start()
+
+        ids, _ = padded_batch([6], seed=5)
+        with bb.connect(local.address) as user:
+            model = bb.DistributedModelForCausalLM.from_pretrained(path, cluster=user)
+            got = greedy(model, ids, streamer=FaultAt(3, lose_and_heal))
+            assert model.events                                       # it re-routed (and waited)
+            model.close()
+        assert torch.equal(got, greedy(reference["llama"], ids))
+        ((old, new),) = moves
+        assert old.span == (0, 2) and new.span == (2, 5) and new.worker == old.worker
+        assert sorted(s.span for s in hosted(local, key)) == [(0, 2), (2, 5)]
+        assert bb.rebalance(local, path, capacity=3) == []           # settled: the last copies stay
     finally:
         bb.unhost(local, path)
 
@@ -285,6 +325,36 @@ def test_a_lent_worker_leaving_hands_its_span_over_first(lent, checkpoints, refe
     assert "handed layers 2–3" in lent.logs[holder.name].read_text()
     assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0), got)
     assert model.attached and holder.worker not in model.placement.workers   # routed through the spare's span
+    model.close()
+
+
+def test_a_lent_replica_moves_by_itself_to_layers_whose_only_host_was_killed(lent, checkpoints, reference):
+    """``--host`` lenders rebalance: a new lender joins (it replicates the least served span), then
+    the only host of layer 4 is SIGKILLed; within seconds a host of the span now held twice moves
+    there by itself (``--rebalance-every``, 5 s), and clients attach and generate exactly again."""
+    lent.logs["w4"] = lent.log_dir / "w4.log"
+    lent.procs["w4"] = subprocess.Popen(
+        [BIN, "worker", lent.address, "--name", "w4", "--listen", "127.0.0.1", "--host", checkpoints["llama"],
+         "--layers", "2"], stdout=open(lent.logs["w4"], "w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while "w4" not in {s.name for s in hosted(lent.cluster)}:
+        assert time.monotonic() < deadline, lent.logs["w4"].read_text()[-2000:]
+        time.sleep(0.3)
+    before = [s.span for s in hosted(lent.cluster)]   # (4, 5) once, another span twice (w4's replica)
+    (last,) = [s for s in hosted(lent.cluster) if s.span == (4, 5)]
+    assert max(map(before.count, before)) == 2
+    lent.procs[last.name].send_signal(signal.SIGKILL)
+    t0 = time.monotonic()
+    while (now := [s.span for s in hosted(lent.cluster)]).count((4, 5)) != 1 or len(now) != len(before) - 1:
+        assert time.monotonic() < t0 + 60, {n: p.read_text()[-1500:] for n, p in lent.logs.items()}
+        time.sleep(0.2)
+    print(f"\nlayer 4 hosted again {time.monotonic() - t0:.1f} s after its only host was killed")
+    mover = next(s for s in hosted(lent.cluster) if s.span == (4, 5))
+    assert "to 4–4" in lent.logs[mover.name].read_text()
+    ids, _ = padded_batch([5], seed=7)
+    model = bb.DistributedModelForCausalLM.from_pretrained(checkpoints["llama"], cluster=lent.cluster)
+    assert model.attached
+    assert torch.equal(greedy(model, ids), greedy(reference["llama"], ids))
     model.close()
 
 
