@@ -14,7 +14,8 @@ from bloombee_nb.cluster.profiling import measure_links
 from bloombee_nb.transport import RAW
 from tests.conftest import padded_batch
 
-pytestmark = pytest.mark.skipif(linkemu.available() is not None, reason=f"link emulator: {linkemu.available()}")
+pytestmark = [pytest.mark.slow,  # network namespaces, shaped links, seconds of traffic each
+              pytest.mark.skipif(linkemu.available() is not None, reason=f"link emulator: {linkemu.available()}")]
 
 
 def _namespaces() -> str:

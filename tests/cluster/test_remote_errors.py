@@ -47,6 +47,7 @@ def test_bad_requests_at_load_time(cluster, checkpoints, tmp_path):
                                                        spans=[(0, 1), (1, 2), (2, 3), (3, 5)])
 
 
+@pytest.mark.slow  # kills a worker process and waits out its timeout
 def test_a_worker_that_dies_is_named_within_the_timeout(checkpoints):
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as lc, \
             bb.connect(lc.scheduler_address) as c:

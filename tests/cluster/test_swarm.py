@@ -265,12 +265,14 @@ def lent(tmp_path_factory, checkpoints):
     s.close()
 
 
+@pytest.mark.slow  # real worker processes
 def test_lent_workers_pick_their_spans_and_the_cli_shows_them(lent, checkpoints):
     assert sorted(sp.span for sp in hosted(lent.cluster)) == [(0, 2), (0, 2), (2, 4), (4, 5)]
     out = subprocess.run([BIN, "swarm", lent.address], capture_output=True, text=True, timeout=60, check=True).stdout
     assert "layers 0–1" in out and "layers 4–4" in out and "replicas per layer min 1 max 2" in out
 
 
+@pytest.mark.slow  # real worker processes
 def test_a_lent_worker_hosts_only_the_models_its_owner_allowed(lent, checkpoints):
     with pytest.raises(SwarmError, match="hosts only"):
         bb.host(checkpoints["qwen3"], lent.cluster, workers=lent.addresses("w1"), spans=[(0, 5)])
@@ -284,6 +286,7 @@ def test_a_lent_worker_hosts_only_the_models_its_owner_allowed(lent, checkpoints
                                                        workers=lent.addresses("w1"), spans=[(0, 5)])
 
 
+@pytest.mark.slow  # real worker processes
 def test_killing_a_replica_on_the_route_reroutes_without_reloading(lent, checkpoints, reference):
     model = bb.DistributedModelForCausalLM.from_pretrained(checkpoints["llama"], cluster=lent.cluster)
     assert model.attached
@@ -312,6 +315,7 @@ def test_killing_a_replica_on_the_route_reroutes_without_reloading(lent, checkpo
     model.close()
 
 
+@pytest.mark.slow  # real worker processes
 def test_a_lent_worker_leaving_hands_its_span_over_first(lent, checkpoints, reference):
     holder = next(s for s in hosted(lent.cluster) if s.span == (2, 4))
     model = bb.DistributedModelForCausalLM.from_pretrained(checkpoints["llama"], cluster=lent.cluster)
@@ -328,6 +332,7 @@ def test_a_lent_worker_leaving_hands_its_span_over_first(lent, checkpoints, refe
     model.close()
 
 
+@pytest.mark.slow  # real worker processes
 def test_a_lent_replica_moves_by_itself_to_layers_whose_only_host_was_killed(lent, checkpoints, reference):
     """``--host`` lenders rebalance: a new lender joins (it replicates the least served span), then
     the only host of layer 4 is SIGKILLed; within seconds a host of the span now held twice moves

@@ -13,6 +13,7 @@ from tests.conftest import BIN, start_process
 from tests.serve.test_openai_client import PROMPT
 
 
+@pytest.mark.slow  # a real `bloombee-nb serve` process
 def test_serve_command_answers_openai_clients_then_exits_on_sigterm(tokenizer):
     proc, url = start_process([BIN, "serve", "--workers", "2", "--port", "0", "--api-key", "secret", "--throughput"],
                               r"serving tiny-llama at (\S+)", timeout_s=180)
@@ -29,6 +30,7 @@ def test_serve_command_answers_openai_clients_then_exits_on_sigterm(tokenizer):
 
 
 
+@pytest.mark.slow  # a real `bloombee-nb serve` process
 def test_serve_command_on_a_running_scheduler(cluster, tokenizer):
     """--scheduler: the server is one more client of an existing cluster (here the session's)."""
     proc, url = start_process([BIN, "serve", "--scheduler", cluster.address, "--port", "0",
