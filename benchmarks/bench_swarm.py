@@ -94,6 +94,38 @@ def start(cmd, pattern: str, log: Path):
     raise RuntimeError(f"{cmd} exited: see {log}")
 
 
+class Lenders:
+    """A scheduler and ``bloombee-nb worker --host MODEL --layers N`` lenders on loopback, for the
+    churn benchmarks: ``lend(name)`` starts one and returns once it hosts its span; ``procs`` maps
+    names to processes (to kill); ``wait_hosted(cluster, n)`` waits until n spans are hosted again.
+    As a context manager it kills them all on exit."""
+
+    def __init__(self, model_path: str, logs: Path, layers: int = 3):
+        self.model_path, self.logs, self.layers, self.procs = model_path, logs, layers, {}
+        self.sched, self.address = start([BIN, "scheduler", "--host", "127.0.0.1", "--port", "0",
+                                          "--dashboard-address", ":0"], r"scheduler at (tcp://\S+)",
+                                         logs / "scheduler.log")
+
+    def lend(self, name: str) -> None:
+        self.procs[name] = start([BIN, "worker", self.address, "--name", name, "--listen", "127.0.0.1", "--host",
+                                  self.model_path, "--layers", str(self.layers)], r"(hosts layers)",
+                                 self.logs / f"{name}.log")[0]
+
+    def wait_hosted(self, cluster, n: int, timeout: float = 60) -> None:
+        from bloombee_nb.cluster.swarm import hosted
+
+        deadline = time.monotonic() + timeout
+        while len(hosted(cluster)) < n and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for proc in [*self.procs.values(), self.sched]:
+            proc.kill()
+
+
 def worker_memory(cluster) -> dict:
     def rss(dask_worker):
         import psutil

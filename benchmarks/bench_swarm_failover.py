@@ -21,17 +21,15 @@ import os
 import signal
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 import bloombee_nb as bb
-from bloombee_nb.cluster.swarm import hosted
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_recovery import Stream  # noqa: E402
-from bench_swarm import BIN, start  # noqa: E402
+from bench_swarm import Lenders  # noqa: E402
 from _common import RESULTS, shipped_model, stamp, write_json  # noqa: E402
 
 NEW, FAULT_AT = 32, 8
@@ -44,24 +42,16 @@ def main() -> None:
     load0 = os.getloadavg()
     logs = Path(os.environ.get("TMPDIR", "/tmp")) / "bench_swarm_failover"
     logs.mkdir(exist_ok=True)
-    model_path = shipped_model()
-    sched, address = start([BIN, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", ":0"],
-                           r"scheduler at (tcp://\S+)", logs / "scheduler.log")
-    procs = {}
-
-    def lend(name):
-        procs[name] = start([BIN, "worker", address, "--name", name, "--listen", "127.0.0.1", "--host", model_path,
-                             "--layers", "3"], r"(hosts layers)", logs / f"{name}.log")[0]
-
-    for i in range(4):
-        lend(f"w{i}")
     runs = []
     ids = torch.randint(3, 500, (1, 12), generator=torch.Generator().manual_seed(0))
-    try:
-        with bb.connect(address) as cluster:
+    with Lenders(shipped_model(), logs) as lenders:
+        procs = lenders.procs
+        for i in range(4):
+            lenders.lend(f"w{i}")
+        with bb.connect(lenders.address) as cluster:
             want = None
             for run in range(args.runs):
-                model = bb.DistributedModelForCausalLM.from_pretrained(model_path, cluster=cluster, swarm=True)
+                model = bb.DistributedModelForCausalLM.from_pretrained(lenders.model_path, cluster=cluster, swarm=True)
                 if want is None:
                     want = model.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
                 names = {a: str(w["name"]) for a, w in cluster.workers().items()}
@@ -78,13 +68,8 @@ def main() -> None:
                       f"{event.replay_s * 1e3:.0f}) exact={runs[-1]['exact']}", flush=True)
                 model.close()
                 procs[victim].wait(30)
-                lend(f"w{4 + run}")  # a new lender claims the span that lost its replica
-                deadline = time.monotonic() + 60
-                while len(hosted(cluster)) < 4 and time.monotonic() < deadline:
-                    time.sleep(0.2)
-    finally:
-        for proc in [*procs.values(), sched]:
-            proc.kill()
+                lenders.lend(f"w{4 + run}")  # a new lender claims the span that lost its replica
+                lenders.wait_hosted(cluster, 4)
     gaps = sorted(r["longest_gap_s"] for r in runs)
     p95 = gaps[min(len(gaps) - 1, int(round(0.95 * (len(gaps) - 1))))]
     out = stamp(dict(load_average_before=load0, load_average_after=os.getloadavg(), new_tokens=NEW, fault_at=FAULT_AT,

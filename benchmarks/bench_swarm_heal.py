@@ -34,7 +34,7 @@ from bloombee_nb.cluster.swarm import hosted
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_recovery import Stream  # noqa: E402
-from bench_swarm import BIN, start  # noqa: E402
+from bench_swarm import Lenders  # noqa: E402
 from _common import RESULTS, shipped_model, stamp, write_json  # noqa: E402
 
 NEW, FAULT_AT = 32, 8
@@ -47,26 +47,18 @@ def main() -> None:
     load0 = os.getloadavg()
     logs = Path(os.environ.get("TMPDIR", "/tmp")) / "bench_swarm_heal"
     logs.mkdir(exist_ok=True)
-    model_path = shipped_model()
-    sched, address = start([BIN, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", ":0"],
-                           r"scheduler at (tcp://\S+)", logs / "scheduler.log")
-    procs = {}
-
-    def lend(name):
-        procs[name] = start([BIN, "worker", address, "--name", name, "--listen", "127.0.0.1", "--host", model_path,
-                             "--layers", "3"], r"(hosts layers)", logs / f"{name}.log")[0]
-
-    for i in range(3):
-        lend(f"w{i}")
     runs = []
     ids = torch.randint(3, 500, (1, 12), generator=torch.Generator().manual_seed(0))
-    try:
-        with bb.connect(address) as cluster:
+    with Lenders(shipped_model(), logs) as lenders:
+        procs = lenders.procs
+        for i in range(3):
+            lenders.lend(f"w{i}")
+        with bb.connect(lenders.address) as cluster:
             n_layers = hosted(cluster)[0].n_layers
             last = (3, n_layers)
             want = None
             for run in range(args.runs):
-                model = bb.DistributedModelForCausalLM.from_pretrained(model_path, cluster=cluster, swarm=True)
+                model = bb.DistributedModelForCausalLM.from_pretrained(lenders.model_path, cluster=cluster, swarm=True)
                 if want is None:
                     want = model.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
                 (only,) = [s for s in hosted(cluster) if s.span == last]
@@ -96,13 +88,8 @@ def main() -> None:
                       f"later; longest gap {max(gaps):.1f} s, exact={runs[-1]['exact']}", flush=True)
                 model.close()
                 procs[only.name].wait(30)
-                lend(f"w{3 + run}")  # a new lender claims the span the move left with one host
-                deadline = time.monotonic() + 60
-                while len(hosted(cluster)) < 3 and time.monotonic() < deadline:
-                    time.sleep(0.2)
-    finally:
-        for proc in [*procs.values(), sched]:
-            proc.kill()
+                lenders.lend(f"w{3 + run}")  # a new lender claims the span the move left with one host
+                lenders.wait_hosted(cluster, 3)
     healed_s = [r["rehosted_after_s"] for r in runs if r["rehosted_after_s"] is not None]
     out = stamp(dict(load_average_before=load0, load_average_after=os.getloadavg(), new_tokens=NEW, fault_at=FAULT_AT,
                      rebalance_every_s=5.0, median_rehosted_after_s=statistics.median(healed_s) if healed_s else None,
