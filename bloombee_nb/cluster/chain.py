@@ -33,7 +33,7 @@ from .links import LinkCodecs
 from .liveness import Watchdog, awaitable, ping_stages
 from .loading import gather_actors, submit_stages, unavailable
 from .placement import Placement
-from .protocol import Entry, StageRef, speculation_frames
+from .protocol import Entry, StageRef, StageSessions, speculation_frames
 from .relay import Relay
 from .trace import StepTrace, merge_traces
 
@@ -80,8 +80,6 @@ class RemoteChain(LinkCodecs):
         self.micro_batch, self.prefill_chunk = micro_batch, prefill_chunk
         self.group = group and not shared  # chain relay: concurrent sessions' plain steps travel together (groups.py)
         self._groups: Groups | None = None
-        self._parts: dict[str, list[tuple[str, int, int]]] = {}  # session -> (stage session id, rows a:b)
-        self._seq: dict[str, int] = {}                            # stage session id -> its next step's seq
 
     @classmethod
     def create(cls, client: Client, placement: Placement, path: str, timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
@@ -112,20 +110,18 @@ class RemoteChain(LinkCodecs):
         return await _all([self._call(i, method, *args) for i in range(len(self.actors))])
 
     # ---- sessions -------------------------------------------------------------------------------
-    def open_session(self, session_id: str, batch: int, max_length: int) -> None:
+    def open_session(self, session_id: str, batch: int, max_length: int) -> StageSessions:
         """Open ``session_id`` on every stage; with a ``micro_batch`` below ``batch``, as one stage
-        session per micro-batch of rows (``<id>/<k>``)."""
-        m = self.micro_batch or batch
-        parts = [(session_id if batch <= m else f"{session_id}/{k}", a, min(a + m, batch))
-                 for k, a in enumerate(range(0, batch, m))]
+        session per micro-batch of rows (``<id>/<k>``). The caller holds what comes back and passes
+        it to every call about the session (the chain keeps no per-session state)."""
+        sessions = StageSessions.opened(session_id, batch, self.micro_batch)
         try:
             self._gather([self._call(i, "open_session", sub, b - a, max_length, self.owner)
-                          for sub, a, b in parts for i in range(len(self.actors))])
+                          for sub, a, b in sessions.parts for i in range(len(self.actors))])
         except BloombeeError:  # e.g. one stage is leaving: the others must not keep what they opened
-            self._undo_open([sub for sub, _, _ in parts])
+            self._undo_open(sessions.ids)
             raise
-        self._parts[session_id] = parts
-        self._seq.update({sub: 0 for sub, _, _ in parts})
+        return sessions
 
     def _undo_open(self, subs: list[str]) -> None:
         """Close ``subs`` wherever they opened, waited for (a close arriving after the session
@@ -138,30 +134,21 @@ class RemoteChain(LinkCodecs):
         except (asyncio.TimeoutError, TimeoutError, OSError):
             pass  # a stage too slow to answer keeps it until it is lost or the session is closed again
 
-    def stage_sessions(self, session_id: str) -> list[str]:
-        """The ids ``session_id`` goes by on the stages (one per micro-batch)."""
-        return [sub for sub, _, _ in self._parts.get(session_id, [(session_id, 0, 0)])]
-
-    def close_session(self, session_id: str) -> None:
+    def close_session(self, sessions: StageSessions) -> None:
         """Close the session on every stage. On a released chain (another session's recovery re-placed
-        or re-routed the model, maybe while this ran) it raises StageUnavailableError and remembers
-        the session's parts, so that the caller can still close it on the hosted stages left behind."""
+        or re-routed the model, maybe while this ran) it raises StageUnavailableError; the caller
+        still holds ``sessions`` and can close them on the hosted stages left behind."""
         self._check_usable()
-        subs = self.stage_sessions(session_id)
-        for sub in subs:
-            self._seq.pop(sub, None)
-            if self._groups is not None:
+        if self._groups is not None:
+            for sub in sessions.ids:
                 self._groups.forget(sub)
-        try:
-            self._gather([self._call(i, "close_session", sub, self.owner) for sub in subs for i in range(len(self.actors))])
-        finally:
-            if not self.released:
-                self._parts.pop(session_id, None)
+        self._gather([self._call(i, "close_session", sub, self.owner)
+                      for sub in sessions.ids for i in range(len(self.actors))])
 
-    def rollback(self, session_id: str, length: int) -> None:
+    def rollback(self, sessions: StageSessions, length: int) -> None:
         """Keep the first ``length`` positions of the session on every stage."""
         self._gather([self._call(i, "rollback", sub, int(length), self.owner)
-                      for sub in self.stage_sessions(session_id) for i in range(len(self.actors))])
+                      for sub in sessions.ids for i in range(len(self.actors))])
 
     def _gather(self, calls: list) -> list:
         """Await stage calls together (see :func:`_all`), watched like every call."""
@@ -169,7 +156,7 @@ class RemoteChain(LinkCodecs):
         return self.client.sync(self._watched, _all(calls))
 
     # ---- steps ----------------------------------------------------------------------------------
-    def forward(self, session_id: str, hidden: torch.Tensor, position_ids: torch.Tensor,
+    def forward(self, sessions: StageSessions, hidden: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask: torch.Tensor, tree_parents: torch.Tensor | None = None,
                 keep: tuple[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, StepTrace]:
         """Run ``hidden [B, T, D]`` through every stage in order; returns the last stage's output.
@@ -189,7 +176,7 @@ class RemoteChain(LinkCodecs):
         (each hand-off costs ~0.5 ms on a busy 2-core machine).
         """
         self._check_usable()
-        relays, parts, n_chunks = self._step_relays(session_id, hidden, position_ids, attention_mask, tree_parents, keep)
+        relays, parts, n_chunks = self._step_relays(sessions, hidden, position_ids, attention_mask, tree_parents, keep)
         T = hidden.shape[1]
         t0 = time.perf_counter()
         try:
@@ -197,7 +184,7 @@ class RemoteChain(LinkCodecs):
         except StageUnavailableError:
             raise  # the chain is being left behind (recovery): nothing to put right on it
         except BaseException:
-            self._resync([sub for sub, _, _ in parts])
+            self._resync(sessions)
             raise
         outs = [torch.cat([transport.decode(r[0]) for r in results[p * n_chunks:(p + 1) * n_chunks]], dim=1)
                 for p in range(len(parts))]
@@ -205,30 +192,27 @@ class RemoteChain(LinkCodecs):
                               time.perf_counter() - t0)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0), trace
 
-    def replay(self, session_id: str, steps: list[tuple]) -> None:
+    def replay(self, sessions: StageSessions, steps: list[tuple]) -> None:
         """Re-send ``steps`` (each one :meth:`forward`'s arguments, as first sent) all at once: the
         stages run a session's steps in order (``seq``), so replaying a history costs about one
         traversal plus the compute instead of one traversal per step. Same shapes, same order: the
         KV is bit-identical to the first time."""
         self._check_usable()
-        relays, subs = [], set()
-        for args in steps:
-            r, parts, _ = self._step_relays(session_id, *args)
-            relays += r
-            subs.update(sub for sub, _, _ in parts)
+        relays = [r for args in steps for r in self._step_relays(sessions, *args)[0]]
         try:
             self.client.sync(self._watched, _all(relays))
         except StageUnavailableError:
             raise
         except BaseException:
-            self._resync(sorted(subs))
+            self._resync(sessions)
             raise
 
-    def _step_relays(self, session_id, hidden, position_ids, attention_mask, tree_parents=None, keep=None):
+    def _step_relays(self, sessions: StageSessions, hidden, position_ids, attention_mask, tree_parents=None,
+                     keep=None):
         """The coroutines that send one step (its micro-batches and chunks, each with its seq), the
         session's parts, and the chunks per part."""
-        B, T = hidden.shape[:2]
-        parts = self._parts.get(session_id) or [(session_id, 0, B)]
+        T = hidden.shape[1]
+        parts = sessions.parts
         c = self.prefill_chunk if tree_parents is None and self.prefill_chunk and T > self.prefill_chunk else T
         relays = []
         for sub, a, b in parts:
@@ -238,19 +222,16 @@ class RemoteChain(LinkCodecs):
                 if keep is not None and j == 0:
                     paths = torch.as_tensor(keep[1], dtype=torch.long)
                     k = (keep[0], paths[a:b] if paths.dim() == 2 else paths)
-                seq = self._seq.get(sub)
-                if seq is not None:
-                    self._seq[sub] = seq + 1
                 relays.append(self._relay(sub, hidden[a:b, cols], position_ids[a:b, cols],
-                                          attention_mask[a:b, cols], tree_parents, k, seq))
+                                          attention_mask[a:b, cols], tree_parents, k, sessions.take_seq(sub)))
         return relays, parts, -(-T // c)
 
-    def _resync(self, subs: list[str]) -> None:
+    def _resync(self, sessions: StageSessions) -> None:
         """After a failed step: every stage learns how many steps of each stage session the client
         sent, so a step that never reached some stage (failed before it) is not waited for there."""
         async def every():
-            calls = [self._call(i, "set_seq", sub, self._seq[sub])
-                     for sub in subs if sub in self._seq for i in range(len(self.actors))]
+            calls = [self._call(i, "set_seq", sub, seq)
+                     for sub, seq in sessions.next_seq.items() for i in range(len(self.actors))]
             await asyncio.wait_for(_all(calls), self.ping_timeout_s)
 
         if not self.released:
@@ -271,13 +252,13 @@ class RemoteChain(LinkCodecs):
             return self._relay_chain(session_id, frame, pos, mask, spec, seq)
         return self._relay_star(session_id, hidden.contiguous(), pos, mask, spec, seq)
 
-    def keep_path(self, session_id: str, past_len: int, keep: torch.Tensor | list) -> None:
+    def keep_path(self, sessions: StageSessions, past_len: int, keep: torch.Tensor | list) -> None:
         """Every stage keeps only the accepted path of the session's last tree step (``keep [K]`` or
         ``[B, K]`` node indices, root first, -1 padded; see ``SpanRunner.keep_path``)."""
         keep = torch.as_tensor(keep, dtype=torch.long)
         calls = [self._call(i, "keep_path", sub, int(past_len), (keep[a:b] if keep.dim() == 2 else keep).tolist(),
                             self.owner)
-                 for sub, a, b in self._parts.get(session_id) or [(session_id, 0, None)]
+                 for sub, a, b in sessions.parts
                  for i in range(len(self.actors))]
         self._gather(calls)
 

@@ -216,11 +216,11 @@ def measure_chain_overhead(client, addrs: list[str], path: str, one_way_s: float
                                num_threads=num_threads, relay="chain")
     try:
         hidden = lambda t: torch.zeros(1, t, hidden_size, dtype=getattr(torch, dtype))  # noqa: E731
-        chain.broadcast("open_session", "chain-probe", 1, CONTEXT + repeats + 2)
-        chain.forward("chain-probe", hidden(CONTEXT), torch.arange(CONTEXT)[None], torch.ones(1, CONTEXT, dtype=torch.long))
+        probe = chain.open_session("chain-probe", 1, CONTEXT + repeats + 2)
+        chain.forward(probe, hidden(CONTEXT), torch.arange(CONTEXT)[None], torch.ones(1, CONTEXT, dtype=torch.long))
         extra = []
         for i in range(repeats + 1):
-            _, trace = chain.forward("chain-probe", hidden(1), torch.tensor([[CONTEXT + i]]),
+            _, trace = chain.forward(probe, hidden(1), torch.tensor([[CONTEXT + i]]),
                                      torch.ones(1, 1, dtype=torch.long))
             if i:  # the first step warms up
                 extra.append(trace.wall_s - sum(trace.stage_compute_s) - one_way_s)

@@ -159,6 +159,38 @@ def _error(value) -> BaseException | None:
     return BloombeeError(f"a stage reported an error this client cannot read: {value!r}")
 
 
+@dataclass
+class StageSessions:
+    """One client session as the stages of one chain know it, held by the session (not the chain,
+    which every session of a model shares): its id on the stages per micro-batch of rows, and the
+    ``seq`` its next step there carries (stages run a session's steps in that order). Made by
+    ``RemoteChain.open_session``; a session that moves to another chain gets a new one there."""
+
+    session_id: str                         # the client session's id
+    parts: tuple[tuple[str, int, int], ...]  # (stage session id, rows a:b) per micro-batch
+    next_seq: dict[str, int] = field(default_factory=dict)  # stage session id -> its next step's seq
+
+    @classmethod
+    def opened(cls, session_id: str, batch: int, micro_batch: int | None) -> "StageSessions":
+        """A session of ``batch`` rows: one stage session, or with ``micro_batch`` below ``batch``
+        one per micro-batch of rows (``<id>/<k>``), each starting at seq 0."""
+        m = micro_batch or batch
+        parts = tuple((session_id if batch <= m else f"{session_id}/{k}", a, min(a + m, batch))
+                      for k, a in enumerate(range(0, batch, m)))
+        return cls(session_id, parts, {sub: 0 for sub, _, _ in parts})
+
+    @property
+    def ids(self) -> list[str]:
+        """The ids the session goes by on the stages."""
+        return [sub for sub, _, _ in self.parts]
+
+    def take_seq(self, sub: str) -> int:
+        """The seq of stage session ``sub``'s next step, counted as sent."""
+        seq = self.next_seq[sub]
+        self.next_seq[sub] = seq + 1
+        return seq
+
+
 def speculation_frames(tree_parents: torch.Tensor | None,
                        keep: tuple[int, torch.Tensor] | None) -> tuple[bytes | None, tuple[int, bytes] | None]:
     """A step's token tree and kept path as frames, :class:`Entry`'s ``tree`` and ``keep``

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache
 
+from ..cluster.protocol import StageSessions
 from ..cluster.trace import StepTrace
 from ..errors import (BloombeeError, SessionLengthError, ShapeMismatchError, StageUnavailableError, TreeError,
                       UnknownSessionError)
@@ -77,6 +78,7 @@ class InferenceSession(Cache):
         self._tree: tuple[int, int] | None = None          # (past_len, nodes) of a tree step not kept yet
         self._keep: tuple[int, torch.Tensor] | None = None  # (past_len, paths [B, K]) for the next step
         self._opened_on = None                               # the chain this session is open on
+        self.stages: StageSessions | None = None             # what it goes by there (ids, seqs)
         self.tree_policy = None  # speculation's TreePolicy while a speculative generate() runs on this session
 
     # ---- the stages' side -------------------------------------------------------------------
@@ -100,7 +102,7 @@ class InferenceSession(Cache):
                 f"max_length={self.max_length}; open it with a larger max_length (prompt + new tokens)")
         args = (hidden, position_ids, attention_mask, tree_parents, self._keep)
         try:
-            out, trace = self._send(lambda chain: chain.forward(self.session_id, *args))
+            out, trace = self._send(lambda chain: chain.forward(self.stages, *args))
         except BloombeeError as exc:
             if not isinstance(exc, StageUnavailableError) and self._keep is None:
                 self._undo()
@@ -116,7 +118,7 @@ class InferenceSession(Cache):
         """After a step that failed on some stage: the stages before it appended its positions
         (and with chunks, later chunks may have run); roll every stage back to what the session holds."""
         try:
-            self.chain.rollback(self.session_id, self.length)
+            self.chain.rollback(self.stages, self.length)
         except BloombeeError:
             pass  # the original error says what went wrong; a stage that cannot roll back is reported then
 
@@ -138,7 +140,7 @@ class InferenceSession(Cache):
         """Send a kept path that is still waiting for the next step to every stage now."""
         if self._keep is not None:
             past_len, keep = self._keep
-            self._send(lambda chain: chain.keep_path(self.session_id, past_len, keep))
+            self._send(lambda chain: chain.keep_path(self.stages, past_len, keep))
             self._record("keep", past_len, past_len + keep.shape[1], self._keep)
             self._keep = None
 
@@ -157,7 +159,7 @@ class InferenceSession(Cache):
 
     def _open_on(self, chain) -> None:
         if self._opened_on is not chain:
-            chain.open_session(self.session_id, self.batch, self.max_length)
+            self.stages = chain.open_session(self.session_id, self.batch, self.max_length)
             self._opened_on = chain
 
     def rollback(self, length: int) -> None:
@@ -175,7 +177,7 @@ class InferenceSession(Cache):
         if self._tree is not None:
             raise TreeError("roll back a tree step to at most its start, or keep a path of it first")
         if length != self.length:
-            self._send(lambda chain: chain.rollback(self.session_id, length))
+            self._send(lambda chain: chain.rollback(self.stages, length))
             self.length = length
             self._truncate(length)
 
@@ -183,12 +185,12 @@ class InferenceSession(Cache):
         if not self.closed and self._opened_on is not None:
             chain = self._opened_on
             try:
-                chain.close_session(self.session_id)
+                chain.close_session(self.stages)
             except StageUnavailableError:
                 # released before or while this close ran (another session's recovery re-placed the
                 # model or re-routed): its hosted stages may live on and still hold this session
                 if chain.released:
-                    _close_quietly(chain, self.session_id)
+                    _close_quietly(chain, self.stages)
             except BloombeeError:
                 pass  # a stage that is gone has nothing left to free
         self.closed, self.history = True, []
@@ -233,7 +235,7 @@ class InferenceSession(Cache):
         chain, lost, reused = self.model.deployment.replacement_chain(old, exc)
         self.chain, rebuild_s = chain, time.perf_counter() - t0
         if self._opened_on is not None and self._opened_on is not chain:
-            _close_quietly(self._opened_on, self.session_id, keep=chain)
+            _close_quietly(self._opened_on, self.stages, keep=chain)
             self._opened_on = None
         t1 = time.perf_counter()
         replayed = self._replay() if self.batch is not None else 0
@@ -254,14 +256,14 @@ class InferenceSession(Cache):
                 steps.append(call.args)
                 continue
             if steps:
-                self.chain.replay(self.session_id, steps)
+                self.chain.replay(self.stages, steps)
                 steps = []
             if call is None:
                 break
             if call.kind == "keep":
-                self.chain.keep_path(self.session_id, *call.args)
+                self.chain.keep_path(self.stages, *call.args)
             else:
-                self.chain.rollback(self.session_id, *call.args)
+                self.chain.rollback(self.stages, *call.args)
         return len(self.history)
 
     def __enter__(self):
@@ -330,7 +332,7 @@ def _kept(args: tuple) -> tuple:
     return tuple((a[0], own(a[1])) if isinstance(a, tuple) else own(a) for a in args)
 
 
-def _close_quietly(chain, session_id: str, keep=None) -> None:
+def _close_quietly(chain, sessions: StageSessions, keep=None) -> None:
     """Best effort: a stage that is gone or hung has nothing left to free (and is not waited for).
     A chain released since the session opened on it (the model re-placed after another session's
     failure) still reaches the hosted stages it leaves behind (``chain.left_behind``), which would
@@ -339,7 +341,7 @@ def _close_quietly(chain, session_id: str, keep=None) -> None:
     re-opens there, and a close arriving after that would undo it."""
     staying = {a.key for a in keep.actors} if keep is not None else set()
     stages = chain.left_behind if chain.released else chain.actors
-    for sub in chain.stage_sessions(session_id):
+    for sub in sessions.ids:
         for actor in [a for a in stages if a.key not in staying]:
             try:  # each stage on its own: a lost one (its handle raises at once) must not spare the others
                 actor.close_session(sub, chain.owner)  # not awaited: fire and forget

@@ -77,7 +77,7 @@ def test_micro_batches_give_the_same_tokens(cluster, checkpoints, reference, mic
     with distributed(checkpoints["qwen2"], cluster, spans=SPANS, micro_batch=micro_batch) as model:
         with model.inference_session(max_length=32) as s:
             got = model.generate(ids, attention_mask=m, max_new_tokens=6, do_sample=False, pad_token_id=0, cache=s)
-            parts = model.chain.stage_sessions(s.session_id)
+            parts = s.stages.ids
             assert len(parts) == -(-5 // micro_batch)
             per_stage = model.chain.info()
             assert all(i["sessions"] == len(parts) and i["micro_batch"] == micro_batch for i in per_stage)
@@ -175,13 +175,13 @@ def test_a_group_of_steps_fails_only_where_a_step_is_bad(cluster, checkpoints):
     with distributed(checkpoints["llama"], cluster, spans=SPANS) as model:
         chain = model.chain
         chain.open_session("a", 1, 8)
-        chain.open_session("b", 1, 8)
+        b = chain.open_session("b", 1, 8)
         h = model.embed_tokens(torch.tensor([[5]]))
         pos, mask = transport.encode(torch.zeros(1, 1, dtype=torch.long)), transport.encode(torch.ones(1, 1, dtype=torch.long))
         entries = [["a", transport.encode(h), pos, mask, 0, ()], ["nobody", transport.encode(h), pos, mask, 0, ()]]
         good, bad = cluster.client.sync(chain._relay_group, entries)
         assert isinstance(bad, UnknownSessionError)
-        alone, _ = chain.forward("b", h, torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.long))
+        alone, _ = chain.forward(b, h, torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.long))
         assert torch.equal(transport.decode(good[0]), alone)
         assert len(good[2]) == len(SPANS)  # a compute time from every stage
 
@@ -194,11 +194,11 @@ def test_a_step_that_fails_on_the_first_stage_does_not_stall_the_next(cluster, c
 
     with distributed(checkpoints["llama"], cluster, spans=SPANS, relay=relay, call_timeout_s=20) as model:
         chain = model.chain
-        chain.open_session("s", 1, 8)
+        s = chain.open_session("s", 1, 8)
         h = model.embed_tokens(torch.tensor([[5]]))
         pos, ones = torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.long)
         with pytest.raises(ShapeMismatchError):
-            chain.forward("s", torch.zeros(1, 1, h.shape[-1] + 1), pos, ones)
-        out, _ = chain.forward("s", h, pos, ones)  # a stall would end in the 20 s call timeout's error instead
-        chain.open_session("t", 1, 8)
-        assert torch.equal(out, chain.forward("t", h, pos, ones)[0])  # and it ran the step a fresh session runs
+            chain.forward(s, torch.zeros(1, 1, h.shape[-1] + 1), pos, ones)
+        out, _ = chain.forward(s, h, pos, ones)  # a stall would end in the 20 s call timeout's error instead
+        t = chain.open_session("t", 1, 8)
+        assert torch.equal(out, chain.forward(t, h, pos, ones)[0])  # and it ran the step a fresh session runs

@@ -155,11 +155,11 @@ def test_a_session_on_a_released_swarm_chain_still_closes_on_the_hosted_stages(l
             chain.release()         # what a re-route does to the chain these sessions are open on
             time.sleep(0.5)         # Dask drops released keys on its event loop
             # a close that finds its chain released (before or while it runs: the soak left 2 sessions
-            # when a release landed between the session's check and the chain's call) raises and keeps
-            # what the session goes by, so the session can still close it on the stages left behind
+            # when a release landed between the session's check and the chain's call) raises; the
+            # session holds what it goes by there, so it can still close it on the stages left behind
             with pytest.raises(StageUnavailableError, match="released"):
-                chain.close_session(sessions[0].session_id)
-            assert len(chain.stage_sessions(sessions[0].session_id)) == 2
+                chain.close_session(sessions[0].stages)
+            assert len(sessions[0].stages.ids) == 2
             for s in sessions:
                 s.close()
             deadline = time.monotonic() + 10

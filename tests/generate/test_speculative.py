@@ -173,7 +173,7 @@ def test_session_tree_bookkeeping(model):
         s.flush()                                            # every stage compacts now
         assert s._keep is None
         with pytest.raises(TreeError):                       # the stages agree: the path was kept
-            model.chain.keep_path(s.session_id, 4, [0, 2, 4])
+            model.chain.keep_path(s.stages, 4, [0, 2, 4])
         model(torch.tensor([[13]]), cache=s)                 # and the session goes on
         assert s.get_seq_length() == 8
 
