@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from _common import RESULTS, SYNTHETIC_58M, random_checkpoint, shipped_model, stamp, write_json
@@ -126,6 +127,33 @@ class Lenders:
             proc.kill()
 
 
+@contextmanager
+def workers(link: str | None, logs: Path):
+    """``(cluster, links)``: three ``bloombee-nb worker`` processes and a scheduler on loopback, or
+    (``link`` = "MBIT,RTT_MS") three workers behind the link emulator with every link shaped; ``links``
+    says which, for the results. Everything is stopped on exit."""
+    import bloombee_nb as bb
+
+    if link:
+        from bloombee_nb.cluster import linkemu
+
+        rate, rtt = (float(x) for x in link.split(","))
+        with linkemu.emulated_cluster(n_workers=3) as (cluster, shape):
+            yield cluster, f"{rate:g} Mbit/s, {rtt:g} ms RTT: " + shape(rate, rtt)
+        return
+    sched, address = start([BIN, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", ":0"],
+                           r"scheduler at (tcp://\S+)", logs / "scheduler.log")
+    procs = [start([BIN, "worker", address, "--name", f"w{i}", "--listen", "127.0.0.1"], r"(joined)",
+                   logs / f"w{i}.log")[0] for i in range(3)]
+    try:
+        with bb.connect(address) as cluster:
+            cluster.wait_for_workers(3, 120)
+            yield cluster, "loopback"
+    finally:
+        for proc in [*procs, sched]:
+            proc.kill()
+
+
 def worker_memory(cluster) -> dict:
     def rss(dask_worker):
         import psutil
@@ -176,6 +204,8 @@ def main() -> None:
     p.add_argument("--mode", help=argparse.SUPPRESS)
     p.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--no-petals", action="store_true", help="skip the real Petals 2.2 swarm (the JSON says so)")
+    p.add_argument("--link", metavar="MBIT,RTT_MS", help="workers behind the namespace link emulator (root), every "
+                   "link shaped to MBIT Mbit/s and RTT_MS ms round trip, e.g. 100,10; results in swarm[_58m]_link.*")
     args = p.parse_args()
     if args.client:
         args.users = args.users[0]
@@ -189,33 +219,30 @@ def main() -> None:
     model = shipped_model()
     if args.synthetic:
         model = random_checkpoint(logs / "synthetic_58m", **SYNTHETIC_58M)
-    sched, address = start([BIN, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", ":0"],
-                           r"scheduler at (tcp://\S+)", logs / "scheduler.log")
-    workers = [start([BIN, "worker", address, "--name", f"w{i}", "--listen", "127.0.0.1"], r"(joined)",
-                     logs / f"w{i}.log")[0] for i in range(3)]
     rows = []
-    try:
-        with bb.connect(address) as cluster:
-            cluster.wait_for_workers(3, 120)
-            for mode in ("swarm", "private"):  # swarm first: private's memory may keep what swarm freed
-                if mode == "swarm":
-                    bb.host(model, cluster)
-                else:
-                    bb.unhost(cluster)
-                for users in args.users:
-                    row = configuration(address, cluster, model, mode, users, args.new_tokens)
-                    rows.append(row)
-                    print(f"{mode:8s} users={users:2d} procs={row['client_processes']} {row['tokens_per_s']:7.1f} tok/s "
-                          f"weights held {row['stage_weight_bytes'] / 2**20:6.0f} MiB (RSS {row['worker_rss_bytes'] / 2**20:5.0f}) "
-                          f"stages {row['stage_actors']} "
-                          f"exact={row['exact']}", flush=True)
-    finally:
-        for proc in [*workers, sched]:
-            proc.kill()
-    petals = {} if args.no_petals else petals_rows(model, args.users, args.new_tokens, logs)
+    with workers(args.link, logs) as (cluster, links):
+        address = cluster.address
+        for mode in ("swarm", "private"):  # swarm first: private's memory may keep what swarm freed
+            if mode == "swarm":
+                bb.host(model, cluster)
+            else:
+                bb.unhost(cluster)
+            for users in args.users:
+                row = configuration(address, cluster, model, mode, users, args.new_tokens)
+                rows.append(row)
+                print(f"{mode:8s} users={users:2d} procs={row['client_processes']} {row['tokens_per_s']:7.1f} tok/s "
+                      f"weights held {row['stage_weight_bytes'] / 2**20:6.0f} MiB (RSS {row['worker_rss_bytes'] / 2**20:5.0f}) "
+                      f"stages {row['stage_actors']} "
+                      f"exact={row['exact']}", flush=True)
+    if args.link:
+        petals = {"not_measured": "not on the emulated links: the emulator holds the round-trip time in our own send "
+                                  "path (this kernel has no netem), which a Petals swarm's traffic never takes; "
+                                  "Petals is compared on loopback (run without --link)"}
+    else:
+        petals = {} if args.no_petals else petals_rows(model, args.users, args.new_tokens, logs)
     rows += petals.pop("rows", [])
-    name = "swarm" + (f"_{args.synthetic}" if args.synthetic else "")
-    out = stamp(dict(model=args.synthetic or "shipped tiny-llama", new_tokens=args.new_tokens,
+    name = "swarm" + (f"_{args.synthetic}" if args.synthetic else "") + ("_link" if args.link else "")
+    out = stamp(dict(model=args.synthetic or "shipped tiny-llama", new_tokens=args.new_tokens, links=links,
                      load_average_before=load0, load_average_after=os.getloadavg(), rows=rows, petals=petals))
     write_json(name, out)
     write_md(out, name)
@@ -244,8 +271,8 @@ def petals_rows(model: str, users: list[int], new_tokens: int, logs: Path) -> di
 
 def write_md(out: dict, name: str) -> None:
     lines = [f"# Swarm vs private pipelines ({out['machine']['platform']}, {out['machine']['cpus']} CPUs)", "",
-             f"`{out['command']}`: {out['model']}, {out['new_tokens']} greedy tokens per user, 3 workers on "
-             "loopback, users spread over up to 4 client processes.", "",
+             f"`{out['command']}`: {out['model']}, {out['new_tokens']} greedy tokens per user, 3 workers, links: "
+             f"{out.get('links', 'loopback')}; users spread over up to 4 client processes.", "",
              "| mode | users | client processes | tokens/s | mean ms/token per user | weights held by the stages (MiB) | workers' RSS (MiB) | stage actors | exact |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in out["rows"]:

@@ -6,7 +6,8 @@ A scheduler and four ``bloombee-nb worker --host <shipped tiny-llama> --layers 3
 loopback: they claim layers 0-2, 3-5 and a replica of each. Each run, a client attaches
 (``from_pretrained``), generates 32 greedy tokens, and after 8 tokens the worker hosting the first
 stage of its route is SIGKILLed; the session re-routes through the other replica (no weights load:
-it already holds them) and replays its history there. Then a fresh worker joins with ``--host`` and
+it already holds them) and replays its history there: on that replica alone, the other stages keep the
+session (``generate/replay.py``). Then a fresh worker joins with ``--host`` and
 claims the span that lost its replica, so the next run starts from two replicas again.
 
 Measured per run: the longest gap between two streamed tokens (what the user sees), and the
@@ -62,7 +63,8 @@ def main() -> None:
                 gaps = [b - a for a, b in zip(streamer.times, streamer.times[1:])]
                 runs.append(dict(victim=victim, exact=bool(torch.equal(got, want)), longest_gap_s=max(gaps),
                                  median_gap_s=statistics.median(gaps), detect_s=event.detect_s,
-                                 reroute_s=event.rebuild_s, replay_s=event.replay_s, pause_s=event.pause_s))
+                                 reroute_s=event.rebuild_s, replay_s=event.replay_s, pause_s=event.pause_s,
+                                 replayed_on_stages=event.replayed_on, route_stages=len(model.placement.stages)))
                 print(f"run {run}: killed {victim}, longest gap {max(gaps) * 1e3:.0f} ms (detect "
                       f"{event.detect_s * 1e3:.0f}, re-route {event.rebuild_s * 1e3:.0f}, replay "
                       f"{event.replay_s * 1e3:.0f}) exact={runs[-1]['exact']}", flush=True)
@@ -83,11 +85,12 @@ def main() -> None:
              f"Longest gap between streamed tokens: median {out['median_longest_gap_s'] * 1e3:.0f} ms, "
              f"p95 {p95 * 1e3:.0f} ms; every output exact: {out['all_exact']}. "
              f"Load average before/after: {load0} / {out['load_average_after']}.", "",
-             "| run | killed | longest gap (ms) | median gap (ms) | detect (ms) | re-route (ms) | replay (ms) | exact |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| run | killed | longest gap (ms) | median gap (ms) | detect (ms) | re-route (ms) | replay (ms) | "
+             "replayed on | exact |",
+             "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {i} | {r['victim']} | {r['longest_gap_s'] * 1e3:.0f} | {r['median_gap_s'] * 1e3:.1f} | "
-              f"{r['detect_s'] * 1e3:.0f} | {r['reroute_s'] * 1e3:.0f} | {r['replay_s'] * 1e3:.0f} | {r['exact']} |"
-              for i, r in enumerate(runs)]
+              f"{r['detect_s'] * 1e3:.0f} | {r['reroute_s'] * 1e3:.0f} | {r['replay_s'] * 1e3:.0f} | "
+              f"{r['replayed_on_stages']} of {r['route_stages']} stages | {r['exact']} |" for i, r in enumerate(runs)]
     (RESULTS / "swarm_failover.md").write_text("\n".join(lines) + "\n")
 
 

@@ -97,27 +97,25 @@ class RemoteChain(LinkCodecs):
         futures = submit_stages(client, placement, path, per_stage, **stage_kwargs, micro_batch=micro_batch)
         return cls(client, placement, futures, timeout_s, relay, compression,
                    liveness_interval_s=liveness_interval_s, ping_timeout_s=ping_timeout_s, micro_batch=micro_batch,
-                   prefill_chunk=prefill_chunk,
-                   group=stage_kwargs.get("merge", True) if group is None else group)
+                   prefill_chunk=prefill_chunk, group=stage_kwargs.get("merge", True) if group is None else group)
 
     def broadcast(self, method: str, *args) -> list:
         """Call ``method`` on every stage concurrently; the first failure is raised after all answered
         (or as soon as the watchdog finds a stage's worker gone or hung)."""
-        self._check_usable()
-        return self.client.sync(self._watched, self._broadcast(method, args))
-
-    async def _broadcast(self, method: str, args: tuple) -> list:
-        return await _all([self._call(i, method, *args) for i in range(len(self.actors))])
+        return self._gather([self._call(i, method, *args) for i in range(len(self.actors))])
 
     # ---- sessions -------------------------------------------------------------------------------
-    def open_session(self, session_id: str, batch: int, max_length: int) -> StageSessions:
-        """Open ``session_id`` on every stage; with a ``micro_batch`` below ``batch``, as one stage
-        session per micro-batch of rows (``<id>/<k>``). The caller holds what comes back and passes
-        it to every call about the session (the chain keeps no per-session state)."""
+    def open_session(self, session_id: str, batch: int, max_length: int, log: bool = False,
+                     only: range | None = None) -> StageSessions:
+        """Open ``session_id`` on every stage (or the stages ``only``); with a ``micro_batch`` below
+        ``batch``, as one stage session per micro-batch of rows (``<id>/<k>``). The caller holds what
+        comes back and passes it to every call about the session (the chain keeps no per-session
+        state). ``log``: every stage but the last keeps its outputs, for :meth:`replay` ``only``."""
         sessions = StageSessions.opened(session_id, batch, self.micro_batch)
+        last = len(self.actors) - 1
         try:
-            self._gather([self._call(i, "open_session", sub, b - a, max_length, self.owner)
-                          for sub, a, b in sessions.parts for i in range(len(self.actors))])
+            self._gather([self._call(i, "open_session", sub, b - a, max_length, self.owner, log and i < last)
+                          for sub, a, b in sessions.parts for i in only or range(len(self.actors))])
         except BloombeeError:  # e.g. one stage is leaving: the others must not keep what they opened
             self._undo_open(sessions.ids)
             raise
@@ -145,10 +143,10 @@ class RemoteChain(LinkCodecs):
         self._gather([self._call(i, "close_session", sub, self.owner)
                       for sub in sessions.ids for i in range(len(self.actors))])
 
-    def rollback(self, sessions: StageSessions, length: int) -> None:
-        """Keep the first ``length`` positions of the session on every stage."""
+    def rollback(self, sessions: StageSessions, length: int, only=None) -> None:
+        """Keep the first ``length`` positions of the session on every stage (or the stages ``only``)."""
         self._gather([self._call(i, "rollback", sub, int(length), self.owner)
-                      for sub in sessions.ids for i in range(len(self.actors))])
+                      for sub in sessions.ids for i in (range(len(self.actors)) if only is None else only)])
 
     def _gather(self, calls: list) -> list:
         """Await stage calls together (see :func:`_all`), watched like every call."""
@@ -184,7 +182,7 @@ class RemoteChain(LinkCodecs):
         except StageUnavailableError:
             raise  # the chain is being left behind (recovery): nothing to put right on it
         except BaseException:
-            self._resync(sessions)
+            self.set_seqs(sessions, quiet=True)
             raise
         outs = [torch.cat([transport.decode(r[0]) for r in results[p * n_chunks:(p + 1) * n_chunks]], dim=1)
                 for p in range(len(parts))]
@@ -192,25 +190,35 @@ class RemoteChain(LinkCodecs):
                               time.perf_counter() - t0)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0), trace
 
-    def replay(self, sessions: StageSessions, steps: list[tuple]) -> None:
+    def replay(self, sessions: StageSessions, steps: list[tuple], only: range | None = None,
+               starts: list[int] | None = None) -> None:
         """Re-send ``steps`` (each one :meth:`forward`'s arguments, as first sent) all at once: the
         stages run a session's steps in order (``seq``), so replaying a history costs about one
         traversal plus the compute instead of one traversal per step. Same shapes, same order: the
-        KV is bit-identical to the first time."""
+        KV is bit-identical to the first time.
+
+        ``only`` (a run of stages ``first:last``, with ``starts``: the position each step started
+        at): replay on those stages alone. Their input is the stage before them's logged output of
+        each step (sent on from its log, not recomputed), or for ``first == 0`` the steps' own."""
         self._check_usable()
-        relays = [r for args in steps for r in self._step_relays(sessions, *args)[0]]
+        if only is not None:
+            relays = [r for args, start in zip(steps, starts)
+                      for r in self._step_relays(sessions, *args, only=only, start=start)[0]]
+        else:
+            relays = [r for args in steps for r in self._step_relays(sessions, *args)[0]]
         try:
             self.client.sync(self._watched, _all(relays))
         except StageUnavailableError:
             raise
         except BaseException:
-            self._resync(sessions)
+            self.set_seqs(sessions, quiet=True)
             raise
 
     def _step_relays(self, sessions: StageSessions, hidden, position_ids, attention_mask, tree_parents=None,
-                     keep=None):
+                     keep=None, only: range | None = None, start: int = 0):
         """The coroutines that send one step (its micro-batches and chunks, each with its seq), the
-        session's parts, and the chunks per part."""
+        session's parts, and the chunks per part; with ``only``, to those stages alone, starting
+        at position ``start`` (see :meth:`replay`)."""
         T = hidden.shape[1]
         parts = sessions.parts
         c = self.prefill_chunk if tree_parents is None and self.prefill_chunk and T > self.prefill_chunk else T
@@ -222,21 +230,35 @@ class RemoteChain(LinkCodecs):
                 if keep is not None and j == 0:
                     paths = torch.as_tensor(keep[1], dtype=torch.long)
                     k = (keep[0], paths[a:b] if paths.dim() == 2 else paths)
-                relays.append(self._relay(sub, hidden[a:b, cols], position_ids[a:b, cols],
-                                          attention_mask[a:b, cols], tree_parents, k, sessions.take_seq(sub)))
+                args = (hidden[a:b, cols], position_ids[a:b, cols], attention_mask[a:b, cols], tree_parents, k,
+                        sessions.take_seq(sub))
+                relays.append(self._relay(sub, *args) if only is None else self._relay_to(only, start + c0, sub, *args))
         return relays, parts, -(-T // c)
 
-    def _resync(self, sessions: StageSessions) -> None:
-        """After a failed step: every stage learns how many steps of each stage session the client
-        sent, so a step that never reached some stage (failed before it) is not waited for there."""
-        async def every():
-            calls = [self._call(i, "set_seq", sub, seq)
-                     for sub, seq in sessions.next_seq.items() for i in range(len(self.actors))]
-            await asyncio.wait_for(_all(calls), self.ping_timeout_s)
+    def _relay_to(self, only: range, start: int, session_id, hidden, position_ids, attention_mask, tree_parents, keep,
+                  seq):
+        """A replayed step to the stages ``only`` alone: from the client (``only`` starts at stage 0)
+        or from the log of the stage before them (``from_log``: the position the step started at)."""
+        frame = b"" if only.start else transport.encode(hidden.contiguous(), self.client_policies[0].codec_for(
+            hidden.numel() * hidden.element_size()))
+        entry = Entry(session_id, frame, transport.encode(position_ids.contiguous()),
+                      transport.encode(attention_mask.contiguous()), seq, *speculation_frames(tree_parents, keep),
+                      from_log=start if only.start else None)
+        return self._send(self.refs[max(0, only.start - 1):only.stop], entry)
 
-        if not self.released:
+    def set_seqs(self, sessions: StageSessions, quiet: bool = False) -> None:
+        """Every stage learns how many steps of each stage session the client sent: after a failed
+        step (``quiet``: best effort), a step that never reached some stage (failed before it) is
+        not waited for there; after a splice, the new stages continue the session's count."""
+        def calls():
+            return [self._call(i, "set_seq", sub, seq) for sub, seq in sessions.next_seq.items()
+                    for i in range(len(self.actors))]
+
+        if not quiet:
+            self._gather(calls())
+        elif not self.released:
             try:
-                self.client.sync(every)
+                self.client.sync(asyncio.wait_for, _all(calls()), self.ping_timeout_s)
             except (BloombeeError, OSError, RuntimeError, TimeoutError, asyncio.TimeoutError):
                 pass  # a stage that cannot be reached has worse problems: the original error says so
 
@@ -252,14 +274,15 @@ class RemoteChain(LinkCodecs):
             return self._relay_chain(session_id, frame, pos, mask, spec, seq)
         return self._relay_star(session_id, hidden.contiguous(), pos, mask, spec, seq)
 
-    def keep_path(self, sessions: StageSessions, past_len: int, keep: torch.Tensor | list) -> None:
-        """Every stage keeps only the accepted path of the session's last tree step (``keep [K]`` or
-        ``[B, K]`` node indices, root first, -1 padded; see ``SpanRunner.keep_path``)."""
+    def keep_path(self, sessions: StageSessions, past_len: int, keep: torch.Tensor | list, only=None) -> None:
+        """Every stage (or the stages ``only``) keeps only the accepted path of the session's last
+        tree step (``keep [K]`` or ``[B, K]`` node indices, root first, -1 padded; see
+        ``SpanRunner.keep_path``)."""
         keep = torch.as_tensor(keep, dtype=torch.long)
         calls = [self._call(i, "keep_path", sub, int(past_len), (keep[a:b] if keep.dim() == 2 else keep).tolist(),
                             self.owner)
                  for sub, a, b in sessions.parts
-                 for i in range(len(self.actors))]
+                 for i in (range(len(self.actors)) if only is None else only)]
         self._gather(calls)
 
     async def _relay_star(self, session_id: str, hidden: torch.Tensor, pos: bytes, mask: bytes, spec=(None, None),
@@ -349,7 +372,7 @@ class RemoteChain(LinkCodecs):
         # first use: released, it is cancelled in this client and every later call on the handle
         # raises "Worker holding Actor was lost" — the session closes below would be skipped for good
         held = [] if self.shared else [*self._futures, *(getattr(a, "_future", None) for a in self.actors)]
-        # hosted stages outlive a swarm chain: its sessions still close there (session._close_quietly)
+        # hosted stages outlive a swarm chain: its sessions still close there (generate/replay.py: _close_quietly)
         self.left_behind = list(self.actors) if self.shared else []
         self.actors, self._futures, self.released = [], [], True
         try:

@@ -61,6 +61,8 @@ class Entry:
     keep: tuple[int, bytes] | None = None  # speculation: (past_len, accepted paths) of the last tree step
     computes: tuple = ()                # ((compute seconds, output frame bytes), ...) of the stages so far
     error: BaseException | None = field(default=None, compare=False)  # why it stopped (then hidden is None)
+    from_log: int | None = None         # replay: the first hop sends on its logged output of the step that
+                                        # started at this position instead of running one (hidden: b"")
 
     @property
     def failed(self) -> bool:
@@ -85,6 +87,8 @@ class Entry:
         msg = {"s": self.session, "h": self.hidden, "p": self.position_ids, "m": self.attention_mask,
                "q": self.seq, "t": self.tree, "k": list(self.keep) if self.keep else None,
                "c": [list(c) for c in self.computes]}
+        if self.from_log is not None:
+            msg["l"] = self.from_log
         if self.error is not None:
             msg["e"] = to_serialize(self.error)
         return msg
@@ -94,7 +98,7 @@ class Entry:
         keep = msg.get("k")
         return cls(str(msg["s"]), msg.get("h"), msg["p"], msg["m"], msg.get("q"), msg.get("t"),
                    (int(keep[0]), keep[1]) if keep else None, tuple((float(c), int(b)) for c, b in msg.get("c", ())),
-                   _error(msg.get("e")))
+                   _error(msg.get("e")), None if msg.get("l") is None else int(msg["l"]))
 
 
 @dataclass(frozen=True)
@@ -189,6 +193,18 @@ class StageSessions:
         seq = self.next_seq[sub]
         self.next_seq[sub] = seq + 1
         return seq
+
+
+def splice(old: tuple[StageRef, ...], new: tuple[StageRef, ...]) -> range | None:
+    """The stages of route ``new`` that are new against the route ``old`` it replaces, when they are
+    one run ``first:last`` and every other stage is the same stage (actor and layers) in the same
+    place, which already holds the sessions: ``range(first, last)``; else None."""
+    p = q = 0
+    while p < min(len(new), len(old)) and new[p] == old[p]:
+        p += 1
+    while q < min(len(new), len(old)) - p and new[-1 - q] == old[-1 - q]:
+        q += 1
+    return range(p, len(new) - q) if p + q < len(new) else None
 
 
 def speculation_frames(tree_parents: torch.Tensor | None,

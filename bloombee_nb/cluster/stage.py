@@ -26,6 +26,14 @@ exception that travels with its entry to the client, and leaves every other sess
 untouched. An entry that fails goes on as a skip, so the stages after this one do not wait for its
 ``seq``.
 
+Replay logs: a session opened with ``log=True`` (a swarm client's, on every stage of its route but
+the last) keeps this stage's output frame of each of its steps, by the position the step started
+at, as sent (compressed). When a later stage of the route is lost and a replica takes its place,
+the client asks this stage to send its logged outputs on to the replica (an entry with
+``from_log``) instead of replaying the whole history through every stage: only the replaced
+stage recomputes. A rollback drops what it undoes; the log costs ``hidden_size`` values per
+position, against the KV's ``2 × layers × kv_dim``.
+
 Ownership: a session is bound to the client that opened it (``owner``): only that client may send
 it steps, close it, roll it back or keep a path of it. A refused step goes back to its sender
 only, and does not move the owner's order.
@@ -41,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import torch
 
@@ -80,6 +89,7 @@ class StageActor:
                                  weight_offload=weight_offload, kv_offload=kv_offload, **kw)
         self.max_frame_bytes = transport.frame.DEFAULT_MAX_BYTES
         self._owners: dict[str, str] = {}           # session -> the client that opened it
+        self._logs: dict[str, dict[int, bytes]] = {}  # session -> {first position: output frame} (module doc)
         self._tasks: set[asyncio.Task] = set()      # steps being taken through the queue and sent on
         self.out_policy = transport.CodecPolicy()   # which codec this stage's outgoing frames use, by size
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="bloombee-stage")
@@ -123,15 +133,19 @@ class StageActor:
         return await self._run(run)
 
     # ---- sessions (control) ----------------------------------------------------------------------
-    async def open_session(self, session_id: str, batch: int, max_length: int, owner: str | None = None) -> None:
+    async def open_session(self, session_id: str, batch: int, max_length: int, owner: str | None = None,
+                           log: bool = False) -> None:
         """Reserve a session's KV; ``owner``: the client that may later step it, close it, roll it
         back or keep its paths. Its owner opening it again (a client re-routed after losing another
-        stage, replaying its history) starts it afresh."""
+        stage, replaying its history) starts it afresh. ``log``: keep the session's outputs (module
+        doc: Replay logs)."""
         self._check_staying()
         if owner is not None and session_id in self.runner.sessions and self._owners.get(session_id) == owner:
             await self.close_session(session_id, owner)
         await self._run(self.runner.open, session_id, batch, max_length)
         self.queue.next_seq[session_id] = 0
+        if log:
+            self._logs[session_id] = {}
         if owner is not None:
             self._owners[session_id] = owner
 
@@ -165,10 +179,14 @@ class StageActor:
         await self._run(self.runner.close, session_id)
         self.queue.next_seq.pop(session_id, None)
         self._owners.pop(session_id, None)
+        self._logs.pop(session_id, None)
 
     async def rollback(self, session_id: str, length: int, owner: str | None = None) -> None:
         self._check_owner(session_id, owner)
         await self._run(self.runner.rollback, session_id, length)
+        log = self._logs.get(session_id)
+        for start in [k for k in log or () if k >= length]:  # the client's history drops those steps too
+            del log[start]
 
     async def keep_path(self, session_id: str, past_len: int, keep: list, owner: str | None = None) -> None:
         """Speculation: keep only the accepted path of the last tree step (see ``SpanRunner.keep_path``)."""
@@ -195,10 +213,11 @@ class StageActor:
 
     async def _take(self, step: Step, reply) -> None:
         entries = [self._admit(step.owner, e) for e in step.entries]
-        results = await asyncio.gather(*(self.queue.submit(self._job(step.owner, e)) for e in entries),
+        results = await asyncio.gather(*(self._logged(e) if e.from_log is not None and not e.failed else
+                                         self.queue.submit(self._job(step.owner, e)) for e in entries),
                                        return_exceptions=True)
-        done = tuple(e if e.failed else e.failing(r) if isinstance(r, BaseException) else e.done_by(*r)
-                     for e, r in zip(entries, results))
+        done = tuple(e if e.failed else e.failing(r) if isinstance(r, BaseException) else
+                     r if isinstance(r, Entry) else e.done_by(*r) for e, r in zip(entries, results))
         onward = step.onwards(done)
         if reply is not None:
             reply(onward)
@@ -221,6 +240,17 @@ class StageActor:
         except StageLeavingError as exc:
             return e.failing(exc)
         return e
+
+    async def _logged(self, e: Entry) -> Entry:
+        """A replayed entry as this stage's logged output of the step that started at ``from_log``,
+        sent on without running (module doc: Replay logs)."""
+        frame = self._logs.get(e.session, {}).get(e.from_log)
+        if frame is None:
+            from ..errors import UnknownSessionError
+
+            raise UnknownSessionError(f"layers {self.runner.start}–{self.runner.end - 1} hold no logged output of "
+                                      f"session {e.session[:8]}… at position {e.from_log}; replay its whole history")
+        return replace(e, hidden=frame, from_log=None)
 
     def _job(self, owner: str, e: Entry) -> Job:
         if e.failed:
@@ -261,9 +291,21 @@ class StageActor:
         t0 = time.perf_counter()
         if j.keep is not None:  # the accepted path of the previous tree step, before this step runs
             self.runner.keep_path(j.session_id, j.keep[0], transport.decode(j.keep[1], self.max_frame_bytes))
+        start = self._start(j.session_id)
         out = self.runner.forward(j.session_id, h, pos, mask, parents)
         compute_s = time.perf_counter() - t0
-        return self._encode(out), compute_s
+        return self._log(j.session_id, start, self._encode(out)), compute_s
+
+    def _start(self, session_id: str) -> int | None:
+        """Where a step of a logged session starts (its KV length now)."""
+        s = self.runner.sessions.get(session_id) if session_id in self._logs else None
+        return None if s is None else s.length
+
+    def _log(self, session_id: str, start: int | None, frame: bytes) -> bytes:
+        log = self._logs.get(session_id)
+        if log is not None and start is not None:
+            log[start] = frame
+        return frame
 
     def _encode(self, out: torch.Tensor) -> bytes:
         return transport.encode(out, self.out_policy.codec_for(out.numel() * out.element_size()))
@@ -284,11 +326,13 @@ class StageActor:
                 steps.append((i, (j.session_id, *(transport.decode(f, self.max_frame_bytes) for f in j.frames))))
             except Exception as exc:  # noqa: BLE001
                 results[i] = exc
+        starts = [self._start(st[0]) for _, st in steps]
         t0 = time.perf_counter()
         outs = forward_many(self.runner, [st for _, st in steps])
         compute_s = time.perf_counter() - t0
-        for (i, _), out in zip(steps, outs):
-            results[i] = out if isinstance(out, BaseException) else (self._encode(out), compute_s)
+        for (i, st), start, out in zip(steps, starts, outs):
+            results[i] = out if isinstance(out, BaseException) else (self._log(st[0], start, self._encode(out)),
+                                                                      compute_s)
         return results
 
     async def info(self) -> dict:

@@ -53,6 +53,7 @@ class RecoveryEvent:
     replayed_steps: int   # calls replayed (steps, kept paths, rollbacks)
     reused: bool          # another session had already re-placed the spans
     error: str            # the failure that started it
+    replayed_on: int = 0  # stages that re-ran the history: the new ones alone when the rest held it (a splice)
 
     @property
     def recover_s(self) -> float:
@@ -69,7 +70,8 @@ class RecoveryEvent:
         new = ", ".join(f"{w} {a}–{b - 1}" for w, a, b in self.new_spans)
         how = "joined the spans re-placed by another session" if self.reused else f"re-placed layers on {new}"
         return (f"lost {lost}: paused {self.pause_s:.1f} s (noticed after {self.detect_s:.1f} s), {how}, "
-                f"recovered in {self.recover_s:.1f} s ({self.replayed_steps} calls replayed)")
+                f"recovered in {self.recover_s:.1f} s ({self.replayed_steps} calls replayed on "
+                f"{self.replayed_on} stage{'s' if self.replayed_on != 1 else ''})")
 
 
 def spans_of(placement: Placement, names: dict[str, str]) -> tuple[tuple[str, int, int], ...]:

@@ -15,7 +15,8 @@ token tree and the kept path that rode on it), kept paths flushed alone, rollbac
 fails with :class:`~bloombee_nb.errors.StageUnavailableError` (a worker died, hung or is
 leaving), the session asks its model for a chain of live workers (re-placed spans, shared by every
 session of the model), opens itself there, replays the history call by call — the same shapes in
-the same order, so the new stages hold bit-identical KV — and sends the failed call again. Greedy
+the same order, so the new stages hold bit-identical KV (on a swarm re-route, on the new stages
+alone: ``replay.py``) — and sends the failed call again. Greedy
 output equals an uninterrupted run's; the pause is recorded as a
 :class:`~bloombee_nb.generate.recovery.RecoveryEvent` (``session.recoveries``, ``model.events``).
 
@@ -30,10 +31,8 @@ stages hold (≤ ``max_length``), plus, with speculation, the rejected nodes of 
 from __future__ import annotations
 
 import html
-import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache
@@ -42,24 +41,11 @@ from ..cluster.protocol import StageSessions
 from ..cluster.trace import StepTrace
 from ..errors import (BloombeeError, SessionLengthError, ShapeMismatchError, StageUnavailableError, TreeError,
                       UnknownSessionError)
-from .recovery import RecoveryEvent, spans_of
-
-#: Recoveries one call may go through before its StageUnavailableError reaches the caller.
-MAX_RECOVERIES = 3
+from .recovery import RecoveryEvent
+from .replay import SentCall, SessionHistory, _close_quietly
 
 
-@dataclass(frozen=True)
-class SentCall:
-    """One call that changed the stages' KV caches, as sent: what a session replays after a failure."""
-
-    kind: str    # "step" | "keep" | "rollback"
-    base: int    # the first position it changed: a rollback to <= base undoes it entirely
-    after: int   # positions the stages held after it
-    args: tuple  # step: (hidden, position_ids, attention_mask, tree_parents, keep);
-                 # keep: (past_len, keep); rollback: (length,)
-
-
-class InferenceSession(Cache):
+class InferenceSession(SessionHistory, Cache):
     """Holds a session id open on every stage of a model's chain; use it as a context manager."""
 
     def __init__(self, model, max_length: int):
@@ -102,7 +88,7 @@ class InferenceSession(Cache):
                 f"max_length={self.max_length}; open it with a larger max_length (prompt + new tokens)")
         args = (hidden, position_ids, attention_mask, tree_parents, self._keep)
         try:
-            out, trace = self._send(lambda chain: chain.forward(self.stages, *args))
+            out, trace = self._send(lambda chain: chain.forward(self.stages, *args), step=True)
         except BloombeeError as exc:
             if not isinstance(exc, StageUnavailableError) and self._keep is None:
                 self._undo()
@@ -159,7 +145,9 @@ class InferenceSession(Cache):
 
     def _open_on(self, chain) -> None:
         if self._opened_on is not chain:
-            self.stages = chain.open_session(self.session_id, self.batch, self.max_length)
+            # a swarm session keeps its outputs on the stages, so a lost stage's replica alone replays
+            log = chain.shared and self.model.auto_recover
+            self.stages = chain.open_session(self.session_id, self.batch, self.max_length, log=log)
             self._opened_on = chain
 
     def rollback(self, length: int) -> None:
@@ -194,77 +182,6 @@ class InferenceSession(Cache):
             except BloombeeError:
                 pass  # a stage that is gone has nothing left to free
         self.closed, self.history = True, []
-
-    # ---- history and recovery -----------------------------------------------------------------
-    def _record(self, kind: str, base: int, after: int, args: tuple) -> None:
-        if self.model.auto_recover:
-            self.history.append(SentCall(kind, base, after, _kept(args)))
-
-    def _truncate(self, length: int) -> None:
-        """After a rollback to ``length``: drop the calls it undid entirely, remember the rollback
-        where a kept call reaches past it (a step is replayed whole: same shapes, same KV)."""
-        while self.history and self.history[-1].base >= length:
-            self.history.pop()
-        if self.history and self.history[-1].after > length:
-            self._record("rollback", length, length, (length,))
-
-    def _send(self, call):
-        """``call(chain)`` on this session's chain; when a stage is lost, recover and send it again."""
-        for attempt in range(MAX_RECOVERIES + 1):
-            t0 = time.perf_counter()
-            try:
-                return call(self.chain)
-            except StageUnavailableError as exc:
-                if not self.model.auto_recover or attempt == MAX_RECOVERIES:
-                    raise
-                self._recover(exc, time.perf_counter() - t0)
-
-    def _recover(self, exc: StageUnavailableError, detect_s: float) -> None:
-        """Move to a chain of live workers and replay the history there (another loss while
-        replaying starts over, up to ``MAX_RECOVERIES`` times)."""
-        for attempt in range(MAX_RECOVERIES):
-            try:
-                return self._move(exc, detect_s)
-            except StageUnavailableError as again:
-                if attempt == MAX_RECOVERIES - 1:
-                    raise
-                exc, detect_s = again, 0.0
-
-    def _move(self, exc: StageUnavailableError, detect_s: float) -> None:
-        at, t0, old = time.time(), time.perf_counter(), self.chain
-        chain, lost, reused = self.model.deployment.replacement_chain(old, exc)
-        self.chain, rebuild_s = chain, time.perf_counter() - t0
-        if self._opened_on is not None and self._opened_on is not chain:
-            _close_quietly(self._opened_on, self.stages, keep=chain)
-            self._opened_on = None
-        t1 = time.perf_counter()
-        replayed = self._replay() if self.batch is not None else 0
-        names = self.model.deployment.worker_names
-        event = RecoveryEvent(at, self.session_id, lost, spans_of(old.placement, names),
-                              spans_of(chain.placement, names), detect_s, 0.0 if reused else rebuild_s,
-                              time.perf_counter() - t1, replayed, reused, str(exc))
-        self.recoveries.append(event)
-        self.model.events.append(event)
-
-    def _replay(self) -> int:
-        """Open the session on the current chain and re-send every call of the history, in order:
-        runs of steps go at once (the stages keep their order), kept paths and rollbacks alone."""
-        self._open_on(self.chain)
-        steps: list[tuple] = []
-        for call in [*self.history, None]:
-            if call is not None and call.kind == "step":
-                steps.append(call.args)
-                continue
-            if steps:
-                self.chain.replay(self.stages, steps)
-                steps = []
-            if call is None:
-                break
-            if call.kind == "keep":
-                self.chain.keep_path(self.stages, *call.args)
-            else:
-                self.chain.rollback(self.stages, *call.args)
-        return len(self.history)
 
     def __enter__(self):
         return self
@@ -322,28 +239,3 @@ class InferenceSession(Cache):
         return (f"<div><b>InferenceSession</b> <code>{self.session_id[:8]}</code> — "
                 f"{html.escape(repr(self).split(' ', 2)[2][:-1])}; {step}; "
                 f"{len(self.chain.placement.stages)} stages{moved}</div>")
-
-
-def _kept(args: tuple) -> tuple:
-    """The call's tensors as the history keeps them: on the CPU and never aliasing a caller's tensor."""
-    def own(x):
-        return x.detach().to("cpu", copy=True) if isinstance(x, torch.Tensor) else x
-
-    return tuple((a[0], own(a[1])) if isinstance(a, tuple) else own(a) for a in args)
-
-
-def _close_quietly(chain, sessions: StageSessions, keep=None) -> None:
-    """Best effort: a stage that is gone or hung has nothing left to free (and is not waited for).
-    A chain released since the session opened on it (the model re-placed after another session's
-    failure) still reaches the hosted stages it leaves behind (``chain.left_behind``), which would
-    otherwise keep the session forever (the swarm churn soak found 4); a private chain's stages went
-    with it. Stages that ``keep`` (the chain the session moves to) shares are left alone: the session
-    re-opens there, and a close arriving after that would undo it."""
-    staying = {a.key for a in keep.actors} if keep is not None else set()
-    stages = chain.left_behind if chain.released else chain.actors
-    for sub in sessions.ids:
-        for actor in [a for a in stages if a.key not in staying]:
-            try:  # each stage on its own: a lost one (its handle raises at once) must not spare the others
-                actor.close_session(sub, chain.owner)  # not awaited: fire and forget
-            except (BloombeeError, OSError, RuntimeError, KeyError):
-                pass

@@ -203,6 +203,78 @@ def test_a_replica_moves_to_layers_whose_only_host_was_lost_and_generation_goes_
         bb.unhost(local, path)
 
 
+@pytest.mark.parametrize("lost, kw", [("middle", {}), ("middle", {"micro_batch": 1, "prefill_chunk": 3}),
+                                      ("first", {})])
+def test_a_lost_replica_is_replaced_by_replaying_only_its_span(local, checkpoints, reference, lost, kw):
+    """A stage of the route stops mid-generation and another replica of its span takes its place:
+    only that replica replays the session's history — from the logged outputs of the stage before
+    it (or the client's own for the first stage) — while the stages that hold the session keep it.
+    With micro-batches and prompt chunks too; the output equals transformers'."""
+    path = checkpoints["llama"]
+    w = local.worker_addresses()
+    spans = {"middle": [(0, 2), (2, 4), (2, 4), (4, 5)], "first": [(0, 2), (0, 2), (2, 5)]}[lost]
+    bb.host(path, local, workers={"middle": [w[0], w[1], w[2], w[0]], "first": [w[0], w[1], w[2]]}[lost], spans=spans)
+    try:
+        ids, mask = padded_batch([7, 5], seed=6)
+        with bb.connect(local.address) as user:
+            model = bb.DistributedModelForCausalLM.from_pretrained(path, cluster=user, **kw)
+            i = 1 if lost == "middle" else 0
+            victim = model.placement.stages[i].worker
+
+            def steps_run():  # stage actor -> steps it ran so far (the queue's counter)
+                return {r.key: x["steps"] for r, x in zip(model.chain.refs, model.chain.info())}
+
+            before = steps_run()
+            want = greedy(model, ids, mask)
+            once = {k: n - before[k] for k, n in steps_run().items()}   # one whole generation, per stage
+            before = steps_run()
+            got = greedy(model, ids, mask, streamer=FaultAt(3, lambda: bb.unhost(local, path, workers=[victim])))
+            (event,) = model.events
+            assert event.replayed_on == 1 and model.placement.stages[i].worker != victim
+            assert "on 1 stage)" in event.describe()
+            # the stages that kept the session ran the generation's steps once (and maybe the failed one
+            # again, one step of every micro-batch), never its history a second time
+            parts = 2 if kw.get("micro_batch") == 1 else 1
+            kept = {k: n - before[k] for k, n in steps_run().items() if k in before}
+            assert len(kept) == len(model.chain.refs) - 1
+            assert all(once[k] <= n <= once[k] + parts for k, n in kept.items()), (once, kept)
+            assert torch.equal(got, want)
+            model.close()
+        assert torch.equal(got, greedy(reference["llama"], ids, mask))
+    finally:
+        bb.unhost(local, path)
+
+
+def test_a_speculating_session_replays_only_the_lost_span_and_stays_exact(local):
+    """The same with speculative decoding: the history holds token trees, kept paths riding on the
+    next step and kept paths sent alone; the replica replays them all from the logged outputs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bloombee_nb.generate.speculative import load_draft
+    from bloombee_nb.shipped import DRAFT_PATH, default_model_path
+
+    path = default_model_path()
+    tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+    ids = tok(["def fibonacci(n):", "import os\nclass"], return_tensors="pt", padding=True)
+    want = AutoModelForCausalLM.from_pretrained(path).eval().generate(**ids, max_new_tokens=20, do_sample=False,
+                                                                      pad_token_id=1)
+    w = local.worker_addresses()
+    bb.host(path, local, workers=[w[0], w[1], w[2], w[0]], spans=[(0, 2), (2, 4), (2, 4), (4, 6)])
+    try:
+        with bb.connect(local.address) as user:
+            model = bb.DistributedModelForCausalLM.from_pretrained(path, cluster=user)
+            victim = model.placement.stages[1].worker
+            got = model.generate(**ids, max_new_tokens=20, do_sample=False, pad_token_id=1,
+                                 assistant_model=load_draft(str(DRAFT_PATH)), tree_widths=(2, 2, 1),
+                                 streamer=FaultAt(6, lambda: bb.unhost(local, path, workers=[victim])))
+            (event,) = model.events
+            assert event.replayed_on == 1 and event.replayed_steps > 2
+            model.close()
+        assert torch.equal(got, want)
+    finally:
+        bb.unhost(local, path)
+
+
 def test_a_client_cannot_close_or_roll_back_another_clients_session(local, checkpoints):
     path = checkpoints["llama"]
     bb.host(path, local)
@@ -302,6 +374,7 @@ def test_killing_a_replica_on_the_route_reroutes_without_reloading(lent, checkpo
     (event,) = model.events
     assert [w.name for w in event.lost] == [by_address[first]]
     assert model.placement.stages[0].worker != first and model.attached   # the other replica, hosted all along
+    assert event.replayed_on == 1                                           # it alone replayed the history
     print(f"\nre-route: detect {event.detect_s:.2f} s, rebuild {event.rebuild_s:.2f} s, replay {event.replay_s:.2f} s,"
           f" longest gap {streamer.longest_gap_s:.2f} s")
     # the re-route released the chain the idle session is open on; closing it still frees it on the
