@@ -134,7 +134,7 @@ def _keep_balanced(args, address: str, stop: threading.Event) -> None:
             for model in args.host:
                 try:
                     for old, new in bb.rebalance(cluster, model, workers=[address], capacity=args.layers or 1 << 30,
-                                                 num_threads=args.nthreads):
+                                                 by=args.rebalance_by, num_threads=args.nthreads):
                         print(f"bloombee-nb worker {address} moved from layers {old.start}–{old.end - 1} to "
                               f"{new.start}–{new.end - 1} of {new.model}", flush=True)
                 except Exception as exc:  # noqa: BLE001 — the worker keeps serving; the owner reads why
@@ -286,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--rebalance-every", type=float, default=5.0, metavar="SECONDS",
                    help="with --host: this often, move the span where the swarm needs it (e.g. layers whose only "
                         "host was lost), when a replica elsewhere keeps its layers served; 0: never")
+    w.add_argument("--rebalance-by", choices=["replicas", "speed"], default="replicas",
+                   help="with --host: what a move must raise at the least-served layer: its replica count, or the "
+                        "tokens/s its hosts serve from their speeds measured at load (for a swarm of very different "
+                        "machines; a move then has to more than double it)")
     w.add_argument("--memory-limit", default="auto")
     w.add_argument("--tls", metavar="FOLDER", default=None,
                    help="credentials folder (bloombee-nb credentials): mutual TLS, tls:// scheduler address")

@@ -53,7 +53,7 @@ class SwarmRegistry(SchedulerPlugin):
         self.claims = {k: v for k, v in self.claims.items() if now - v[1] < self.CLAIM_S}
         taken = [(r["start"], r["end"]) for r in self.spans.values() if r["model"] == model]
         taken += [span for (m, w), (span, _) in self.claims.items() if m == model and w != worker]
-        span = choose_span(n_layers, taken, capacity)
+        span = choose_span(n_layers, taken, capacity)  # in replicas: a joining worker's speed is not known yet
         self.claims[(model, worker)] = (span, now)
         return span
 
@@ -62,9 +62,10 @@ class SwarmRegistry(SchedulerPlugin):
         for w in workers:
             self.claims.pop((model, w), None)
 
-    def move(self, model: str, worker: str, capacity: int) -> tuple[int, int] | None:
+    def move(self, model: str, worker: str, capacity: int, by_speed: bool = False) -> tuple[int, int] | None:
         """Rebalancing, one worker at a time: the span ``worker`` should move to (claimed for it at
-        once), or None — when staying is as good (``better_span``), when it hosts no single span of
+        once), or None — when staying is as good (``better_span``: in replicas, or ``by_speed`` in
+        tokens/s from the spans' measured speeds, when every span has one), when it hosts no single span of
         ``model``, or while another worker's claim on ``model`` is in flight (a join or a move: the
         next check sees its result)."""
         now = time.time()
@@ -75,8 +76,8 @@ class SwarmRegistry(SchedulerPlugin):
         mine = [r for r in recs if r["worker"] == worker]
         if len(mine) != 1:
             return None
-        span = better_span(mine[0]["n_layers"], [(r["start"], r["end"]) for r in recs],
-                           (mine[0]["start"], mine[0]["end"]), capacity)
+        span = better_span(mine[0]["n_layers"], [(r["start"], r["end"]) for r in recs], recs.index(mine[0]),
+                           capacity, _speeds(recs) if by_speed else None)
         if span is not None:
             self.claims[(model, worker)] = (span, now)
         return span
@@ -102,6 +103,12 @@ class SwarmRegistry(SchedulerPlugin):
         gone = [k for k, rec in self.spans.items() if rec["worker"] == worker]
         if gone:  # after Dask has finished removing the worker
             asyncio.get_running_loop().call_soon(self.remove, gone)
+
+
+def _speeds(recs: list[dict]) -> list[float] | None:
+    """Every record's measured seconds per layer, or None (count replicas) when one is unknown."""
+    speeds = [float(r.get("layer_s") or 0.0) for r in recs]
+    return speeds if speeds and all(x > 0 for x in speeds) else None
 
 
 def ensure_registry(client) -> None:

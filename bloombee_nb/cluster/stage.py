@@ -47,6 +47,7 @@ the worker can exit once no session is left on it.
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -334,6 +335,27 @@ class StageActor:
             results[i] = out if isinstance(out, BaseException) else (self._log(st[0], start, self._encode(out)),
                                                                       compute_s)
         return results
+
+    async def speed(self, repeats: int = 9, budget_s: float = 1.0) -> float:
+        """Seconds per layer of a one-row decode step here, measured now (the median of ``repeats``
+        steps, fewer past ``budget_s``, on a throwaway session): what the swarm weighs this lender's
+        span by (``plan/swarm.py``)."""
+        def run():
+            r, sid = self.runner, f"speed-probe-{id(self)}"
+            r.open(sid, 1, repeats + 2)
+            try:
+                times, start = [], time.perf_counter()
+                for i in range(repeats + 1):
+                    h = torch.zeros(1, 1, r.hidden_size, dtype=r.dtype)
+                    t0 = time.perf_counter()
+                    r.forward(sid, h, torch.tensor([[i]]), torch.ones(1, 1, dtype=torch.long))
+                    times.append(time.perf_counter() - t0)
+                    if len(times) > 2 and time.perf_counter() - start > budget_s:
+                        break
+                return statistics.median(times[1:]) / (r.end - r.start)  # the first one warms up
+            finally:
+                r.close(sid)
+        return await self._run(run)
 
     async def info(self) -> dict:
         info = await self._run(self.runner.info)

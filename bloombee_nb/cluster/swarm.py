@@ -9,7 +9,8 @@ routes a chain through the hosted spans — replicas included — from what it m
 round trip to each stage and each stage's load), without loading a layer. Every session on a
 shared stage carries its own route (every step does: ``protocol.py``), and steps of different
 clients that meet at a stage merge into one forward like any others. Lenders keep the swarm
-balanced: :func:`rebalance` moves a replica to layers whose only host was lost.
+balanced: :func:`rebalance` moves a replica to layers whose only host was lost, or (``by="speed"``,
+weighed by each stage's speed measured when it loads) to layers only slow lenders serve.
 
 Who may host what is the lender's choice: a worker started with ``--host`` / ``--allow`` carries a
 :class:`HostPolicy` (a Dask worker plugin), and a stage refuses to load any other model there.
@@ -51,6 +52,7 @@ class HostedSpan:
     n_layers: int    # layers of the whole model
     dtype: str       # e.g. "float32", or "float32+int8" for a quantized span
     key: str         # the stage actor's Dask key
+    layer_s: float = 0.0  # seconds per layer of a one-row decode step there, measured at load (0: unknown)
 
     @property
     def span(self) -> tuple[int, int]:
@@ -71,13 +73,16 @@ def hosted(cluster, model: str | None = None) -> list[HostedSpan]:
 
 # ---- the lender's side -----------------------------------------------------------------------
 def host(model: str | Path, cluster, *, workers: list[str] | None = None, spans: list[tuple[int, int]] | None = None,
-         dtype: str | None = None, layers_per_worker: int | None = None, **stage_kwargs) -> list[HostedSpan]:
+         dtype: str | None = None, layers_per_worker: int | None = None, layer_s: float | None = None,
+         **stage_kwargs) -> list[HostedSpan]:
     """Host spans of ``model`` on the cluster's workers for the swarm (they outlive this client).
 
     ``spans`` (with ``workers``, one span each) places them by hand; otherwise each worker in turn
     takes :func:`~bloombee_nb.plan.swarm.choose_span` of what the swarm already hosts — on an empty
     swarm an even split over ``workers`` (default: all), on a covered one a replica of the least
-    served span. ``layers_per_worker`` caps a worker's span (default: an even share).
+    served span. ``layers_per_worker`` caps a worker's span (default: an even share). Each stage
+    measures its speed once loaded (``StageActor.speed``), which rebalancing weighs spans by;
+    ``layer_s`` gives it instead (a worker moving keeps the speed measured where it was).
     """
     # Long: claim, load and register are one transaction - the spans claimed here are unclaimed if
     # loading or registering fails, and the futures are released either way.
@@ -109,10 +114,12 @@ def host(model: str | Path, cluster, *, workers: list[str] | None = None, spans:
                                      allow_other_workers=False, dtype=dtype, **stage_kwargs)
                for st in placement]
     try:
-        gather_actors(cluster.client, futures, tuple(placement))
+        stages = gather_actors(cluster.client, futures, tuple(placement))
+        speeds = [None if layer_s else a.speed() for a in stages]  # measured together, each on its own worker
         names = {a: str(w.get("name", a)) for a, w in cluster.workers().items()}
-        recs = [HostedSpan(key, st.worker, names.get(st.worker, st.worker), st.start, st.end, n, label, str(f.key))
-                for st, f in zip(placement, futures)]
+        recs = [HostedSpan(key, st.worker, names.get(st.worker, st.worker), st.start, st.end, n, label, str(f.key),
+                           float(layer_s or sp.result()))
+                for st, f, sp in zip(placement, futures, speeds)]
         cluster.client.sync(cluster.client.scheduler.bloombee_swarm_add, spans=[r.__dict__ for r in recs])
     except BaseException:
         if claimed:  # free the spans this call claimed, for the next worker that joins
@@ -160,15 +167,19 @@ def hand_over(cluster, leaving: str) -> list[HostedSpan]:
 
 
 def rebalance(cluster, model: str | Path, workers: list[str] | None = None, *, capacity: int | None = None,
-              drain_s: float = 2.0, **stage_kwargs) -> list[tuple[HostedSpan, HostedSpan]]:
+              drain_s: float = 2.0, by: str = "replicas", **stage_kwargs) -> list[tuple[HostedSpan, HostedSpan]]:
     """Move hosted spans of ``model`` where the swarm needs them: each of ``workers`` (default: every
-    worker hosting it) in turn asks the registry whether moving raises the least-replicated layer's
-    count (:func:`~bloombee_nb.plan.swarm.better_span`: e.g. a replica moves to layers whose only
-    host was lost). A moving stage first refuses new steps (its sessions replay on the replicas that
+    worker hosting it) in turn asks the registry whether moving raises the least-served layer
+    (:func:`~bloombee_nb.plan.swarm.better_span`), counted in replicas (``by="replicas"``: e.g. a
+    replica moves to layers whose only host was lost) or in tokens/s from every stage's speed
+    measured at load (``by="speed"``: also a fast lender to layers only slow ones serve; opt-in,
+    because speeds measured on a busy machine differ, and a move pauses its stage's sessions). A moving stage first refuses new steps (its sessions replay on the replicas that
     still hold its layers — a move never takes a layer's last copy), waits up to ``drain_s`` for steps
     in flight and for its sessions to leave, then the worker drops it and loads the new span. ``capacity``: layers a worker may hold
     (default: its current span's). Returns ``(old, new)`` per move. A lender started with ``--host``
     runs this for itself every few seconds (``--rebalance-every``)."""
+    if by not in ("replicas", "speed"):
+        raise ValueError(f'by must be "replicas" or "speed", got {by!r}')
     key = model_key(model)
     client = cluster.client
     ensure_registry(client)
@@ -179,13 +190,14 @@ def rebalance(cluster, model: str | Path, workers: list[str] | None = None, *, c
             continue
         (old,) = mine
         span = client.sync(client.scheduler.bloombee_swarm_move, model=key, worker=worker,
-                           capacity=capacity or old.end - old.start)
+                           capacity=capacity or old.end - old.start, by_speed=by == "speed")
         if span is None:
             continue
         try:
             _drain(cluster, old, drain_s)
             client.sync(client.scheduler.bloombee_swarm_remove, keys=[old.key])
-            (new,) = host(model, cluster, workers=[worker], spans=[tuple(span)], dtype=old.dtype, **stage_kwargs)
+            (new,) = host(model, cluster, workers=[worker], spans=[tuple(span)], dtype=old.dtype,
+                          layer_s=old.layer_s or None, **stage_kwargs)
         except BaseException:
             client.sync(client.scheduler.bloombee_swarm_unclaim, model=key, workers=[worker])
             raise
@@ -248,15 +260,19 @@ def probe(cluster, spans: list[HostedSpan], timeout_s: float = 5.0) -> dict[str,
 
 
 def choose_route(spans: list[HostedSpan], loads: dict[str, StageLoad | None], n_layers: int,
-                 layer_s: float = 1e-3) -> list[HostedSpan] | None:
-    """The cheapest chain through the answering, staying stages: each stage costs its layers
-    (``layer_s`` each) scaled by its queue and sessions, plus this client's measured round trip
-    to it (the link into it; stage-to-stage links are priced as the mean client round trip)."""
+                 layer_s: float = 1e-3, prefer=frozenset()) -> list[HostedSpan] | None:
+    """The cheapest chain through the answering, staying stages: each stage costs its layers (at
+    its measured ``HostedSpan.layer_s`` each, or ``layer_s`` when unknown) scaled by its queue and
+    sessions, plus this client's measured round trip to it (the link into it; stage-to-stage links
+    are priced as the mean client round trip). ``prefer``: keys of the stages a re-routed chain's
+    sessions are open on; any other stage counts double, since moving there costs a replay of
+    every session (``generate/replay.py``)."""
     live = [s for s in spans if loads.get(s.key) is not None and not loads[s.key].leaving]
     if not live:
         return None
     mean_rtt = sum(loads[s.key].rtt_s for s in live) / len(live)
-    stage_s = [(s.end - s.start) * layer_s * (1 + loads[s.key].queued + 0.25 * loads[s.key].sessions) for s in live]
+    stage_s = [(s.end - s.start) * (s.layer_s or layer_s) * (1 + loads[s.key].queued + 0.25 * loads[s.key].sessions)
+               * (2 if prefer and s.key not in prefer else 1) for s in live]
 
     def hop(p, i):
         if p is None:
@@ -269,17 +285,18 @@ def choose_route(spans: list[HostedSpan], loads: dict[str, StageLoad | None], n_
     return None if path is None else [live[i] for i in path]
 
 
-def attach_chain(cluster, model: str | Path, n_layers: int, *, dtype: str | None = None, exclude=(), **chain_kwargs):
+def attach_chain(cluster, model: str | Path, n_layers: int, *, dtype: str | None = None, exclude=(), prefer=frozenset(),
+                 **chain_kwargs):
     """A :class:`~bloombee_nb.cluster.chain.RemoteChain` over the swarm's hosted spans of ``model``
     (routed by :func:`choose_route`), or None when the swarm does not cover it. ``exclude``:
-    worker addresses not to route through (lost ones)."""
+    worker addresses not to route through (lost ones); ``prefer``: see :func:`choose_route`."""
     from .chain import RemoteChain
 
     spans = [s for s in hosted(cluster, model_key(model))
              if s.worker not in exclude and s.n_layers == n_layers and (dtype is None or s.dtype == dtype)]
     if not spans or 0 in coverage(n_layers, [s.span for s in spans]):
         return None
-    chosen = choose_route(spans, probe(cluster, spans), n_layers)
+    chosen = choose_route(spans, probe(cluster, spans), n_layers, prefer=prefer)
     if chosen is None:
         return None
     placement = Placement(tuple(s.stage() for s in chosen))
@@ -317,7 +334,9 @@ class SwarmView:
         if ld is None:
             return "no answer"
         state = " (leaving)" if ld.leaving else ""
-        return f"{ld.sessions} sessions, {ld.clients} clients, {ld.queued} queued, {ld.rtt_s * 1e3:.1f} ms{state}"
+        speed = f", {s.layer_s * (s.end - s.start) * 1e3:.1f} ms/token" if s.layer_s else ""
+        return (f"{ld.sessions} sessions, {ld.clients} clients, {ld.queued} queued, {ld.rtt_s * 1e3:.1f} ms"
+                f"{speed}{state}")
 
     def __repr__(self):
         lines = [f"<SwarmView: {len(self.models())} models, {len(self.spans)} hosted spans>"]

@@ -256,7 +256,8 @@ class Deployment:
         exclude = {a for a, w in lost.items() if w.why != LEAVING}
         deadline = time.monotonic() + self.options.swarm_heal_s
         while (chain := attach_chain(self.cluster, self.worker_path, self.n_layers, dtype=self._hosted_as(),
-                                     exclude=exclude, **self.options.swarm_chain_options())) is None \
+                                     exclude=exclude, prefer={r.key for r in old.refs},
+                                     **self.options.swarm_chain_options())) is None \
                 and time.monotonic() < deadline:
             time.sleep(0.25)  # layers no one else hosts: wait for a lender to take them (bb.rebalance)
         if chain is None:

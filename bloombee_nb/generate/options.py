@@ -74,6 +74,10 @@ class DeployConfig:
     swarm_heal_s: float = 30.0                  # a swarm client whose route lost layers no one else hosts
                                                 # waits this long for a lender to host them again (a
                                                 # replica moving there: bb.rebalance) before RecoveryError
+    replay_logs: bool = True                    # a swarm session's stages (all but the last) keep their
+                                                # outputs, so a lost stage's replacement alone replays the
+                                                # history (generate/replay.py); False: no logs (hidden_size
+                                                # values per position less on each stage), every stage replays
 
     @classmethod
     def of(cls, options: dict) -> "DeployConfig":

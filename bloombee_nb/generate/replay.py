@@ -112,11 +112,16 @@ class SessionHistory:
         """The stages of ``chain`` that alone need the session's history, when the rest of it are
         the stages of ``old`` that hold the session now and log their outputs (a swarm re-route
         around a lost replica); None when the whole history must replay."""
-        if (self._opened_on is not old or self.stages is None or not (old.shared and self.model.auto_recover)
+        if (self._opened_on is not old or self.stages is None or not self._logged(old)
                 or self.ragged or chain.micro_batch != old.micro_batch or chain.prefill_chunk != old.prefill_chunk
                 or (self._keep is not None and self._tree_step() is None)):
             return None
         return splice(old.refs, chain.refs)
+
+    def _logged(self, chain) -> bool:
+        """Whether this session's stages on ``chain`` log their outputs: a swarm chain's, so that a lost
+        stage's replica alone replays (``DeployConfig.replay_logs``)."""
+        return chain.shared and self.model.auto_recover and self.model.deployment.options.replay_logs
 
     def _tree_step(self) -> SentCall | None:
         """With a kept path waiting for the next step: the history's last call, the tree step it

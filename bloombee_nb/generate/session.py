@@ -145,9 +145,7 @@ class InferenceSession(SessionHistory, Cache):
 
     def _open_on(self, chain) -> None:
         if self._opened_on is not chain:
-            # a swarm session keeps its outputs on the stages, so a lost stage's replica alone replays
-            log = chain.shared and self.model.auto_recover
-            self.stages = chain.open_session(self.session_id, self.batch, self.max_length, log=log)
+            self.stages = chain.open_session(self.session_id, self.batch, self.max_length, log=self._logged(chain))
             self._opened_on = chain
 
     def rollback(self, length: int) -> None:

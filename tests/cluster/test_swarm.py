@@ -20,7 +20,7 @@ import bloombee_nb as bb
 from bloombee_nb import transport
 from bloombee_nb.cluster.swarm import actors, hosted, model_key
 from bloombee_nb.errors import SessionOwnerError, StageUnavailableError, SwarmError
-from bloombee_nb.plan.swarm import better_span, choose_span, route
+from bloombee_nb.plan.swarm import better_span, choose_span, coverage, route
 from tests.cluster.test_faults import FaultAt, Swarm
 from tests.conftest import BIN, padded_batch
 
@@ -70,6 +70,19 @@ def test_a_hosting_worker_moves_only_when_that_raises_the_least_replicated_layer
     assert better_span(4, [(0, 2)] * 2 + [(2, 4)] * 2, (0, 2), 2) is None  # even: settled
 
 
+def test_with_measured_speeds_a_fast_lender_moves_to_where_only_slow_ones_serve():
+    """Replica counts are even (two per span), but layers 2-3 are served by two slow lenders (10 s
+    per layer, a laptop) and 0-1 by two fast ones: the swarm's tokens/s is set by 2-3. A fast lender
+    of 0-1 moves there; a slow one moving would not help; afterwards nothing moves (settled)."""
+    hosted, layer_s = [(0, 2), (2, 4), (2, 4), (0, 2)], [1.0, 10.0, 10.0, 1.0]
+    assert all(better_span(4, hosted, i, 2) is None for i in range(4))   # counted in replicas: balanced
+    assert better_span(4, hosted, 1, 2, layer_s) is None                  # slow: stays
+    assert better_span(4, hosted, 3, 2, layer_s) == (2, 4)                # fast: 0.1 -> 0.5 tokens/s at the bottleneck
+    moved = [(0, 2), (2, 4), (2, 4), (2, 4)]
+    assert all(better_span(4, moved, i, 2, layer_s) is None for i in range(4))
+    assert coverage(4, moved, layer_s) == pytest.approx([0.5, 0.5, 0.6, 0.6])
+
+
 def test_route_takes_the_cheapest_chain_through_replicas_and_none_when_uncovered():
     spans = [(0, 2), (2, 5), (0, 2), (2, 4), (4, 5)]
     cost = [1.0, 5.0, 0.5, 1.0, 1.0]
@@ -83,6 +96,23 @@ def test_route_takes_the_cheapest_chain_through_replicas_and_none_when_uncovered
 def local():
     with bb.connect(n_workers=3) as c:
         yield c
+
+
+def test_a_client_routes_by_measured_speed_and_a_re_route_keeps_the_stages_its_sessions_are_on():
+    from bloombee_nb.cluster.swarm import HostedSpan, StageLoad, choose_route
+
+    def span(name, a, b, layer_s):
+        return HostedSpan("m", f"tcp://{name}", name, a, b, 4, "float32", name, layer_s)
+
+    spans = [span("fast", 0, 2, 1e-3), span("slow", 0, 2, 4e-3), span("b", 2, 4, 1e-3), span("c", 2, 4, 1.5e-3)]
+    idle = {s.key: StageLoad(1e-4, 0, 0, 0, False) for s in spans}
+    assert [s.name for s in choose_route(spans, idle, 4)] == ["fast", "b"]        # the measured speeds
+    # re-routing sessions open on fast -> c: keep c (b would be a little faster, but a replay costs more)
+    assert [s.name for s in choose_route(spans, idle, 4, prefer={"fast", "c"})] == ["fast", "c"]
+    # unknown speeds (0): every layer priced the same, and the nearer replica wins
+    unknown = [span("x", 0, 2, 0.0), span("b", 2, 4, 0.0), span("c", 2, 4, 0.0)]
+    near = {"x": idle["fast"], "b": StageLoad(1e-5, 0, 0, 0, False), "c": idle["c"]}
+    assert [s.name for s in choose_route(unknown, near, 4)] == ["x", "b"]
 
 
 def test_hosted_spans_outlive_their_host_and_clients_attach_without_loading(local, checkpoints, reference):
@@ -271,6 +301,33 @@ def test_a_speculating_session_replays_only_the_lost_span_and_stays_exact(local)
             assert event.replayed_on == 1 and event.replayed_steps > 2
             model.close()
         assert torch.equal(got, want)
+    finally:
+        bb.unhost(local, path)
+
+
+def test_rebalancing_weighs_spans_by_their_measured_speed(local, checkpoints, reference):
+    """Each hosted stage measures its speed when it loads; with layers 2-4 on a lender ten times
+    slower than the two hosts of 0-1 (given here: one machine cannot make a slow worker),
+    rebalancing by speed moves a replica of 0-1 to 2-4 — by replicas (2 and 1, no layer without a
+    host) it stays."""
+    path = checkpoints["llama"]
+    w = local.worker_addresses()
+    (measured,) = bb.host(path, local, workers=[w[0]], spans=[(0, 2)])
+    assert 0 < measured.layer_s < 1                           # seconds per layer of a decode step, measured
+    try:
+        bb.host(path, local, workers=[w[1]], spans=[(2, 5)], layer_s=measured.layer_s * 10)
+        bb.host(path, local, workers=[w[2]], spans=[(0, 2)], layer_s=measured.layer_s)
+        assert bb.rebalance(local, path, capacity=3) == []       # in replicas: nothing to do
+        ((old, new),) = bb.rebalance(local, path, capacity=3, by="speed")
+        assert old.worker in (w[0], w[2]) and (old.span, new.span) == ((0, 2), (2, 5))
+        assert new.worker == old.worker and new.layer_s == measured.layer_s  # a move keeps the worker's speed
+        assert bb.rebalance(local, path, capacity=3, by="speed") == []   # settled
+        ids, _ = padded_batch([6], seed=7)
+        with bb.connect(local.address) as user:
+            model = bb.DistributedModelForCausalLM.from_pretrained(path, cluster=user)
+            assert model.placement.stages[1].worker == new.worker  # routed through the fast host of 2-4
+            assert torch.equal(greedy(model, ids), greedy(reference["llama"], ids))
+            model.close()
     finally:
         bb.unhost(local, path)
 
