@@ -157,7 +157,7 @@ class Deployment:
         n = len(placement.stages)
         if "quantize" in self.stage_options:
             return [None] * n
-        chosen = _plan_formats(plan, n, self.stage_options) if _plan_offloads(plan, placement, {}) is not None else None
+        chosen = _plan_formats(plan, n, self.stage_options) if _places_exactly(plan, placement) else None
         if chosen is not None and (self.options.formats or any(chosen)):
             return chosen
         by_layer = self.layer_formats()
@@ -307,11 +307,16 @@ def _ranges(layers: list[int]) -> str:
     return ", ".join(out)
 
 
+def _places_exactly(plan: Plan | None, placement: Placement) -> bool:
+    """Whether ``plan`` puts the same spans on the same workers as ``placement``."""
+    return plan is not None and [(s.address, s.start, s.end) for s in plan.stages] == [
+        (s.worker, s.start, s.end) for s in placement.stages]
+
+
 def _plan_offloads(plan: Plan | None, placement: Placement, stage_options: dict) -> list[dict] | None:
     """Each stage's offload fractions from ``plan`` (when it places exactly ``placement``'s spans),
     except those given for every stage explicitly."""
-    if plan is None or [(s.address, s.start, s.end) for s in plan.stages] != [
-            (s.worker, s.start, s.end) for s in placement.stages]:
+    if not _places_exactly(plan, placement):
         return None
     return [{k: v for k, v in dict(weight_offload=s.weight_offload, kv_offload=s.kv_offload).items()
              if k not in stage_options} for s in plan.stages]

@@ -135,14 +135,19 @@ def build_tables(cluster: ClusterProfile, workload: Workload, micro_batches=DEFA
     best = np.zeros(stage.shape, dtype=int)
     for wi, w in enumerate(workers):
         for mi, m in enumerate(ms):
-            total = np.concatenate([  # (L, C): each format's offload pairs, in combos' order
+            total = np.concatenate([  # (L, C): each format's offload pairs, in combos' order; ∞ where not profiled
                 cost.stage_cost(w, model, workload, n, int(m), pairs[None, :, 0], pairs[None, :, 1], fmt).total_s
-                for fmt in formats], axis=1)
+                if _profiled(w, model, fmt) else np.full((len(n), len(pairs)), INF) for fmt in formats], axis=1)
             best[mi, wi, 1:] = total.argmin(1)                             # (L, C) → best choice per length
             stage[mi, wi, 1:] = total.min(1)
     link_s, busy_s = _link_tables(cluster, [w.name for w in workers], cost.hop_bytes(model, ms))
     return Tables(tuple(w.name for w in workers), ms, -(-workload.batch // ms), combos, stage, best, link_s, busy_s,
                   formats)
+
+
+def _profiled(worker, model, fmt: str | None) -> bool:
+    """Whether the profile priced ``fmt`` on ``worker`` (bytes and speed); float always is."""
+    return fmt is None or (fmt in model.format_weight_bytes and fmt in worker.format_decode_factor)
 
 
 def _link_tables(cluster: ClusterProfile, names: list[str], hop_bytes: np.ndarray):
