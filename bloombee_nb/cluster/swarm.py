@@ -113,6 +113,7 @@ def host(model: str | Path, cluster, *, workers: list[str] | None = None, spans:
     futures = [cluster.client.submit(StageActor, key, st.start, st.end, actor=True, pure=False, workers=[st.worker],
                                      allow_other_workers=False, dtype=dtype, **stage_kwargs)
                for st in placement]
+    stages = []
     try:
         stages = gather_actors(cluster.client, futures, tuple(placement))
         speeds = [None if layer_s else a.speed() for a in stages]  # measured together, each on its own worker
@@ -126,8 +127,12 @@ def host(model: str | Path, cluster, *, workers: list[str] | None = None, spans:
             cluster.client.sync(cluster.client.scheduler.bloombee_swarm_unclaim, model=key, workers=workers)
         raise
     finally:
-        for f in futures:  # the registry wants them now; this client does not need to
-            f.release()
+        # the registry wants them now; this client does not need to. A handle that was called holds
+        # a Future of the key too: left to the garbage collector, it kept the key wanted by this
+        # client, and an unhost did not stop the stage
+        for f in [*futures, *(getattr(a, "_future", None) for a in stages)]:
+            if f is not None:
+                f.release()
     return recs
 
 

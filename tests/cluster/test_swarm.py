@@ -49,6 +49,22 @@ def stage_actors(cluster) -> int:
     return sum(cluster.client.run(count).values())
 
 
+def unhost_now(cluster, path, worker) -> None:
+    """Unhost ``worker``'s spans of ``path`` and wait until its stages are gone (the next step through
+    them fails), so a fault injected mid-generation lands before the generation ends."""
+    bb.unhost(cluster, path, workers=[worker])
+
+    def stages(dask_worker):
+        from bloombee_nb.cluster.stage import hosted_stages
+
+        return len(hosted_stages(dask_worker))
+    deadline = time.monotonic() + 10
+    while cluster.client.run(stages, workers=[worker])[worker]:
+        # (a client still wanting the key would keep it: host() once left one to the garbage collector)
+        assert time.monotonic() < deadline, f"{worker} still hosts a stage 10 s after unhosting"
+        time.sleep(0.02)
+
+
 # ---- pure functions ------------------------------------------------------------------------------
 def test_joining_workers_fill_gaps_first_then_replicate_the_least_served_aligned_span():
     have: list[tuple[int, int]] = []
@@ -258,7 +274,7 @@ def test_a_lost_replica_is_replaced_by_replaying_only_its_span(local, checkpoint
             want = greedy(model, ids, mask)
             once = {k: n - before[k] for k, n in steps_run().items()}   # one whole generation, per stage
             before = steps_run()
-            got = greedy(model, ids, mask, streamer=FaultAt(3, lambda: bb.unhost(local, path, workers=[victim])))
+            got = greedy(model, ids, mask, streamer=FaultAt(3, lambda: unhost_now(local, path, victim)))
             (event,) = model.events
             assert event.replayed_on == 1 and model.placement.stages[i].worker != victim
             assert "on 1 stage)" in event.describe()
@@ -286,7 +302,7 @@ def test_a_speculating_session_replays_only_the_lost_span_and_stays_exact(local)
     path = default_model_path()
     tok = AutoTokenizer.from_pretrained(path, padding_side="left")
     ids = tok(["def fibonacci(n):", "import os\nclass"], return_tensors="pt", padding=True)
-    want = AutoModelForCausalLM.from_pretrained(path).eval().generate(**ids, max_new_tokens=20, do_sample=False,
+    want = AutoModelForCausalLM.from_pretrained(path).eval().generate(**ids, max_new_tokens=32, do_sample=False,
                                                                       pad_token_id=1)
     w = local.worker_addresses()
     bb.host(path, local, workers=[w[0], w[1], w[2], w[0]], spans=[(0, 2), (2, 4), (2, 4), (4, 6)])
@@ -294,9 +310,9 @@ def test_a_speculating_session_replays_only_the_lost_span_and_stays_exact(local)
         with bb.connect(local.address) as user:
             model = bb.DistributedModelForCausalLM.from_pretrained(path, cluster=user)
             victim = model.placement.stages[1].worker
-            got = model.generate(**ids, max_new_tokens=20, do_sample=False, pad_token_id=1,
+            got = model.generate(**ids, max_new_tokens=32, do_sample=False, pad_token_id=1,
                                  assistant_model=load_draft(str(DRAFT_PATH)), tree_widths=(2, 2, 1),
-                                 streamer=FaultAt(6, lambda: bb.unhost(local, path, workers=[victim])))
+                                 streamer=FaultAt(3, lambda: unhost_now(local, path, victim)))
             (event,) = model.events
             assert event.replayed_on == 1 and event.replayed_steps > 2
             model.close()
