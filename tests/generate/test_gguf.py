@@ -111,6 +111,7 @@ def test_perplexity_on_held_out_text_equals_single_process(model, ref, tok):
     assert got == pytest.approx(want, rel=1e-6)
 
 
+@pytest.mark.slow  # real worker processes (20 s)
 def test_three_bloombee_nb_worker_processes_chat_exactly(smollm2_file, ref, tok, tmp_path):
     """The same file served by a scheduler and 3 `bloombee-nb worker` processes (one span each)."""
     sched_file = tmp_path / "scheduler.json"
