@@ -145,21 +145,11 @@ class SessionHistory:
         history = self.history[:-1] if tree is not None else self.history
         chain.rollback(stages, self._keep[0] if tree is not None else self.length, only=kept)
         fresh = chain.open_session(self.session_id, self.batch, self.max_length, log=True, only=new)
-        steps: list[tuple] = []
-        for call in [*history, None]:
-            if call is not None and call.kind == "step":
-                steps.append(call)
-                continue
-            if steps:
-                chain.replay(fresh, [c.args for c in steps], only=new,
-                             starts=[c.after - c.args[0].shape[1] for c in steps])
-                steps = []
-            if call is None:
-                break
-            if call.kind == "keep":
-                chain.keep_path(fresh, *call.args, only=new)
-            else:
-                chain.rollback(fresh, *call.args, only=new)
+        _resend(history,
+                lambda run: chain.replay(fresh, [c.args for c in run], only=new,
+                                         starts=[c.after - c.args[0].shape[1] for c in run]),
+                lambda *args: chain.keep_path(fresh, *args, only=new),
+                lambda *args: chain.rollback(fresh, *args, only=new))
         if tree is not None and tree.args[4] is not None:  # the path it kept of the tree before it
             chain.keep_path(fresh, *tree.args[4], only=new)
         chain.set_seqs(stages)
@@ -171,21 +161,25 @@ class SessionHistory:
         """Open the session on the current chain and re-send every call of the history, in order:
         runs of steps go at once (the stages keep their order), kept paths and rollbacks alone."""
         self._open_on(self.chain)
-        steps: list[tuple] = []
-        for call in [*self.history, None]:
-            if call is not None and call.kind == "step":
-                steps.append(call.args)
-                continue
-            if steps:
-                self.chain.replay(self.stages, steps)
-                steps = []
-            if call is None:
-                break
-            if call.kind == "keep":
-                self.chain.keep_path(self.stages, *call.args)
-            else:
-                self.chain.rollback(self.stages, *call.args)
+        _resend(self.history, lambda run: self.chain.replay(self.stages, [c.args for c in run]),
+                lambda *args: self.chain.keep_path(self.stages, *args),
+                lambda *args: self.chain.rollback(self.stages, *args))
         return len(self.history)
+
+
+def _resend(history: list[SentCall], steps, keep, rollback) -> None:
+    """``history`` in order: each run of steps at once (``steps(run)``: the stages keep their
+    order), kept paths (``keep(*args)``) and rollbacks (``rollback(*args)``) alone."""
+    run: list[SentCall] = []
+    for call in [*history, None]:
+        if call is not None and call.kind == "step":
+            run.append(call)
+            continue
+        if run:
+            steps(run)
+            run = []
+        if call is not None:
+            (keep if call.kind == "keep" else rollback)(*call.args)
 
 
 def _kept(args: tuple) -> tuple:
