@@ -11,7 +11,8 @@ single-process transformers in that process. Every ``--period`` seconds one work
 is either SIGKILLed or asked to leave (SIGTERM: it hands its spans over and waits for its sessions
 to move), and rejoins with ``--host`` a few seconds later.
 
-At the end: generations, tokens, errors, mismatches (both must be 0), the users' longest pause
+At the end: generations, tokens, errors, mismatches (both must be 0), recoveries (and how many
+replayed on the lost stage's replica alone, "spliced"), the users' longest pause
 between two tokens, and the sessions still open on every stage once the clients closed (must be
 0). Writes benchmarks/results/soak_swarm.json and .md.
 """
@@ -84,6 +85,8 @@ def client(args) -> None:
         for t in threads:
             t.join()
         stats["recoveries"] = len(model.events)
+        # replayed on the lost stage's replica alone (the other stages kept the session: generate/replay.py)
+        stats["spliced"] = sum(0 < e.replayed_on < len(e.new_spans) for e in model.events)
         model.close()
     print(json.dumps(stats), flush=True)
 
@@ -172,6 +175,7 @@ def main() -> None:
            "generations": sum(s["generations"] for s in stats), "tokens": sum(s["tokens"] for s in stats),
            "errors": [e for s in stats for e in s["errors"]], "mismatches": sum(s["mismatches"] for s in stats),
            "recoveries": sum(s["recoveries"] for s in stats),
+           "recoveries_spliced": sum(s.get("spliced", 0) for s in stats),
            "longest_gap_s": max(s["longest_gap_s"] for s in stats), "sessions_left_on_stages": left}
     for proc in [*procs.values(), sched]:
         proc.send_signal(signal.SIGKILL)
@@ -182,9 +186,10 @@ def main() -> None:
         f"# Swarm churn soak\n\nCommand: `{out['command']}` · {out['machine']} · load average {load0[0]:.1f} → "
         f"{out['load_average_end'][0]:.1f}\n\n{out['users']} users in {args.clients} client processes, "
         f"{args.workers} lenders, one killed or leaving every {args.period:.0f} s for {args.minutes:g} min "
-        f"({len(events)} events).\n\n| generations | tokens | errors | mismatches | recoveries | longest pause "
+        f"({len(events)} events).\n\n| generations | tokens | errors | mismatches | recoveries (spliced) | longest pause "
         f"between tokens | sessions left on stages |\n|---|---|---|---|---|---|---|\n| {out['generations']} | "
-        f"{out['tokens']} | {len(out['errors'])} | {out['mismatches']} | {out['recoveries']} | "
+        f"{out['tokens']} | {len(out['errors'])} | {out['mismatches']} | {out['recoveries']} "
+        f"({out['recoveries_spliced']}) | "
         f"{out['longest_gap_s']:.2f} s | {sum(left.values())} |\n\nA restarted lender hosts its span "
         f"{min(rejoin, default=0):.1f}–{max(rejoin, default=0):.1f} s after joining the scheduler; from the kill or "
         f"leave signal to hosting again (exit, 2 s pause, process start, join, load): "
