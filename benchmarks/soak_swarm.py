@@ -49,7 +49,7 @@ def client(args) -> None:
     lock = threading.Lock()
     with bb.connect(args.client) as cluster:
         model = bb.DistributedModelForCausalLM.from_pretrained(args.model, cluster=cluster, swarm=True)
-        print(json.dumps({"ready": True, "attached": model.attached}), flush=True)
+        print(json.dumps({"ready": True, "attached": model.attached, "client": cluster.client.id}), flush=True)
 
         def user(i):
             rng = random.Random(args.seed * 1000 + i)
@@ -171,7 +171,8 @@ def main() -> None:
     out = {"command": "python " + " ".join(sys.argv), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
            "load_average_start": load0, "load_average_end": os.getloadavg(), "minutes": args.minutes,
            "period_s": args.period, "workers": args.workers, "client_processes": args.clients,
-           "users": args.clients * args.users, "attached": [r["attached"] for r in ready], "events": events,
+           "users": args.clients * args.users, "attached": [r["attached"] for r in ready],
+           "clients": [r.get("client") for r in ready], "events": events,
            "generations": sum(s["generations"] for s in stats), "tokens": sum(s["tokens"] for s in stats),
            "errors": [e for s in stats for e in s["errors"]], "mismatches": sum(s["mismatches"] for s in stats),
            "recoveries": sum(s["recoveries"] for s in stats),

@@ -229,8 +229,10 @@ class _Leave:
         while open_sessions(self.worker) and loop.time() < deadline:
             await asyncio.sleep(0.1)
         left = open_sessions(self.worker)
-        print(f"bloombee-nb worker {self.worker.address} left" + (f" ({left} sessions still open)" if left else ""),
-              flush=True)
+        # which sessions, and whose: what the owner of a client that did not move them needs to know
+        held = "; ".join(f"{sid[:12]} of {owner or '?'}" for st in stages for sid, owner in st.session_owners())
+        print(f"bloombee-nb worker {self.worker.address} left"
+              + (f" ({left} sessions still open: {held})" if left else ""), flush=True)
         await self.worker.close()
 
 

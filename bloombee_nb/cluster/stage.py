@@ -156,6 +156,10 @@ class StageActor:
             raise SessionOwnerError(f"session {session_id[:8]}… on layers {self.runner.start}–{self.runner.end - 1} "
                                     "belongs to another client; a client can only use its own sessions")
 
+    def session_owners(self) -> list[tuple[str, str]]:
+        """(session, the client that opened it or "") for every session open here."""
+        return [(sid, self._owners.get(sid, "")) for sid in list(self.runner.sessions)]
+
     def sessions_by_owner(self) -> dict[str, int]:
         """owner -> open sessions here (sessions opened without an owner count under "")."""
         out: dict[str, int] = {}
