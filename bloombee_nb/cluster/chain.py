@@ -31,7 +31,7 @@ from ..errors import BloombeeError, StageUnavailableError
 from .groups import Groups
 from .links import LinkCodecs
 from .liveness import Watchdog, awaitable, ping_stages
-from .loading import gather_actors, submit_stages, unavailable
+from .loading import gather_actors, release_now, submit_stages, unavailable
 from .placement import Placement
 from .protocol import Entry, StageRef, StageSessions, speculation_frames
 from .relay import Relay
@@ -371,7 +371,7 @@ class RemoteChain(LinkCodecs):
         # our own stages' futures go now; a hosted stage's handle keeps the Future Dask binds to it on
         # first use: released, it is cancelled in this client and every later call on the handle
         # raises "Worker holding Actor was lost" — the session closes below would be skipped for good
-        held = [] if self.shared else [*self._futures, *(getattr(a, "_future", None) for a in self.actors)]
+        held = ([], []) if self.shared else (self._futures, self.actors)
         # hosted stages outlive a swarm chain: its sessions still close there (generate/replay.py: _close_quietly)
         self.left_behind = list(self.actors) if self.shared else []
         self.actors, self._futures, self.released = [], [], True
@@ -379,9 +379,7 @@ class RemoteChain(LinkCodecs):
             self.client.loop.add_callback(self._relayer.close)  # the workers forget our delivery streams
         except RuntimeError:
             pass  # the client's loop is closed: so are the streams
-        for future in held:  # now, not when (or if) the garbage collector gets to them
-            if future is not None:
-                future.release()
+        release_now(*held)
 
     def _check_usable(self) -> None:
         if self.released:

@@ -73,3 +73,12 @@ def unavailable(stage: StageSpec, exc: BaseException) -> StageUnavailableError:
     """``exc`` (a failed call to ``stage``) as the typed error naming its worker: hung on a timeout."""
     error = StageHungError if isinstance(exc, (asyncio.TimeoutError, TimeoutError)) else StageUnavailableError
     return error(f"{unavailable_message(stage)} [{type(exc).__name__}: {exc}]", workers=(stage.worker,))
+
+
+def release_now(futures, handles=()) -> None:
+    """Release ``futures`` and the Futures Dask bound to actor ``handles`` when they were first
+    called, now rather than when (or if) the garbage collector gets to them: until then this
+    client still wants the keys, and the actors stay alive."""
+    for f in [*futures, *(getattr(a, "_future", None) for a in handles)]:
+        if f is not None:
+            f.release()

@@ -47,7 +47,6 @@ the worker can exit once no session is left on it.
 from __future__ import annotations
 
 import asyncio
-import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -58,6 +57,7 @@ from .. import transport
 from ..errors import SessionOwnerError, StageLeavingError
 from ..model.merge import forward_many
 from ..model.span import SpanRunner
+from ..transport.choice import timed_s
 from .batching import Job, StageQueue, job, skip
 from .policy import check_allowed
 from .protocol import Delivery, Entry, StageRef, Step
@@ -340,23 +340,20 @@ class StageActor:
                                                                       compute_s)
         return results
 
-    async def speed(self, repeats: int = 9, budget_s: float = 1.0) -> float:
-        """Seconds per layer of a one-row decode step here, measured now (the median of ``repeats``
-        steps, fewer past ``budget_s``, on a throwaway session): what the swarm weighs this lender's
-        span by (``plan/swarm.py``)."""
+    async def speed(self, repeats: int = 5) -> float:
+        """Seconds per layer of a one-row decode step here, measured now on a throwaway session
+        (``timed_s``, as the profiler times a worker): what the swarm weighs this lender's span by
+        (``plan/swarm.py``)."""
         def run():
             r, sid = self.runner, f"speed-probe-{id(self)}"
-            r.open(sid, 1, repeats + 2)
+            r.open(sid, 1, 1)
+            one = torch.ones(1, 1, dtype=torch.long)
+
+            def step():
+                r.forward(sid, torch.zeros(1, 1, r.hidden_size, dtype=r.dtype), one - 1, one)
+                r.rollback(sid, 0)
             try:
-                times, start = [], time.perf_counter()
-                for i in range(repeats + 1):
-                    h = torch.zeros(1, 1, r.hidden_size, dtype=r.dtype)
-                    t0 = time.perf_counter()
-                    r.forward(sid, h, torch.tensor([[i]]), torch.ones(1, 1, dtype=torch.long))
-                    times.append(time.perf_counter() - t0)
-                    if len(times) > 2 and time.perf_counter() - start > budget_s:
-                        break
-                return statistics.median(times[1:]) / (r.end - r.start)  # the first one warms up
+                return timed_s(step, repeats, min_batch_s=0) / (r.end - r.start)
             finally:
                 r.close(sid)
         return await self._run(run)

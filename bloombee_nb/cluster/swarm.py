@@ -32,7 +32,7 @@ from distributed import Actor
 
 from ..errors import SwarmError
 from ..plan.swarm import coverage, route
-from .loading import gather_actors
+from .loading import gather_actors, release_now
 from .placement import Placement, StageSpec, even_spans
 from .registry import ensure_registry
 from .policy import HostPolicy, model_key  # noqa: F401 (HostPolicy: part of the swarm's API)
@@ -127,12 +127,7 @@ def host(model: str | Path, cluster, *, workers: list[str] | None = None, spans:
             cluster.client.sync(cluster.client.scheduler.bloombee_swarm_unclaim, model=key, workers=workers)
         raise
     finally:
-        # the registry wants them now; this client does not need to. A handle that was called holds
-        # a Future of the key too: left to the garbage collector, it kept the key wanted by this
-        # client, and an unhost did not stop the stage
-        for f in [*futures, *(getattr(a, "_future", None) for a in stages)]:
-            if f is not None:
-                f.release()
+        release_now(futures, stages)  # the registry wants them now (a called handle's Future too: unhost)
     return recs
 
 
@@ -178,11 +173,13 @@ def rebalance(cluster, model: str | Path, workers: list[str] | None = None, *, c
     (:func:`~bloombee_nb.plan.swarm.better_span`), counted in replicas (``by="replicas"``: e.g. a
     replica moves to layers whose only host was lost) or in tokens/s from every stage's speed
     measured at load (``by="speed"``: also a fast lender to layers only slow ones serve; opt-in,
-    because speeds measured on a busy machine differ, and a move pauses its stage's sessions). A moving stage first refuses new steps (its sessions replay on the replicas that
-    still hold its layers — a move never takes a layer's last copy), waits up to ``drain_s`` for steps
-    in flight and for its sessions to leave, then the worker drops it and loads the new span. ``capacity``: layers a worker may hold
-    (default: its current span's). Returns ``(old, new)`` per move. A lender started with ``--host``
-    runs this for itself every few seconds (``--rebalance-every``)."""
+    because speeds measured on a busy machine differ, and a move pauses its stage's sessions).
+
+    A moving stage first refuses new steps (its sessions replay on the replicas that still hold its
+    layers — a move never takes a layer's last copy), waits up to ``drain_s`` for steps in flight
+    and for its sessions to leave, then the worker drops it and loads the new span. ``capacity``:
+    layers a worker may hold (default: its current span's). Returns ``(old, new)`` per move. A
+    lender started with ``--host`` runs this for itself every few seconds (``--rebalance-every``)."""
     if by not in ("replicas", "speed"):
         raise ValueError(f'by must be "replicas" or "speed", got {by!r}')
     key = model_key(model)
