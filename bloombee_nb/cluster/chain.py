@@ -68,6 +68,8 @@ class RemoteChain(LinkCodecs):
         self.client, self.placement, self.timeout_s, self.relay = client, placement, timeout_s, relay
         self.liveness_interval_s, self.ping_timeout_s = liveness_interval_s, ping_timeout_s
         self.released, self.shared = False, shared
+        self.retired = False     # no new sessions open here: released when the last open one closes
+        self._open: set[str] = set()  # the sessions open here (only how many matters: retire())
         self.left_behind: list = []  # after release: the hosted stages' handles (swarm chains only)
         self.owner = client.id   # the stages bind this client's sessions to it
         self._futures = [] if shared else futures  # an actor lives as long as its future is held
@@ -119,7 +121,15 @@ class RemoteChain(LinkCodecs):
         except BloombeeError:  # e.g. one stage is leaving: the others must not keep what they opened
             self._undo_open(sessions.ids)
             raise
+        self._open.add(session_id)
         return sessions
+
+    def retire(self) -> None:
+        """New sessions open on another chain now (a replan, or a swarm client's less loaded route):
+        this one is released as soon as no session is open on it (:meth:`close_session`)."""
+        self.retired = True
+        if not self._open:
+            self.release()
 
     def _undo_open(self, subs: list[str]) -> None:
         """Close ``subs`` wherever they opened, waited for (a close arriving after the session
@@ -137,11 +147,16 @@ class RemoteChain(LinkCodecs):
         or re-routed the model, maybe while this ran) it raises StageUnavailableError; the caller
         still holds ``sessions`` and can close them on the hosted stages left behind."""
         self._check_usable()
+        self._open.discard(sessions.session_id)
         if self._groups is not None:
             for sub in sessions.ids:
                 self._groups.forget(sub)
-        self._gather([self._call(i, "close_session", sub, self.owner)
-                      for sub in sessions.ids for i in range(len(self.actors))])
+        try:
+            self._gather([self._call(i, "close_session", sub, self.owner)
+                          for sub in sessions.ids for i in range(len(self.actors))])
+        finally:
+            if self.retired and not self._open:
+                self.release()
 
     def rollback(self, sessions: StageSessions, length: int, only=None) -> None:
         """Keep the first ``length`` positions of the session on every stage (or the stages ``only``)."""

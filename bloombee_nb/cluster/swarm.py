@@ -6,7 +6,9 @@ scheduler plugin) records them and *wants* their keys on the scheduler (as Dask'
 are wanted), so they outlive the client that placed them, and forgets them when their worker
 leaves. A client's ``from_pretrained`` finds the model in the registry and :func:`attach_chain`
 routes a chain through the hosted spans — replicas included — from what it measures itself (its
-round trip to each stage and each stage's load), without loading a layer. Every session on a
+round trip to each stage and each stage's load), without loading a layer; while the stages it
+opens sessions on are much busier than another route (:func:`lighter_chain`), its new sessions
+open on that route instead, and the sessions already open stay. Every session on a
 shared stage carries its own route (every step does: ``protocol.py``), and steps of different
 clients that meet at a stage merge into one forward like any others. Lenders keep the swarm
 balanced: :func:`rebalance` moves a replica to layers whose only host was lost, or (``by="speed"``,
@@ -31,7 +33,7 @@ from pathlib import Path
 from distributed import Actor
 
 from ..errors import SwarmError
-from ..plan.swarm import coverage, route
+from ..plan.swarm import coverage, path_cost, route
 from .loading import gather_actors, release_now
 from .placement import Placement, StageSpec, even_spans
 from .registry import ensure_registry
@@ -261,14 +263,15 @@ def probe(cluster, spans: list[HostedSpan], timeout_s: float = 5.0) -> dict[str,
     return dict(zip([s.key for s in spans], client.sync(every)))
 
 
-def choose_route(spans: list[HostedSpan], loads: dict[str, StageLoad | None], n_layers: int,
-                 layer_s: float = 1e-3, prefer=frozenset()) -> list[HostedSpan] | None:
-    """The cheapest chain through the answering, staying stages: each stage costs its layers (at
-    its measured ``HostedSpan.layer_s`` each, or ``layer_s`` when unknown) scaled by its queue and
-    sessions, plus this client's measured round trip to it (the link into it; stage-to-stage links
-    are priced as the mean client round trip). ``prefer``: keys of the stages a re-routed chain's
-    sessions are open on; any other stage counts double, since moving there costs a replay of
-    every session (``generate/replay.py``)."""
+#: A swarm client's new sessions move to a less loaded route only when the chain they would open on
+#: costs more than this times the best one. Loads and round trips are measured, so they are noisy:
+#: without a margin two equal replicas would trade places at every check.
+REROUTE_MARGIN = 1.5
+
+
+def _priced(spans: list[HostedSpan], loads: dict[str, StageLoad | None], layer_s: float, prefer=frozenset()):
+    """``(live, stage_s, hop)`` for :func:`~bloombee_nb.plan.swarm.route` over the answering, staying
+    stages (see :func:`choose_route`), or None when none answers."""
     live = [s for s in spans if loads.get(s.key) is not None and not loads[s.key].leaving]
     if not live:
         return None
@@ -283,8 +286,43 @@ def choose_route(spans: list[HostedSpan], loads: dict[str, StageLoad | None], n_
             return loads[live[p].key].rtt_s
         return 0.0 if live[p].worker == live[i].worker else mean_rtt
 
+    return live, stage_s, hop
+
+
+def choose_route(spans: list[HostedSpan], loads: dict[str, StageLoad | None], n_layers: int,
+                 layer_s: float = 1e-3, prefer=frozenset()) -> list[HostedSpan] | None:
+    """The cheapest chain through the answering, staying stages: each stage costs its layers (at
+    its measured ``HostedSpan.layer_s`` each, or ``layer_s`` when unknown) scaled by its queue and
+    sessions, plus this client's measured round trip to it (the link into it; stage-to-stage links
+    are priced as the mean client round trip). ``prefer``: keys of the stages a re-routed chain's
+    sessions are open on; any other stage counts double, since moving there costs a replay of
+    every session (``generate/replay.py``)."""
+    priced = _priced(spans, loads, layer_s, prefer)
+    if priced is None:
+        return None
+    live, stage_s, hop = priced
     path = route([s.span for s in live], n_layers, stage_s, hop)
     return None if path is None else [live[i] for i in path]
+
+
+def lighter_route(spans: list[HostedSpan], loads: dict[str, StageLoad | None], n_layers: int, current: list[str],
+                  layer_s: float = 1e-3, margin: float = REROUTE_MARGIN) -> list[HostedSpan] | None:
+    """Where new sessions should open instead of the chain through the stages ``current`` (keys):
+    the cheapest route (:func:`choose_route`) when it costs less than ``1 / margin`` of that chain,
+    or at any cost when a stage of ``current`` does not answer or is leaving (a session would fail
+    there); None: stay. Sessions already open stay where they are: moving one costs a replay."""
+    priced = _priced(spans, loads, layer_s)
+    if priced is None:
+        return None
+    live, stage_s, hop = priced
+    best = route([s.span for s in live], n_layers, stage_s, hop)
+    index = {s.key: i for i, s in enumerate(live)}
+    if best is None or [live[i].key for i in best] == list(current):
+        return None
+    if all(k in index for k in current) and \
+            path_cost(best, stage_s, hop) * margin >= path_cost([index[k] for k in current], stage_s, hop):
+        return None
+    return [live[i] for i in best]
 
 
 def attach_chain(cluster, model: str | Path, n_layers: int, *, dtype: str | None = None, exclude=(), prefer=frozenset(),
@@ -292,17 +330,33 @@ def attach_chain(cluster, model: str | Path, n_layers: int, *, dtype: str | None
     """A :class:`~bloombee_nb.cluster.chain.RemoteChain` over the swarm's hosted spans of ``model``
     (routed by :func:`choose_route`), or None when the swarm does not cover it. ``exclude``:
     worker addresses not to route through (lost ones); ``prefer``: see :func:`choose_route`."""
-    from .chain import RemoteChain
-
-    spans = [s for s in hosted(cluster, model_key(model))
-             if s.worker not in exclude and s.n_layers == n_layers and (dtype is None or s.dtype == dtype)]
-    if not spans or 0 in coverage(n_layers, [s.span for s in spans]):
+    spans = _routable(cluster, model, n_layers, dtype, exclude)
+    if not spans:
         return None
     chosen = choose_route(spans, probe(cluster, spans), n_layers, prefer=prefer)
-    if chosen is None:
-        return None
+    return None if chosen is None else _chain(cluster, chosen, chain_kwargs)
+
+
+def lighter_chain(cluster, model: str | Path, n_layers: int, current, *, dtype: str | None = None, **chain_kwargs):
+    """A chain for new sessions through less loaded stages than the chain ``current`` (see
+    :func:`lighter_route`), or None to keep opening them on ``current``."""
+    spans = _routable(cluster, model, n_layers, dtype)
+    chosen = spans and lighter_route(spans, probe(cluster, spans), n_layers, [r.key for r in current.refs])
+    return _chain(cluster, chosen, chain_kwargs) if chosen else None
+
+
+def _routable(cluster, model, n_layers: int, dtype: str | None, exclude=()) -> list[HostedSpan]:
+    """The hosted spans of ``model`` a chain may use; empty when together they miss a layer."""
+    spans = [s for s in hosted(cluster, model_key(model))
+             if s.worker not in exclude and s.n_layers == n_layers and (dtype is None or s.dtype == dtype)]
+    return [] if not spans or 0 in coverage(n_layers, [s.span for s in spans]) else spans
+
+
+def _chain(cluster, chosen: list[HostedSpan], chain_kwargs: dict):
+    from .chain import RemoteChain
+
     placement = Placement(tuple(s.stage() for s in chosen))
-    chain_kwargs.pop("group", None)
+    chain_kwargs = {k: v for k, v in chain_kwargs.items() if k != "group"}
     return RemoteChain(cluster.client, placement, actors(cluster, chosen), shared=True, **chain_kwargs)
 
 

@@ -8,7 +8,9 @@ whereabouts lives here:
   model, otherwise the model's own spans — by hand (``spans``/``workers``), or as the DP planner
   chooses from a profile of the cluster (``plan="auto"``) — with the offload fractions, micro-batch
   and quantization formats that come with them;
-- moving them (:meth:`Deployment.replan`);
+- moving them (:meth:`Deployment.replan`), and a swarm client's new sessions off stages much busier
+  than another route (:meth:`Deployment.chain_for_session`); the chains left behind are released
+  when their last session closes;
 - recovery (:meth:`Deployment.replacement_chain`): the chain a session that lost a stage goes on
   with — a re-route through the swarm's replicas, a chain another session already moved to, or
   spans re-placed on live workers — and the record of every recovery (``events``);
@@ -57,6 +59,9 @@ class Deployment:
         self.closed = False
         self._lock = threading.RLock()
         self._lost: dict = {}            # what the last recovery found lost (address -> LostWorker)
+        self._retired: list[RemoteChain] = []  # chains new sessions left while some were open there
+        self._route_checked = time.monotonic()  # when new sessions last asked for a less loaded route
+        self.load_reroutes = 0           # times new sessions moved to a less loaded route (swarm)
 
     # ---- placing ------------------------------------------------------------------------------
     @classmethod
@@ -201,9 +206,37 @@ class Deployment:
         micro_batch = self._micro_batch(plan)
         if (placement != self.placement or _offloads(plan, placement) != _offloads(self.plan, placement)
                 or micro_batch != self.chain.micro_batch or self._formats_for(placement, plan) != self.stage_formats):
-            self.chain = self.new_chain(placement, profile, plan)
+            self._move_on(self.new_chain(placement, profile, plan))
         self.plan, self.profile = plan, profile
         return plan
+
+    def chain_for_session(self) -> RemoteChain:
+        """The chain a new session opens on: the current one, except that a swarm client asks at
+        most every ``swarm_reroute_s`` whether another route through the replicas is much less
+        loaded (``cluster/swarm.py: lighter_route``) and then moves its new sessions there."""
+        every = self.options.swarm_reroute_s
+        if not self.chain.shared or every is None or time.monotonic() - self._route_checked < every:
+            return self.chain
+        from ..cluster.swarm import lighter_chain
+
+        with self._lock:
+            if time.monotonic() - self._route_checked >= every and not self.closed:
+                self._route_checked = time.monotonic()
+                try:
+                    lighter = lighter_chain(self.cluster, self.worker_path, self.n_layers, self.chain,
+                                            dtype=self._hosted_as(), **self.options.swarm_chain_options())
+                except (SwarmError, OSError):
+                    lighter = None  # the registry did not answer: the session opens where it would have
+                if lighter is not None:
+                    self._move_on(lighter)
+                    self.load_reroutes += 1
+            return self.chain
+
+    def _move_on(self, chain: RemoteChain) -> None:
+        """New sessions open on ``chain``; the current one is released when its last session closes."""
+        old, self.chain = self.chain, chain
+        old.retire()
+        self._retired = [c for c in [*self._retired, old] if not c.released]
 
     # ---- recovery -----------------------------------------------------------------------------
     def replacement_chain(self, old: RemoteChain, exc: StageUnavailableError):
@@ -285,7 +318,8 @@ class Deployment:
     def close(self) -> None:
         """Free the spans on the workers (and stop the embedded cluster if this started it)."""
         self.closed = True
-        self.chain.release()
+        for chain in [*self._retired, self.chain]:
+            chain.release()
         self.cluster.deployments.discard(self)
         if self.owns_cluster:
             self.cluster.close()

@@ -74,6 +74,9 @@ class DeployConfig:
     swarm_heal_s: float = 30.0                  # a swarm client whose route lost layers no one else hosts
                                                 # waits this long for a lender to host them again (a
                                                 # replica moving there: bb.rebalance) before RecoveryError
+    swarm_reroute_s: float | None = 1.0         # a swarm client's new sessions check at most this often
+                                                # whether another route through the replicas is much less
+                                                # loaded, and open there (None: stay on the attached route)
     replay_logs: bool = True                    # a swarm session's stages (all but the last) keep their
                                                 # outputs, so a lost stage's replacement alone replays the
                                                 # history (generate/replay.py); False: no logs (hidden_size

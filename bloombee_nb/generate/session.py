@@ -135,6 +135,8 @@ class InferenceSession(SessionHistory, Cache):
             raise UnknownSessionError(f"session {self.session_id} is closed; open a new one with model.inference_session()")
         if self.batch is None:
             self.batch = batch
+            if self._opened_on is None:
+                self.chain = self.model.deployment.chain_for_session()  # the model may have moved on since
             try:
                 self._send(self._open_on)
             except BaseException:

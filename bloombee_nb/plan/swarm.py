@@ -11,7 +11,8 @@
 - :func:`route`: one client's chain through the hosted spans (replicas included) at minimum cost:
   a shortest path over layer boundaries where hosting span ``i`` is an edge ``start_i → end_i``
   that costs its stage time plus the link into it, and the path ends with the link back to the
-  client. Forward-only edges make it a DP in boundary order.
+  client. Forward-only edges make it a DP in boundary order. :func:`path_cost` prices a given
+  chain the same way (a client compares the chain its sessions open on with the best one).
 
 Spans are ``(start, end)`` half-open layer ranges.
 """
@@ -130,3 +131,13 @@ def route(spans: Sequence[tuple[int, int]], n_layers: int, stage_s: Sequence[flo
     ends = [(cost + hop_s(last, None), path) for (layer, last), (cost, path) in best.items()
             if layer == n_layers and last is not None]
     return list(min(ends)[1]) if ends else None
+
+
+def path_cost(path: Sequence[int], stage_s: Sequence[float],
+              hop_s: Callable[[int | None, int | None], float]) -> float:
+    """What :func:`route` charges for the chain ``path`` (indices into its spans): the link into
+    each stage plus its time, and the link back to the client."""
+    cost, last = 0.0, None
+    for i in path:
+        cost, last = cost + hop_s(last, i) + stage_s[i], i
+    return cost + hop_s(last, None)

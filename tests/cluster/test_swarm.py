@@ -131,6 +131,57 @@ def test_a_client_routes_by_measured_speed_and_a_re_route_keeps_the_stages_its_s
     assert [s.name for s in choose_route(unknown, near, 4)] == ["x", "b"]
 
 
+def test_new_sessions_move_off_a_much_busier_route_and_only_then():
+    from bloombee_nb.cluster.swarm import HostedSpan, StageLoad, lighter_route
+
+    spans = [HostedSpan("m", f"tcp://{n}", n, 0, 4, 4, "float32", n, 1e-3) for n in ("a", "b")]
+
+    def loads(a_sessions, a_queued=0, a_answers=True, a_leaving=False):
+        return {"a": StageLoad(1e-4, a_sessions, a_queued, 1, a_leaving) if a_answers else None,
+                "b": StageLoad(1e-4, 0, 0, 0, False)}
+
+    assert lighter_route(spans, loads(0), 4, ["a"]) is None            # equal: stay
+    assert lighter_route(spans, loads(2), 4, ["a"]) is None            # 1.5x the other: within the margin
+    assert [s.name for s in lighter_route(spans, loads(3), 4, ["a"])] == ["b"]     # 1.75x: move
+    assert [s.name for s in lighter_route(spans, loads(0, a_queued=1), 4, ["a"])] == ["b"]  # steps wait there
+    assert [s.name for s in lighter_route(spans, loads(0, a_answers=False), 4, ["a"])] == ["b"]
+    assert [s.name for s in lighter_route(spans, loads(0, a_leaving=True), 4, ["a"])] == ["b"]
+    assert lighter_route(spans, loads(3), 4, ["b"]) is None            # already on the best route
+
+
+def test_a_clients_new_sessions_move_to_a_less_loaded_replica_and_the_route_left_is_freed(local, checkpoints,
+                                                                                         reference):
+    """Two replicas of the whole model, priced as slow lenders (their stage time outweighs the round
+    trips): sessions the client keeps open load the replica it attached to, so after a few its new
+    sessions open on the other one. Sessions already open stay where they are and every output equals
+    transformers'; the chain left behind is released when its last session closes."""
+    path = checkpoints["llama"]
+    w = local.worker_addresses()
+    bb.host(path, local, workers=w[:2], spans=[(0, 5), (0, 5)], layer_s=0.05)
+    try:
+        with bb.connect(local.address) as user:
+            model = bb.DistributedModelForCausalLM.from_pretrained(path, cluster=user, swarm_reroute_s=0)
+            ids, mask = padded_batch([5], seed=4)
+            want = reference["llama"](ids).logits[:, -1]
+            sessions, first = [], model.chain
+            for _ in range(6):
+                s = model.inference_session(max_length=16)
+                torch.testing.assert_close(model(ids, attention_mask=mask, cache=s).logits[:, -1], want)
+                sessions.append(s)
+            routes = [s.chain.refs[0].worker for s in sessions]
+            assert len(set(routes)) == 2 and routes[:3] == [first.refs[0].worker] * 3, routes  # 3 sessions: 1.75x
+            assert model.deployment.load_reroutes == 1 and first.retired and not first.released
+            assert open_sessions(local) == {w[0]: 3, w[1]: 3}
+            assert torch.equal(greedy(model, ids, mask), greedy(reference["llama"], ids, mask))
+            for s in sessions:
+                s.close()
+            assert first.released and not model.chain.released
+            model.close()
+        assert not open_sessions(local)
+    finally:
+        bb.unhost(local, path)
+
+
 def test_hosted_spans_outlive_their_host_and_clients_attach_without_loading(local, checkpoints, reference):
     path = checkpoints["llama"]
     with bb.connect(local.address) as lender:
