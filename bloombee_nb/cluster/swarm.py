@@ -266,7 +266,7 @@ def probe(cluster, spans: list[HostedSpan], timeout_s: float = 5.0) -> dict[str,
 #: A swarm client's new sessions move to a less loaded route only when the chain they would open on
 #: costs more than this times the best one. Loads and round trips are measured, so they are noisy:
 #: without a margin two equal replicas would trade places at every check.
-REROUTE_MARGIN = 1.5
+REROUTE_MARGIN = 1.6   # off the 1.25x steps one open session adds (0.25 each), so noise in round trips cannot tip a tie
 
 
 def _priced(spans: list[HostedSpan], loads: dict[str, StageLoad | None], layer_s: float, prefer=frozenset()):

@@ -55,7 +55,7 @@ def test_merged_steps_of_different_sessions_equal_separate_steps(checkpoints, re
     assert a.sessions["x"].length == 8 and a.sessions["z"].length == 7
 
 
-@pytest.mark.parametrize("group", [False, True])
+@pytest.mark.parametrize("group", [pytest.param(False, marks=pytest.mark.slow), True])  # False: 8 s
 def test_concurrent_decode_steps_merge_on_the_stages_and_stay_exact(cluster, checkpoints, reference, group):
     """Latency mode (steps go at once, stages merge what arrives together) and throughput mode
     (the client's concurrent decode steps travel as groups)."""

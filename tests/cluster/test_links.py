@@ -29,6 +29,7 @@ def _profile(cluster, bandwidth_Bps: float) -> ClusterProfile:
     return ClusterProfile(ModelProfile("m", 5, 1 << 20, 1024, 256), workers, links)
 
 
+@pytest.mark.slow  # the link emulator, both relays (6 s)
 @pytest.mark.parametrize("relay", ["chain", "star"])
 def test_auto_compression_compresses_slow_links_only_and_stays_exact(cluster, checkpoints, reference, relay):
     with distributed(checkpoints["llama"], cluster, spans=SPANS, relay=relay, compression="auto") as model:
@@ -71,6 +72,7 @@ def _set_rtt(cluster, ms: float | None):
     setenv()
 
 
+@pytest.mark.slow  # the link emulator (3 s)
 def test_emulated_rtt_is_seen_by_the_profiler_and_by_every_hop(cluster, checkpoints):
     rtt_ms = 60
     model = bb.DistributedModelForCausalLM.from_pretrained(checkpoints["llama"], cluster=cluster, spans=SPANS)

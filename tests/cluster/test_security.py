@@ -30,6 +30,7 @@ def creds(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow  # security: the CLI makes credentials (4 s)
 def test_credentials_are_private_files_and_incomplete_folders_say_what_to_do(creds, tmp_path):
     for f in ("ca.pem", "cert.pem", "key.pem"):
         assert (creds / f).stat().st_mode & 0o077 == 0  # readable by the owner only

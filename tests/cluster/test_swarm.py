@@ -268,6 +268,7 @@ def test_a_session_on_a_released_swarm_chain_still_closes_on_the_hosted_stages(l
         bb.unhost(local, path)
 
 
+@pytest.mark.slow  # a fault: a host lost, the swarm heals
 def test_a_replica_moves_to_layers_whose_only_host_was_lost_and_generation_goes_on_exactly(local, checkpoints,
                                                                                             reference):
     """Rebalancing after a loss: the only host of layers 2–4 stops hosting mid-generation; the client
@@ -560,6 +561,7 @@ def test_a_lent_replica_moves_by_itself_to_layers_whose_only_host_was_killed(len
     model.close()
 
 
+@pytest.mark.slow  # its own cluster (6 s)
 def test_a_session_one_stage_refuses_is_not_left_open_on_the_others(checkpoints):
     """Opening a session is all or nothing: when one stage refuses it (its worker is leaving), the
     stages that took it close it again — a client moving elsewhere would otherwise leave it there."""

@@ -22,6 +22,7 @@ from tests.helpers import distributed
 pytest.importorskip("gguf")
 pytest.importorskip("accelerate")
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow  # a real 135M model converted and loaded (22 s before the first test)
 
 SPANS = [(0, 7), (7, 20), (20, 30)]  # SmolLM2-135M has 30 layers: 3 uneven stages
 HELDOUT = Path(__file__).parents[1] / "data" / "heldout.txt"

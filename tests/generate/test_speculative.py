@@ -202,6 +202,7 @@ def test_accept_greedy_walks_the_argmax():
     assert v.path == (0,) and v.token == 8 and v.tries == (2,)
 
 
+@pytest.mark.slow  # a statistical sweep (5 s)
 def test_multi_candidate_sampling_keeps_the_target_distribution():
     """A two-token 'language' over 5 tokens: target P0(x1)·P1(x2 | x1), a quite different draft
     Q0, Q1. Children are drawn i.i.d. from the draft, tried in order with residuals (3 candidates at

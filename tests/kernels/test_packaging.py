@@ -18,6 +18,7 @@ def test_every_subpackage_is_listed_in_pyproject():
     assert on_disk | {"bloombee_nb._kernels"} == set(tool["packages"]), "add new subpackages to pyproject.toml"
 
 
+@pytest.mark.slow  # a subprocess Python
 def test_kernels_import_under_the_package_name_from_anywhere(tmp_path):
     out = subprocess.run([sys.executable, "-c", "import bloombee_nb._kernels as k; print(k.__file__)"],
                          cwd=tmp_path, capture_output=True, text=True, check=True).stdout
@@ -42,12 +43,14 @@ def test_transformers_imports_its_kernels_in_this_pytest_process():
     assert Path(kernels.__file__).resolve() == real_kernels_file()
 
 
+@pytest.mark.slow  # a subprocess Python (3 s)
 def test_transformers_imports_its_kernels_from_python_in_the_repository_root():
     out = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert Path(out.stdout.strip()).resolve() == real_kernels_file()
 
 
+@pytest.mark.slow  # a Jupyter kernel (3 s)
 def test_transformers_imports_its_kernels_in_a_jupyter_kernel_started_in_the_root():
     from jupyter_client.manager import start_new_kernel
     km, kc = start_new_kernel(kernel_name="python3", cwd=str(ROOT))

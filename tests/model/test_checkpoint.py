@@ -65,6 +65,7 @@ PEAK_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # loads a large checkpoint in a subprocess (5 s)
 def test_peak_memory_of_a_span_load_is_about_the_span(tmp_path):
     # 16 layers x ~6.3 MB = ~100 MB model; a 2-layer span is ~12.6 MB
     path = make_checkpoint(tmp_path / "big", "llama", n_layers=16, hidden=512)

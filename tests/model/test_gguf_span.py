@@ -22,6 +22,7 @@ from bloombee_nb.model.offload_disk import page_cache_fraction
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("accelerate")
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow  # the real SmolLM2 GGUF file, read span by span (20 s in all)
 
 READAHEAD = 8 << 20  # bytes around a read the kernel may cache too (read_ahead_kb is 8192 on the build machines)
 

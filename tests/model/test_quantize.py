@@ -180,6 +180,7 @@ def float_gguf_folder(gguf, folder):
     return folder
 
 
+@pytest.mark.slow  # profiles every format (5 s)
 def test_plan_auto_measures_the_allowed_formats_and_follows_a_quantized_plan(cluster, checkpoints, quantized_refs):
     """``formats=``: each worker measures what the formats cost there; when memory is short the plan
     quantizes, the chain follows it, and its output equals transformers' with the same quantization."""

@@ -238,16 +238,19 @@ def test_status_shows_each_stage_memory_per_tier_and_sessions(ip, capsys):
 
 def test_disconnect_then_commands_say_what_to_do(ip, capsys):
     ip.run_line_magic("bloombee", "disconnect")
-    assert session().cluster is None and "disconnected" in capsys.readouterr().out
-    with pytest.raises(UsageError, match="not connected: run `%bloombee connect local`"):
-        ip.run_line_magic("bloombee", "plan")
-    with pytest.raises(UsageError, match="not connected"):
-        ip.run_cell_magic("bloombee", "generate", "hi")
-    ip.run_line_magic("bloombee", "status")
-    assert "not connected" in capsys.readouterr().out
+    try:
+        assert session().cluster is None and "disconnected" in capsys.readouterr().out
+        with pytest.raises(UsageError, match="not connected: run `%bloombee connect local`"):
+            ip.run_line_magic("bloombee", "plan")
+        with pytest.raises(UsageError, match="not connected"):
+            ip.run_cell_magic("bloombee", "generate", "hi")
+        ip.run_line_magic("bloombee", "status")
+        assert "not connected" in capsys.readouterr().out
+    finally:  # the tests after this one use the module's connection (each test stands alone)
+        ip.run_line_magic("bloombee", "connect local --workers 2")
 
 
-
+@pytest.mark.slow  # profiles, plans and generates a batch (9 s)
 def test_connect_for_throughput_sets_micro_batch_and_groups_and_stays_exact(ip, capsys):
     ip.run_line_magic("bloombee", "connect local --workers 2 --throughput --micro-batch 2")
     try:

@@ -40,6 +40,7 @@ def test_dp_equals_brute_force(seed, n_workers, n_layers, batch, objective, memo
     assert close(plan.lower_bound_s, best)
 
 
+@pytest.mark.slow  # a brute-force sweep (2 s)
 @settings(max_examples=8, **SETTINGS)
 @given(seed=st.integers(0, 2**32 - 1), objective=OBJECTIVES)
 def test_dp_equals_brute_force_five_workers_eight_layers(seed, objective):

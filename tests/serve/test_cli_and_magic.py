@@ -80,6 +80,7 @@ def test_magic_without_a_model_says_what_to_do(ip):
 
 
 
+@pytest.mark.slow  # CLI and servers (5 s)
 def test_disconnect_stops_the_servers_first(ip, capsys):
     s = session()
     s.cluster = s.model = s.tokenizer = None     # the fixtures' cluster and model are not the notebook's to close

@@ -122,6 +122,7 @@ def self_signed(folder) -> TLSFiles:
     return TLSFiles(str(folder / "cert.pem"), str(folder / "key.pem"))
 
 
+@pytest.mark.slow  # security: makes a certificate, TLS server (5 s)
 def test_tls_serves_https_with_the_given_certificate(start, tmp_path):
     tls = self_signed(tmp_path)
     server = start(tls=tls, settings=ServeSettings(api_keys=("k",)))

@@ -8,9 +8,11 @@ check that what is committed is what it writes.
 import importlib.util
 from pathlib import Path
 
-import nbformat
 import pytest
-from nbclient import NotebookClient
+
+# nbformat and nbclient are imported in the tests: nbformat's import alone takes 3 s (its JSON
+# schema's format checkers), which every quick run would pay at collection
+pytestmark = pytest.mark.slow  # real notebook kernels; the file checks go with them
 
 ROOT = Path(__file__).parents[2]
 TUTORIALS = sorted((ROOT / "tutorials").glob("*.ipynb"))
@@ -41,6 +43,8 @@ def test_there_are_tutorials():
 
 
 def test_committed_notebooks_and_readme_table_are_generated():
+    import nbformat
+
     make = _make_notebooks()
     assert {p.name for p in TUTORIALS} == set(make.NOTEBOOKS), "run python tutorials/make_notebooks.py"
     for name, source in make.NOTEBOOKS.items():
@@ -57,12 +61,16 @@ def test_committed_notebooks_and_readme_table_are_generated():
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.name)
 def test_committed_without_outputs(path):
+    import nbformat
+
     nb = nbformat.read(path, as_version=4)
     assert all(not c.get("outputs") and not c.get("execution_count") for c in nb.cells if c.cell_type == "code")
 
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.name)
 def test_starts_with_the_colab_install_cell(path):
+    import nbformat
+
     nb = nbformat.read(path, as_version=4)
     first_code = next(c for c in nb.cells if c.cell_type == "code")
     assert first_code.source == _make_notebooks().COLAB_INSTALL
@@ -71,6 +79,9 @@ def test_starts_with_the_colab_install_cell(path):
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.name)
 def test_runs_top_to_bottom(path, tmp_path, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
     monkeypatch.setenv("BLOOMBEE_NB_DISPLAY", "static")  # headless: no front-end renders live widgets
     nb = nbformat.read(path, as_version=4)
     # a real kernel; any cell error raises CellExecutionError and fails the test
