@@ -3,7 +3,8 @@
 A :class:`SwarmRegistry` is a Dask scheduler plugin (no second discovery service): its handlers
 record hosted spans, *want* their actors' keys for the swarm (so the stages outlive the client that
 placed them, as Dask's published datasets do), hand out claims to joining or moving workers one at
-a time, and forget a worker's spans when it leaves. :mod:`bloombee_nb.cluster.swarm` is its client.
+a time, and forget a worker's spans when it leaves. :mod:`bloombee_nb.cluster.swarm` (hosting) and
+:mod:`bloombee_nb.cluster.routing` (using) are its clients; both read its records as :class:`HostedSpan`.
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ from __future__ import annotations
 import asyncio
 import time
 
+from dataclasses import dataclass
+
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from ..errors import SwarmError
 from ..plan.swarm import better_span, choose_span
+from .placement import StageSpec
 
 REGISTRY = "bloombee-swarm"          # the scheduler plugin's name
 OWNER = "bloombee-swarm"             # the pseudo-client that wants hosted actors' keys on the scheduler
@@ -121,3 +125,35 @@ def ensure_registry(client) -> None:
                              "run the scheduler where bloombee_nb is installed (`bloombee-nb scheduler`, or "
                              "`dask scheduler` in the same environment)") from exc
         client._bloombee_swarm = True
+
+
+# ---- its records, as clients read them ----------------------------------------------------------
+@dataclass(frozen=True)
+class HostedSpan:
+    """One hosted stage: the one identity of a stage (worker address, name, span) plus its model."""
+
+    model: str       # the model's key (see :func:`~bloombee_nb.cluster.policy.model_key`)
+    worker: str      # Dask worker address
+    name: str        # the worker's Dask name
+    start: int       # first layer (inclusive)
+    end: int         # last layer (exclusive)
+    n_layers: int    # layers of the whole model
+    dtype: str       # e.g. "float32", or "float32+int8" for a quantized span
+    key: str         # the stage actor's Dask key
+    layer_s: float = 0.0  # seconds per layer of a one-row decode step there, measured at load (0: unknown)
+
+    @property
+    def span(self) -> tuple[int, int]:
+        return self.start, self.end
+
+    def stage(self) -> StageSpec:
+        return StageSpec(self.worker, self.start, self.end)
+
+
+def hosted(cluster, model: str | None = None) -> list[HostedSpan]:
+    """The spans the swarm hosts (of ``model``, a :func:`~bloombee_nb.cluster.policy.model_key`, when given)."""
+    client = cluster.client
+    ensure_registry(client)
+    recs = client.sync(client.scheduler.bloombee_swarm_list)
+    spans = [HostedSpan(**r) for r in recs]
+    return sorted((s for s in spans if model is None or s.model == model), key=lambda s: (s.model, s.start, s.name))

@@ -1,18 +1,18 @@
 """The swarm: spans hosted once by lenders, used by any number of clients.
 
-Hosting is separate from using. :func:`host` (or ``bloombee-nb worker … --host MODEL``) starts
-stage actors that belong to the swarm, not to a client: the registry (``registry.py``, a Dask
-scheduler plugin) records them and *wants* their keys on the scheduler (as Dask's own published datasets
-are wanted), so they outlive the client that placed them, and forgets them when their worker
-leaves. A client's ``from_pretrained`` finds the model in the registry and :func:`attach_chain`
-routes a chain through the hosted spans — replicas included — from what it measures itself (its
-round trip to each stage and each stage's load), without loading a layer; while the stages it
-opens sessions on are much busier than another route (:func:`lighter_chain`), its new sessions
-open on that route instead, and the sessions already open stay. Every session on a
-shared stage carries its own route (every step does: ``protocol.py``), and steps of different
-clients that meet at a stage merge into one forward like any others. Lenders keep the swarm
-balanced: :func:`rebalance` moves a replica to layers whose only host was lost, or (``by="speed"``,
-weighed by each stage's speed measured when it loads) to layers only slow lenders serve.
+Hosting is separate from using. :func:`host` (or ``bloombee-nb worker … --host MODEL``) starts stage
+actors that belong to the swarm, not to a client: the registry (``registry.py``, a Dask scheduler
+plugin) records them and *wants* their keys on the scheduler (as Dask's own published datasets are
+wanted), so they outlive the client that placed them, and forgets them when their worker leaves. A
+client's ``from_pretrained`` finds the model in the registry and routes a chain through the hosted
+spans (``routing.py``) — replicas included — from what it measures itself (its round trip to each
+stage and each stage's load), without loading a layer; while the stages it opens sessions on are
+much busier than another route, its new sessions open on that route instead, and the sessions
+already open stay. Every session on a shared stage carries its own route (every step does:
+``protocol.py``), and steps of different clients that meet at a stage merge into one forward like
+any others. Lenders keep the swarm balanced: :func:`rebalance` moves a replica to layers whose only
+host was lost, or (``by="speed"``, weighed by each stage's speed measured when it loads) to layers
+only slow lenders serve.
 
 Who may host what is the lender's choice: a worker started with ``--host`` / ``--allow`` carries a
 :class:`HostPolicy` (a Dask worker plugin), and a stage refuses to load any other model there.
@@ -24,53 +24,19 @@ Who may host what is the lender's choice: a worker started with ``--host`` / ``-
 
 from __future__ import annotations
 
-import asyncio
 import html
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distributed import Actor
-
 from ..errors import SwarmError
-from ..plan.swarm import coverage, path_cost, route
+from ..plan.swarm import coverage, route
 from .loading import gather_actors, release_now
-from .placement import Placement, StageSpec, even_spans
-from .registry import ensure_registry
+from .placement import StageSpec, even_spans
+from .registry import HostedSpan, ensure_registry, hosted  # noqa: F401 (the records: part of the swarm's API)
 from .policy import HostPolicy, model_key  # noqa: F401 (HostPolicy: part of the swarm's API)
+from .routing import probe
 from .stage import StageActor
-
-
-
-@dataclass(frozen=True)
-class HostedSpan:
-    """One hosted stage: the one identity of a stage (worker address, name, span) plus its model."""
-
-    model: str       # the model's key (see :func:`model_key`)
-    worker: str      # Dask worker address
-    name: str        # the worker's Dask name
-    start: int       # first layer (inclusive)
-    end: int         # last layer (exclusive)
-    n_layers: int    # layers of the whole model
-    dtype: str       # e.g. "float32", or "float32+int8" for a quantized span
-    key: str         # the stage actor's Dask key
-    layer_s: float = 0.0  # seconds per layer of a one-row decode step there, measured at load (0: unknown)
-
-    @property
-    def span(self) -> tuple[int, int]:
-        return self.start, self.end
-
-    def stage(self) -> StageSpec:
-        return StageSpec(self.worker, self.start, self.end)
-
-
-def hosted(cluster, model: str | None = None) -> list[HostedSpan]:
-    """The spans the swarm hosts (of ``model``, a :func:`model_key`, when given)."""
-    client = cluster.client
-    ensure_registry(client)
-    recs = client.sync(client.scheduler.bloombee_swarm_list)
-    spans = [HostedSpan(**r) for r in recs]
-    return sorted((s for s in spans if model is None or s.model == model), key=lambda s: (s.model, s.start, s.name))
 
 
 # ---- the lender's side -----------------------------------------------------------------------
@@ -223,147 +189,6 @@ def _drain(cluster, span: HostedSpan, timeout_s: float) -> None:
     while cluster.client.run(leave, workers=[span.worker], on_error="ignore").get(span.worker) \
             and time.monotonic() < deadline:
         time.sleep(0.1)
-
-
-# ---- the client's side -------------------------------------------------------------------------
-@dataclass(frozen=True)
-class StageLoad:
-    """What a hosted stage answered a ping with, and how long the answer took from this client."""
-
-    rtt_s: float
-    sessions: int
-    queued: int
-    clients: int
-    leaving: bool
-
-
-def actors(cluster, spans: list[HostedSpan]) -> list:
-    """This client's handles on hosted stages. It holds no future of its own: the registry keeps
-    the actors alive (Dask's ``Future(key, client)`` no longer tells the scheduler a client wants a key)."""
-    with cluster.client.as_current():
-        return [Actor(StageActor, s.worker, s.key) for s in spans]
-
-
-def probe(cluster, spans: list[HostedSpan], timeout_s: float = 5.0) -> dict[str, StageLoad | None]:
-    """Ping every hosted stage from this client: ``key -> StageLoad`` (None: no answer in time)."""
-    client = cluster.client
-
-    async def one(actor):
-        try:
-            t0 = time.perf_counter()
-            ans = await asyncio.wait_for(actor.ping(), timeout_s)
-            return StageLoad(time.perf_counter() - t0, ans["sessions"], ans.get("queued", 0), ans.get("clients", 0),
-                             ans["leaving"])
-        except Exception:  # noqa: BLE001 — gone, hung or unreachable: not routable
-            return None
-
-    async def every():
-        return await asyncio.gather(*(one(a) for a in actors(cluster, spans)))
-
-    return dict(zip([s.key for s in spans], client.sync(every)))
-
-
-#: A swarm client's new sessions move to a less loaded route only when the chain they would open on
-#: costs more than this times the best one. Loads and round trips are measured, so they are noisy:
-#: without a margin two equal replicas would trade places at every check.
-REROUTE_MARGIN = 1.6   # off the 1.25x steps one open session adds (0.25 each), so noise in round trips cannot tip a tie
-
-
-def _priced(spans: list[HostedSpan], loads: dict[str, StageLoad | None], layer_s: float, prefer=frozenset()):
-    """``(live, stage_s, hop)`` for :func:`~bloombee_nb.plan.swarm.route` over the answering, staying
-    stages (see :func:`choose_route`), or None when none answers."""
-    live = [s for s in spans if loads.get(s.key) is not None and not loads[s.key].leaving]
-    if not live:
-        return None
-    mean_rtt = sum(loads[s.key].rtt_s for s in live) / len(live)
-    stage_s = [(s.end - s.start) * (s.layer_s or layer_s) * (1 + loads[s.key].queued + 0.25 * loads[s.key].sessions)
-               * (2 if prefer and s.key not in prefer else 1) for s in live]
-
-    def hop(p, i):
-        if p is None:
-            return loads[live[i].key].rtt_s
-        if i is None:
-            return loads[live[p].key].rtt_s
-        return 0.0 if live[p].worker == live[i].worker else mean_rtt
-
-    return live, stage_s, hop
-
-
-def choose_route(spans: list[HostedSpan], loads: dict[str, StageLoad | None], n_layers: int,
-                 layer_s: float = 1e-3, prefer=frozenset()) -> list[HostedSpan] | None:
-    """The cheapest chain through the answering, staying stages: each stage costs its layers (at
-    its measured ``HostedSpan.layer_s`` each, or ``layer_s`` when unknown) scaled by its queue and
-    sessions, plus this client's measured round trip to it (the link into it; stage-to-stage links
-    are priced as the mean client round trip). ``prefer``: keys of the stages a re-routed chain's
-    sessions are open on; any other stage counts double, since moving there costs a replay of
-    every session (``generate/replay.py``)."""
-    priced = _priced(spans, loads, layer_s, prefer)
-    if priced is None:
-        return None
-    live, stage_s, hop = priced
-    path = route([s.span for s in live], n_layers, stage_s, hop)
-    return None if path is None else [live[i] for i in path]
-
-
-def lighter_route(spans: list[HostedSpan], loads: dict[str, StageLoad | None], n_layers: int, current: list[str],
-                  layer_s: float = 1e-3, margin: float = REROUTE_MARGIN) -> list[HostedSpan] | None:
-    """Where new sessions should open instead of the chain through the stages ``current`` (keys):
-    the cheapest route (:func:`choose_route`) when it costs less than ``1 / margin`` of that chain,
-    or at any cost when a stage of ``current`` does not answer or is leaving (a session would fail
-    there); None: stay. Sessions already open stay where they are: moving one costs a replay."""
-    priced = _priced(spans, loads, layer_s)
-    if priced is None:
-        return None
-    live, stage_s, hop = priced
-    best = route([s.span for s in live], n_layers, stage_s, hop)
-    index = {s.key: i for i, s in enumerate(live)}
-    if best is None or [live[i].key for i in best] == list(current):
-        return None
-    if all(k in index for k in current) and \
-            path_cost(best, stage_s, hop) * margin >= path_cost([index[k] for k in current], stage_s, hop):
-        return None
-    return [live[i] for i in best]
-
-
-def attach_chain(cluster, model: str | Path, n_layers: int, *, dtype: str | None = None, exclude=(), prefer=frozenset(),
-                 **chain_kwargs):
-    """A :class:`~bloombee_nb.cluster.chain.RemoteChain` over the swarm's hosted spans of ``model``
-    (routed by :func:`choose_route`), or None when the swarm does not cover it. ``exclude``:
-    worker addresses not to route through (lost ones); ``prefer``: see :func:`choose_route`."""
-    spans = _routable(cluster, model, n_layers, dtype, exclude)
-    if not spans:
-        return None
-    chosen = choose_route(spans, probe(cluster, spans), n_layers, prefer=prefer)
-    return None if chosen is None else _chain(cluster, chosen, chain_kwargs)
-
-
-def lighter_chain(cluster, model: str | Path, n_layers: int, current, *, dtype: str | None = None, **chain_kwargs):
-    """A chain for new sessions through less loaded stages than the chain ``current`` (see
-    :func:`lighter_route`), or None to keep opening them on ``current``."""
-    spans = _routable(cluster, model, n_layers, dtype)
-    chosen = spans and lighter_route(spans, probe(cluster, spans), n_layers, [r.key for r in current.refs])
-    return _chain(cluster, chosen, chain_kwargs) if chosen else None
-
-
-def _routable(cluster, model, n_layers: int, dtype: str | None, exclude=()) -> list[HostedSpan]:
-    """The hosted spans of ``model`` a chain may use; empty when together they miss a layer."""
-    spans = [s for s in hosted(cluster, model_key(model))
-             if s.worker not in exclude and s.n_layers == n_layers and (dtype is None or s.dtype == dtype)]
-    return [] if not spans or 0 in coverage(n_layers, [s.span for s in spans]) else spans
-
-
-def _chain(cluster, chosen: list[HostedSpan], chain_kwargs: dict):
-    from .chain import RemoteChain
-
-    placement = Placement(tuple(s.stage() for s in chosen))
-    chain_kwargs = {k: v for k, v in chain_kwargs.items() if k != "group"}
-    return RemoteChain(cluster.client, placement, actors(cluster, chosen), shared=True, **chain_kwargs)
-
-
-def missing_layers(cluster, model: str | Path, n_layers: int) -> list[int]:
-    """Layers of ``model`` no hosted span holds."""
-    count = coverage(n_layers, [s.span for s in hosted(cluster, model_key(model))])
-    return [i for i, c in enumerate(count) if c == 0]
 
 
 # ---- the view ------------------------------------------------------------------------------------

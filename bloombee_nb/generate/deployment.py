@@ -108,7 +108,7 @@ class Deployment:
 
     def _attach(self) -> RemoteChain | None:
         """The swarm's chain for the model (None: not covered and ``swarm="auto"``)."""
-        from ..cluster.swarm import attach_chain, missing_layers
+        from ..cluster.routing import attach_chain, missing_layers
 
         label = self._hosted_as()
         try:
@@ -213,11 +213,11 @@ class Deployment:
     def chain_for_session(self) -> RemoteChain:
         """The chain a new session opens on: the current one, except that a swarm client asks at
         most every ``swarm_reroute_s`` whether another route through the replicas is much less
-        loaded (``cluster/swarm.py: lighter_route``) and then moves its new sessions there."""
+        loaded (``cluster/routing.py: lighter_route``) and then moves its new sessions there."""
         every = self.options.swarm_reroute_s
         if not self.chain.shared or every is None or time.monotonic() - self._route_checked < every:
             return self.chain
-        from ..cluster.swarm import lighter_chain
+        from ..cluster.routing import lighter_chain
 
         with self._lock:
             if time.monotonic() - self._route_checked >= every and not self.closed:
@@ -281,7 +281,7 @@ class Deployment:
             return self.chain, tuple(lost.values()), False
 
     def _reroute(self, old: RemoteChain, current: RemoteChain, lost: dict) -> RemoteChain:
-        from ..cluster.swarm import attach_chain, missing_layers
+        from ..cluster.routing import attach_chain, missing_layers
 
         self._lost = lost
         # a stage that said "leaving" is routed around by its ping answer; its worker may host

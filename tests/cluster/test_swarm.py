@@ -18,7 +18,7 @@ import torch
 
 import bloombee_nb as bb
 from bloombee_nb import transport
-from bloombee_nb.cluster.swarm import actors, hosted, model_key
+from bloombee_nb.cluster.routing import actors, hosted, model_key
 from bloombee_nb.errors import SessionOwnerError, StageUnavailableError, SwarmError
 from bloombee_nb.plan.swarm import better_span, choose_span, coverage, route
 from tests.cluster.test_faults import FaultAt, Swarm
@@ -115,7 +115,7 @@ def local():
 
 
 def test_a_client_routes_by_measured_speed_and_a_re_route_keeps_the_stages_its_sessions_are_on():
-    from bloombee_nb.cluster.swarm import HostedSpan, StageLoad, choose_route
+    from bloombee_nb.cluster.routing import HostedSpan, StageLoad, choose_route
 
     def span(name, a, b, layer_s):
         return HostedSpan("m", f"tcp://{name}", name, a, b, 4, "float32", name, layer_s)
@@ -132,7 +132,7 @@ def test_a_client_routes_by_measured_speed_and_a_re_route_keeps_the_stages_its_s
 
 
 def test_new_sessions_move_off_a_much_busier_route_and_only_then():
-    from bloombee_nb.cluster.swarm import HostedSpan, StageLoad, lighter_route
+    from bloombee_nb.cluster.routing import HostedSpan, StageLoad, lighter_route
 
     spans = [HostedSpan("m", f"tcp://{n}", n, 0, 4, 4, "float32", n, 1e-3) for n in ("a", "b")]
 

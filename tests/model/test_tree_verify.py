@@ -9,7 +9,6 @@ bit, 4 vs 8 does not), and a tree step has more rows than the path it is compare
 
 import asyncio
 import json
-from pathlib import Path
 
 import pytest
 import torch
