@@ -16,6 +16,10 @@ connection and fails its steps at once; a hung one is found by the watchdog (``l
 
 What to do about a failure (replay the session on live workers) is the session's business
 (``generate/session.py``); a chain never retries by itself.
+
+Over 400 lines because :class:`RemoteChain` is the client's one handle on a route: its sessions'
+open/close/rollback, both relays, grouped steps and the calls' liveness all go through the same
+actors, policies and timeouts (codecs are a mixin: ``links.py``).
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ whereabouts lives here:
 - the cluster: an embedded one it started is closed with it.
 
 Its options are one :class:`~bloombee_nb.generate.options.DeployConfig`, kept for every chain it makes.
+
+Over 400 lines because placing, moving and recovering share one state (the chain, the chains left
+behind, the plan, the names) under one lock; the helpers at the bottom are the plan's per-stage parts.
 """
 
 from __future__ import annotations
