@@ -23,6 +23,7 @@ from bloombee_nb.errors import SessionOwnerError, StageUnavailableError, SwarmEr
 from bloombee_nb.plan.swarm import better_span, choose_span, coverage, route
 from tests.cluster.test_faults import FaultAt, Swarm
 from tests.conftest import BIN, padded_batch
+from tests.helpers import wait_for
 
 NEW = 6
 
@@ -58,11 +59,9 @@ def unhost_now(cluster, path, worker) -> None:
         from bloombee_nb.cluster.stage import hosted_stages
 
         return len(hosted_stages(dask_worker))
-    deadline = time.monotonic() + 10
-    while cluster.client.run(stages, workers=[worker])[worker]:
-        # (a client still wanting the key would keep it: host() once left one to the garbage collector)
-        assert time.monotonic() < deadline, f"{worker} still hosts a stage 10 s after unhosting"
-        time.sleep(0.02)
+    # (a client still wanting the key would keep it: host() once left one to the garbage collector)
+    wait_for(lambda: not cluster.client.run(stages, workers=[worker])[worker], 10, f"{worker} to stop its stage",
+             poll_s=0.02)
 
 
 # ---- pure functions ------------------------------------------------------------------------------
@@ -259,10 +258,8 @@ def test_a_session_on_a_released_swarm_chain_still_closes_on_the_hosted_stages(l
             assert len(sessions[0].stages.ids) == 2
             for s in sessions:
                 s.close()
-            deadline = time.monotonic() + 10
-            while (left := open_sessions(local)):
-                assert time.monotonic() < deadline, f"sessions left on the hosted stages: {left}"
-                time.sleep(0.1)
+            wait_for(lambda: not open_sessions(local), 10, "the hosted stages' sessions to close",
+                     lambda: str(open_sessions(local)), poll_s=0.1)
             model.close()
     finally:
         bb.unhost(local, path)
@@ -454,10 +451,8 @@ def lent(tmp_path_factory, checkpoints):
             [BIN, "worker", s.address, "--name", name, "--listen", "127.0.0.1", "--host", checkpoints["llama"],
              "--layers", "2"], stdout=open(s.logs[name], "w"), stderr=subprocess.STDOUT)
     s.cluster.wait_for_workers(5, 120)
-    deadline = time.monotonic() + 120
-    while len(hosted(s.cluster)) < 4:
-        assert time.monotonic() < deadline, {n: p.read_text()[-2000:] for n, p in s.logs.items()}
-        time.sleep(0.3)
+    wait_for(lambda: len(hosted(s.cluster)) >= 4, 120, "4 hosted spans",
+             lambda: str({n: p.read_text()[-2000:] for n, p in s.logs.items()}), poll_s=0.3)
     yield s
     s.close()
 
@@ -506,10 +501,8 @@ def test_killing_a_replica_on_the_route_reroutes_without_reloading(lent, checkpo
     # hosted stages that chain crossed (they live on: a leaving worker would wait for it forever)
     assert idle._opened_on.released
     idle.close()
-    deadline = time.monotonic() + 10
-    while (left := open_sessions(lent.cluster)):
-        assert time.monotonic() < deadline, f"sessions left on the stages after every session closed: {left}"
-        time.sleep(0.1)
+    wait_for(lambda: not open_sessions(lent.cluster), 10, "the stages' sessions to close after every session closed",
+             lambda: str(open_sessions(lent.cluster)), poll_s=0.1)
     model.close()
 
 
@@ -539,10 +532,8 @@ def test_a_lent_replica_moves_by_itself_to_layers_whose_only_host_was_killed(len
     lent.procs["w4"] = subprocess.Popen(
         [BIN, "worker", lent.address, "--name", "w4", "--listen", "127.0.0.1", "--host", checkpoints["llama"],
          "--layers", "2"], stdout=open(lent.logs["w4"], "w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while "w4" not in {s.name for s in hosted(lent.cluster)}:
-        assert time.monotonic() < deadline, lent.logs["w4"].read_text()[-2000:]
-        time.sleep(0.3)
+    wait_for(lambda: "w4" in {s.name for s in hosted(lent.cluster)}, 120, "w4 to host a span",
+             lambda: lent.logs["w4"].read_text()[-2000:], poll_s=0.3)
     before = [s.span for s in hosted(lent.cluster)]   # (4, 5) once, another span twice (w4's replica)
     (last,) = [s for s in hosted(lent.cluster) if s.span == (4, 5)]
     assert max(map(before.count, before)) == 2

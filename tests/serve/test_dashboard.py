@@ -4,7 +4,6 @@ read after real requests from the openai client to a real server on the session'
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 
 import openai
@@ -14,14 +13,8 @@ from bloombee_nb.serve import ServeSettings
 from bloombee_nb.serve.activity import Activity
 from bloombee_nb.serve.dashboard import TOPIC, latest
 from bloombee_nb.shipped import default_model_path
+from tests.helpers import wait_for
 from tests.serve.test_openai_client import PROMPT
-
-
-def wait_until(predicate, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.2)
 
 
 def fetch(url: str) -> str:
@@ -63,7 +56,7 @@ def test_status_panel_and_dashboard_show_the_requests_served(cluster, served_mod
 
         # the Dask dashboard: the scheduler's own HTTP server, fed by Client.log_event
         assert server.dashboard_link.startswith(cluster.client.dashboard_link.rsplit("/status", 1)[0])
-        wait_until(lambda: (board(server) or {}).get("served") == 3)
+        wait_for(lambda: (board(server) or {}).get("served") == 3, what="the dashboard to count 3 served")
         entry = board(server)
         assert entry["running"] and entry["tokens"] == tokens
         assert {(k["who"], k["requests"], k["tokens"]) for k in entry["by_key"]} == \
@@ -74,7 +67,7 @@ def test_status_panel_and_dashboard_show_the_requests_served(cluster, served_mod
     finally:
         assert s.stop_servers() == [server.port]
     assert not s.running_servers() and "serving" not in s._serving_html()
-    wait_until(lambda: board(server)["running"] is False)   # the last snapshot says it stopped
+    wait_for(lambda: board(server)["running"] is False, what="a snapshot saying it stopped")   # the last snapshot says it stopped
 
 
 def test_requests_waiting_and_refused_are_counted_per_caller():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import ssl
-import time
 
 import httpx2 as httpx
 import openai
@@ -13,6 +12,7 @@ import pytest
 
 from bloombee_nb.serve import ServeSettings, TLSFiles
 from bloombee_nb.serve.errors import ServeStartError
+from tests.helpers import wait_for
 from tests.serve.test_openai_client import PROMPT, client
 
 
@@ -89,16 +89,9 @@ def test_a_full_queue_answers_429_at_once(start):
     assert err.value.code == "queue_full"
     long.close()                        # hang up: the generation is cancelled, the slot frees
     state = server.app.state.bloombee
-    wait_until(lambda: state.admission.admitted == 0)
+    wait_for(lambda: state.admission.admitted == 0, 120, "every admission to be released", poll_s=0.05)
     assert state.activity.cancelled == 1
     assert ok(c)
-
-
-def wait_until(predicate, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def self_signed(folder) -> TLSFiles:
