@@ -31,6 +31,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -236,6 +237,8 @@ def main():
     ap.add_argument("--profile", action="store_true", help="py-spy the client and a worker during a 1-stage decode")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.profile and shutil.which("py-spy") is None:
+        ap.error("--profile runs py-spy, which is not installed here: `pip install py-spy` (a benchmark-only tool)")
     torch.set_num_threads(1)
     out = Path(args.out) if args.out else RESULTS
     out.mkdir(parents=True, exist_ok=True)
