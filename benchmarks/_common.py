@@ -11,6 +11,7 @@ the committed ones).
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -44,7 +45,25 @@ def machine() -> dict:
             out[name] = __import__(name).__version__
         except ImportError:
             pass
+    for dist in ("torchao", "bitsandbytes"):  # their CPU kernels decide what a quantized stage costs
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    out.update(_cpu())
     return out
+
+
+def _cpu() -> dict:
+    """The CPU's model name and vector extensions (Linux), which decide which kernels torch and the
+    quantization libraries run; empty elsewhere."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    field = lambda key: next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith(key)), "")  # noqa: E731
+    flags = set(field("flags").split())
+    return dict(cpu_model=field("model name"), cpu_vector=sorted(f for f in flags if f.startswith(("avx", "amx"))))
 
 
 def stamp(result: dict) -> dict:
