@@ -29,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -68,7 +69,9 @@ def client(args) -> None:
                                          streamer=Clock())
                 except Exception as exc:  # noqa: BLE001 — counted, the soak goes on
                     with lock:
-                        stats["errors"].append(f"{type(exc).__name__}: {exc}"[:300])
+                        where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}"
+                                            for f in reversed(traceback.extract_tb(exc.__traceback__)[-4:]))
+                        stats["errors"].append(f"{type(exc).__name__}: {exc}"[:300] + f" at {where}")
                     continue
                 want = ref.generate(ids, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
                 gaps = [b - a for a, b in zip(times[1:], times[2:])]  # token to token, the prompt's put excluded

@@ -119,13 +119,16 @@ class RemoteChain(LinkCodecs):
         state). ``log``: every stage but the last keeps its outputs, for :meth:`replay` ``only``."""
         sessions = StageSessions.opened(session_id, batch, self.micro_batch)
         last = len(self.actors) - 1
+        # counted as open before it is sent: a retire() meanwhile (the client's next session moving
+        # to a less loaded route) must not release the chain under the calls in flight
+        self._open.add(session_id)
         try:
             self._gather([self._call(i, "open_session", sub, b - a, max_length, self.owner, log and i < last)
                           for sub, a, b in sessions.parts for i in only or range(len(self.actors))])
         except BloombeeError:  # e.g. one stage is leaving: the others must not keep what they opened
             self._undo_open(sessions.ids)
+            self._forget(session_id)
             raise
-        self._open.add(session_id)
         return sessions
 
     def retire(self) -> None:
@@ -137,10 +140,18 @@ class RemoteChain(LinkCodecs):
 
     def _undo_open(self, subs: list[str]) -> None:
         """Close ``subs`` wherever they opened, waited for (a close arriving after the session
-        re-opened there, on the chain it moves to, would undo that), at most a few seconds."""
+        re-opened there, on the chain it moves to, would undo that), at most a few seconds. A chain
+        released meanwhile still reaches the hosted stages it left behind."""
+        async def close(actor, sub):
+            try:
+                await awaitable(actor.close_session(sub, self.owner))
+            except Exception:  # noqa: BLE001 — a stage that is gone has nothing to free
+                pass
+
+        stages = self.left_behind if self.released else list(self.actors)
+
         async def every():
-            await asyncio.gather(*(self._call(i, "close_session", sub, self.owner)
-                                   for sub in subs for i in range(len(self.actors))), return_exceptions=True)
+            await asyncio.gather(*(close(a, sub) for sub in subs for a in stages))
         try:
             self.client.sync(asyncio.wait_for, every(), UNDO_TIMEOUT_S)
         except (asyncio.TimeoutError, TimeoutError, OSError):
@@ -159,8 +170,13 @@ class RemoteChain(LinkCodecs):
             self._gather([self._call(i, "close_session", sub, self.owner)
                           for sub in sessions.ids for i in range(len(self.actors))])
         finally:
-            if self.retired and not self._open:
-                self.release()
+            self._forget(sessions.session_id)
+
+    def _forget(self, session_id: str) -> None:
+        """``session_id`` is no longer open here; a retired chain goes with its last session."""
+        self._open.discard(session_id)
+        if self.retired and not self._open:
+            self.release()
 
     def rollback(self, sessions: StageSessions, length: int, only=None) -> None:
         """Keep the first ``length`` positions of the session on every stage (or the stages ``only``)."""
@@ -307,6 +323,7 @@ class RemoteChain(LinkCodecs):
     async def _relay_star(self, session_id: str, hidden: torch.Tensor, pos: bytes, mask: bytes, spec=(None, None),
                           seq: int | None = None):
         """Star: one hop per stage, each output back to the client, which sends it to the next."""
+        self._check_usable()  # released since the step was made: no stage to loop over
         walls, computes, sent, into, back = [], [], 0, [], []
         frame = b""  # the frame in hand (stage 0 always encodes one before it is read)
         for i in range(len(self.actors)):
@@ -359,6 +376,7 @@ class RemoteChain(LinkCodecs):
         """``method(*args)`` on stage ``i`` within ``timeout_s``; any way it cannot be reached (closed
         connection, timeout, an actor Dask says is lost) becomes a typed error naming the worker."""
         try:
+            self._check_usable()  # released since the call was made (it runs later, on the event loop)
             return await asyncio.wait_for(awaitable(getattr(self.actors[i], method)(*args)), self.timeout_s)
         except BloombeeError:
             raise

@@ -181,6 +181,27 @@ def test_a_clients_new_sessions_move_to_a_less_loaded_replica_and_the_route_left
         bb.unhost(local, path)
 
 
+def test_a_call_that_runs_after_its_chain_was_released_raises_a_typed_error(local, checkpoints):
+    """A stage call is made in the caller's thread and runs later on the event loop; a chain released
+    in between (a retire when its last session closed, another session's recovery) must give the
+    StageUnavailableError a session recovers from. The 10-minute churn soak found an IndexError here
+    (9 failed generations), once new sessions moved between routes every second."""
+    path = checkpoints["llama"]
+    bb.host(path, local)
+    try:
+        with bb.connect(local.address) as user:
+            model = bb.DistributedModelForCausalLM.from_pretrained(path, cluster=user)
+            chain = model.chain
+            call = chain._call(0, "ping")     # made, not yet run
+            chain.retire()                     # no session open on it: released at once
+            assert chain.released
+            with pytest.raises(StageUnavailableError, match="released"):
+                user.client.sync(lambda: call)
+            model.close()
+    finally:
+        bb.unhost(local, path)
+
+
 def test_hosted_spans_outlive_their_host_and_clients_attach_without_loading(local, checkpoints, reference):
     path = checkpoints["llama"]
     with bb.connect(local.address) as lender:
