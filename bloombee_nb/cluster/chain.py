@@ -148,10 +148,8 @@ class RemoteChain(LinkCodecs):
             except Exception:  # noqa: BLE001 — a stage that is gone has nothing to free
                 pass
 
-        stages = self.left_behind if self.released else list(self.actors)
-
         async def every():
-            await asyncio.gather(*(close(a, sub) for sub in subs for a in stages))
+            await asyncio.gather(*(close(a, sub) for sub in subs for a in self.reachable))
         try:
             self.client.sync(asyncio.wait_for, every(), UNDO_TIMEOUT_S)
         except (asyncio.TimeoutError, TimeoutError, OSError):
@@ -417,6 +415,12 @@ class RemoteChain(LinkCodecs):
         except RuntimeError:
             pass  # the client's loop is closed: so are the streams
         release_now(*held)
+
+    @property
+    def reachable(self) -> list:
+        """The stage handles this chain's sessions can still be closed on: its actors, or once
+        released, the hosted stages a swarm chain left behind (a private chain's went with it)."""
+        return self.left_behind if self.released else list(self.actors)
 
     def _check_usable(self) -> None:
         if self.released:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-
 from dataclasses import dataclass
 
 from distributed.diagnostics.plugin import SchedulerPlugin

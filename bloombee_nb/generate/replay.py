@@ -198,7 +198,7 @@ def _close_quietly(chain, sessions: StageSessions, keep=None) -> None:
     with it. Stages that ``keep`` (the chain the session moves to) shares are left alone: the session
     re-opens there, and a close arriving after that would undo it."""
     staying = {a.key for a in keep.actors} if keep is not None else set()
-    stages = chain.left_behind if chain.released else chain.actors
+    stages = chain.reachable
     for sub in sessions.ids:
         for actor in [a for a in stages if a.key not in staying]:
             try:  # each stage on its own: a lost one (its handle raises at once) must not spare the others

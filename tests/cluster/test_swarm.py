@@ -23,7 +23,7 @@ from bloombee_nb.errors import SessionOwnerError, StageUnavailableError, SwarmEr
 from bloombee_nb.plan.swarm import better_span, choose_span, coverage, route
 from tests.cluster.test_faults import FaultAt, Swarm
 from tests.conftest import BIN, padded_batch
-from tests.helpers import wait_for
+from tests.helpers import distributed, wait_for
 
 NEW = 6
 
@@ -189,15 +189,13 @@ def test_a_call_that_runs_after_its_chain_was_released_raises_a_typed_error(loca
     path = checkpoints["llama"]
     bb.host(path, local)
     try:
-        with bb.connect(local.address) as user:
-            model = bb.DistributedModelForCausalLM.from_pretrained(path, cluster=user)
+        with bb.connect(local.address) as user, distributed(path, user) as model:
             chain = model.chain
             call = chain._call(0, "ping")     # made, not yet run
             chain.retire()                     # no session open on it: released at once
             assert chain.released
             with pytest.raises(StageUnavailableError, match="released"):
                 user.client.sync(lambda: call)
-            model.close()
     finally:
         bb.unhost(local, path)
 
