@@ -39,7 +39,7 @@ from ..errors import RecoveryError, StageUnavailableError, SwarmError
 from ..model.quantize import per_stage
 from ..plan import ClusterProfile, Plan, Workload
 from .options import DeployConfig
-from .recovery import LEAVING, find_lost, live_workers, recovery_error, replacement_placement
+from .recovery import LEAVING, find_lost, live_workers, recovery_error, replacement_placement, settled_workers
 
 
 class Deployment:
@@ -254,7 +254,7 @@ class Deployment:
         with self._lock:
             if self.closed:
                 raise RecoveryError("the model was closed; load it again with from_pretrained and open a new session")
-            workers = self.cluster.workers()
+            workers = settled_workers(self.cluster, exc, self.cluster.workers())
             self.remember_names(workers)
             current = self.chain
             lost = find_lost(old, exc, workers, self.worker_names)

@@ -6,6 +6,8 @@ of live workers (``Deployment.replacement_chain``) and replays its history there
 
 - :func:`find_lost`: which workers of the failed chain are lost, and why — gone from the scheduler,
   leaving (``bloombee-nb worker`` got SIGTERM), or silent (no answer to a ping: hung);
+  :func:`settled_workers` first gives the scheduler a moment to drop a worker whose connection just
+  closed, so a killed worker reads as gone, not unreachable;
 - :func:`replacement_placement`: the new spans. With a profile, the planner re-solves with the lost
   workers excluded (a worker that came back under the same name at a new address is used at its
   new address); otherwise each lost stage moves, span unchanged, to a live worker that hosts no
@@ -16,6 +18,7 @@ of live workers (``Deployment.replacement_chain``) and replays its history there
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from ..cluster.placement import Placement, place
@@ -26,6 +29,9 @@ from ..plan.errors import InfeasiblePlanError
 
 # why a worker is lost: gone from the scheduler, silent, failed a call (connection refused/closed), leaving
 GONE, HUNG, UNREACHABLE, LEAVING = "gone", "not answering", "unreachable", "leaving"
+# how long a recovery waits for the scheduler to drop a worker whose connection closed (a killed
+# worker's is dropped within milliseconds; a worker still listed after this is labelled unreachable)
+SETTLE_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,25 @@ def find_lost(chain, exc: BaseException, workers: dict[str, dict], names: dict[s
             elif answer.get("leaving"):
                 lost[address] = LostWorker(address, names.get(address, address), LEAVING)
     return lost
+
+
+def settled_workers(cluster, exc: BaseException, workers: dict[str, dict], *, timeout_s: float = SETTLE_S,
+                    poll_s: float = 0.05) -> dict[str, dict]:
+    """The scheduler's view once it has caught up with the workers ``exc`` names as unreachable.
+
+    A killed worker's connection to us can close before its connection to the scheduler does; the
+    scheduler then still lists it for a moment, and it would be labelled unreachable, not gone.
+    Re-asks the scheduler (``cluster.workers()``) until none of them is listed or ``timeout_s``
+    passes: a worker still listed then really is unreachable from here.
+    """
+    if isinstance(exc, (StageLeavingError, StageHungError)):
+        return workers
+    named = set(getattr(exc, "workers", ()))
+    deadline = time.monotonic() + timeout_s
+    while named & set(workers) and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        workers = cluster.workers()
+    return workers
 
 
 def live_workers(workers: dict[str, dict], lost) -> list[str]:
