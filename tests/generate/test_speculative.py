@@ -33,7 +33,8 @@ def greedy(model, ids, **kw):
     return model.generate(**ids, do_sample=False, pad_token_id=1, **kw)
 
 
-@pytest.mark.parametrize("widths", [(2, 2, 1), (1, 1, 1, 1), (4,), "auto"])
+@pytest.mark.parametrize("widths", [(2, 2, 1), pytest.param((1, 1, 1, 1), marks=pytest.mark.slow),  # a chain
+                                    pytest.param((4,), marks=pytest.mark.slow), "auto"])          # one level
 def test_greedy_is_plain_greedy_token_for_token(model, shipped, widths):
     tok, ref, draft = shipped
     for prompts in (PROMPTS[:1], PROMPTS):          # one row, and a left-padded batch of 3
