@@ -10,6 +10,12 @@ loopback, so its DHT cannot reach any outside host (Petals' default initial peer
 ``sleep`` holds the namespace; the DHT root, every server and every client are started in it with
 ``nsenter --net=/proc/<pid>/ns/net``. Every process runs torch with 1 thread (OMP_NUM_THREADS=1).
 
+With ``link=(mbit, rtt_ms)`` every server is reached only through a delay line in the namespace
+(``_delayline.py``): the server listens on one port and announces another, where the delay line
+holds each chunk for the link's rate and half its round trip in either direction. The client's
+requests and the servers' pushes to the next server both cross it, as every message our stages
+send is held by the link emulator (this kernel has no ``netem``). The DHT's traffic is not delayed.
+
 This file is imported by the benchmarks (the main venv) and is also the client script run by the
 Petals venv (``python _petals.py client``): it imports nothing of bloombee_nb and nothing of
 Petals at module level.
@@ -118,9 +124,12 @@ class PetalsSwarm:
     network namespace. ``client(request)`` runs one client process there; ``client_processes``
     starts several at once. Server logs go to ``logs``."""
 
+    SERVER_PORT, LINK_PORT = 40000, 41000  # server i listens on 40000 + i; with a link, announces 41000 + i
+
     def __init__(self, model_dir: str, n_servers: int, blocks_per_server: int | None = None, *, python: str,
-                 logs: Path, dtype: str = "float32", start_timeout_s: float = 600):
-        self.model_dir, self.n = str(model_dir), n_servers
+                 logs: Path, dtype: str = "float32", start_timeout_s: float = 600,
+                 link: tuple[float, float] | None = None):
+        self.model_dir, self.n, self.link = str(model_dir), n_servers, link
         self.spans = server_spans(_num_layers(model_dir), n_servers, blocks_per_server)
         self.python, self.logs, self.dtype, self.timeout_s = python, Path(logs), dtype, start_timeout_s
         self.procs: list[subprocess.Popen] = []
@@ -132,6 +141,8 @@ class PetalsSwarm:
             self._holder = subprocess.Popen(["unshare", "--net", "--", "sh", "-c",
                                              "ip link set lo up && exec sleep 100000"], start_new_session=True)
             self._wait_loopback()
+            if self.link:
+                self._start_delayline()
             self._start_dht()
             for i in range(self.n):
                 self._start_server(i)
@@ -171,17 +182,31 @@ class PetalsSwarm:
                      "--identity_path", str(self.logs / "dht.id")], "dht.log")
         self.initial_peer = self._wait_log("dht.log", r"(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)", self.procs[-1])
 
+    def _start_delayline(self) -> None:
+        mbit, rtt_ms = self.link
+        pairs = [f"{self.LINK_PORT + i}:{self.SERVER_PORT + i}" for i in range(self.n)]
+        proc = self._spawn([str(Path(__file__).with_name("_delayline.py")), "--rtt-ms", str(rtt_ms), "--mbit", str(mbit),
+                            "--stats", str(self.logs / "delayline.json"), *pairs], "delayline.log")
+        self._wait_log("delayline.log", r"(READY)", proc)
+
+    def link_bytes(self) -> dict:
+        """Bytes each server's delay line forwarded so far, ``{"LINK:SERVER": {"in": …, "out": …}}``."""
+        path = self.logs / "delayline.json"
+        return json.loads(path.read_text()) if self.link and path.exists() else {}
+
     def _start_server(self, i: int) -> None:
         first, end = self.spans[i]
+        port = self.SERVER_PORT + i if self.link else 0
+        announce = ["--announce_maddrs", f"/ip4/127.0.0.1/tcp/{self.LINK_PORT + i}"] if self.link else []
         self._spawn(["-m", "petals.cli.run_server", self.model_dir, "--initial_peers", self.initial_peer,
-                     "--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--block_indices", f"{first}:{end}",
+                     "--host_maddrs", f"/ip4/127.0.0.1/tcp/{port}", *announce, "--block_indices", f"{first}:{end}",
                      "--torch_dtype", self.dtype, "--device", "cpu", "--throughput", "1",  # no speed test
                      "--no_auto_relay", "--skip_reachability_check", "--cache_dir", str(self.logs / "cache"),
                      "--identity_path", str(self.logs / f"server{i}.id"),
                      "--dht_prefix", DHT_PREFIX], f"server{i}.log")  # a local path gives no prefix of its own
 
     def _wait_ready(self) -> None:
-        for i, proc in enumerate(self.procs[1:]):
+        for i, proc in enumerate(self.procs[-self.n:]):
             self._wait_log(f"server{i}.log", r"(Started|ONLINE|are online)", proc)
 
     def _wait_log(self, log: str, pattern: str, proc: subprocess.Popen) -> str:
@@ -202,7 +227,7 @@ class PetalsSwarm:
         page split between its sharers: the memory the servers really hold)."""
         import psutil
 
-        procs = [q for proc in self.procs[1:] for p in [psutil.Process(proc.pid)] for q in [p, *p.children(recursive=True)]]
+        procs = [q for proc in self.procs[-self.n:] for p in [psutil.Process(proc.pid)] for q in [p, *p.children(recursive=True)]]
         info = [q.memory_full_info() for q in procs]
         return {"rss_bytes": sum(i.rss for i in info), "pss_bytes": sum(i.pss for i in info), "processes": len(procs)}
 

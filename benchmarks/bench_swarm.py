@@ -20,7 +20,10 @@ for everyone, or one per client process), stage actors alive, and exactness: eve
 against single-process transformers. Then the same users, prompts and client processes against a
 real Petals 2.2 swarm of 3 servers serving the same checkpoint (``_petals.py``: its own venv, servers
 in a loopback-only network namespace; ``--no-petals`` skips it, and if it cannot install the JSON
-says why). Writes benchmarks/results/swarm[_58m].json, .md and .png.
+says why). With ``--link MBIT,RTT_MS`` our workers sit behind the namespace link emulator and each
+Petals server behind a delay line with the same rate and round trip (``_delayline.py``; this kernel
+has no ``netem``, so neither delay is the kernel's). Writes benchmarks/results/swarm[_58m][_link].json,
+.md and .png.
 """
 
 from __future__ import annotations
@@ -205,7 +208,8 @@ def main() -> None:
     p.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--no-petals", action="store_true", help="skip the real Petals 2.2 swarm (the JSON says so)")
     p.add_argument("--link", metavar="MBIT,RTT_MS", help="workers behind the namespace link emulator (root), every "
-                   "link shaped to MBIT Mbit/s and RTT_MS ms round trip, e.g. 100,10; results in swarm[_58m]_link.*")
+                   "link shaped to MBIT Mbit/s and RTT_MS ms round trip, e.g. 100,10, and each Petals server behind a "
+                   "delay line with the same; results in swarm[_58m]_link.*")
     args = p.parse_args()
     if args.client:
         args.users = args.users[0]
@@ -234,12 +238,8 @@ def main() -> None:
                       f"weights held {row['stage_weight_bytes'] / 2**20:6.0f} MiB (RSS {row['worker_rss_bytes'] / 2**20:5.0f}) "
                       f"stages {row['stage_actors']} "
                       f"exact={row['exact']}", flush=True)
-    if args.link:
-        petals = {"not_measured": "not on the emulated links: the emulator holds the round-trip time in our own send "
-                                  "path (this kernel has no netem), which a Petals swarm's traffic never takes; "
-                                  "Petals is compared on loopback (run without --link)"}
-    else:
-        petals = {} if args.no_petals else petals_rows(model, args.users, args.new_tokens, logs)
+    link = tuple(float(x) for x in args.link.split(",")) if args.link else None
+    petals = {} if args.no_petals else petals_rows(model, args.users, args.new_tokens, logs, link)
     rows += petals.pop("rows", [])
     name = "swarm" + (f"_{args.synthetic}" if args.synthetic else "") + ("_link" if args.link else "")
     out = stamp(dict(model=args.synthetic or "shipped tiny-llama", new_tokens=args.new_tokens, links=links,
@@ -249,9 +249,11 @@ def main() -> None:
     plot(out, name)
 
 
-def petals_rows(model: str, users: list[int], new_tokens: int, logs: Path) -> dict:
+def petals_rows(model: str, users: list[int], new_tokens: int, logs: Path, link: tuple[float, float] | None) -> dict:
     """The same users (same prompts, same client processes) against a real Petals 2.2 swarm of 3
-    servers on the same model, after ours (``_petals.py``); or why it could not run."""
+    servers on the same model, after ours (``_petals.py``); or why it could not run. With ``link``
+    (Mbit/s, RTT ms) each server sits behind a delay line with that rate and round trip
+    (``_delayline.py``), and the bytes that crossed each one are recorded per row."""
     from _petals import PetalsSwarm, ensure_petals_venv
     from bench_petals import users_row
 
@@ -259,14 +261,20 @@ def petals_rows(model: str, users: list[int], new_tokens: int, logs: Path) -> di
     if env.python is None:
         return {"not_measured": env.why_not}
     rows = []
-    with PetalsSwarm(model, 3, python=env.python, logs=logs / "petals") as swarm:
+    with PetalsSwarm(model, 3, python=env.python, logs=logs / "petals", link=link) as swarm:
         for n in users:
+            before = swarm.link_bytes()
             row = users_row(swarm, model, n, new_tokens)
+            time.sleep(1.2 if link else 0)  # the delay line writes its counters every second
+            crossed = {k: {d: v[d] - before.get(k, {}).get(d, 0) for d in v} for k, v in swarm.link_bytes().items()}
             mem = row.get("server_memory") or {}
             rows.append({**row, "mode": "Petals 2.2, 3 servers", "stage_weight_bytes": None,
                          "worker_rss_bytes": mem.get("rss_bytes"), "worker_pss_bytes": mem.get("pss_bytes"),
-                         "stage_actors": None})
-    return {"versions": env.versions, "spans": swarm.spans, "rows": rows}
+                         "stage_actors": None, **({"link_bytes": crossed} if link else {})})
+    return {"versions": env.versions, "spans": swarm.spans, "rows": rows,
+            **({"links": f"{link[0]:g} Mbit/s, {link[1]:g} ms RTT: a user-space delay line in front of each server "
+                         "(benchmarks/_delayline.py), the client's requests and the servers' pushes both cross it"}
+               if link else {})}
 
 
 def write_md(out: dict, name: str) -> None:
@@ -290,7 +298,8 @@ def write_md(out: dict, name: str) -> None:
               "(2 cores, shared).", "",
               (f"Petals 2.2 ({out['petals']['versions'].get('petals')}): a DHT root and 3 servers in a loopback-only "
                f"network namespace serving the same checkpoint (blocks {out['petals']['spans']}), the same prompts from "
-               "the same number of client processes, measured after ours in the same run."
+               "the same number of client processes, measured after ours in the same run"
+               + (f"; links: {out['petals']['links']}." if out["petals"].get("links") else ".")
                if out.get("petals", {}).get("versions") else
                f"A real Petals 2.2 swarm was not measured: {out.get('petals', {}).get('not_measured', '--no-petals')}.")]
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
