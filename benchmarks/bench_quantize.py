@@ -8,7 +8,9 @@ Parts (torch at 1 thread everywhere, as the other benchmarks):
 - ``libs``: each candidate library through transformers' own quantization config on a random-init
   58M Llama (bench_pipeline's, with intermediate 1408 so that 4-bit blocks of 64 fit): does it load
   and run on this CPU, median decode step of the whole model, resident bytes the quantized load
-  added, stored bytes of its linear weights. One subprocess per (library, format).
+  added, stored bytes of its linear weights. One subprocess per (library, format). torchao and
+  bitsandbytes come with the project's ``quant`` extra; the other candidates only for this part:
+  ``pip install optimum-quanto hqq`` (without them their rows say ``No module named …``).
 - ``quality``: perplexity on tests/data/heldout.txt of the shipped target and of SmolLM2-135M (its
   GGUF file, when converted) at fp32/int8/nf4 — single-process transformers with
   ``reference_config(fmt)``, which the distributed spans equal token for token (tests/model/
