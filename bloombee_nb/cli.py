@@ -237,6 +237,10 @@ class _Leave:
 
 
 def _generate(args) -> int:
+    if not args.scheduler:  # an embedded cluster's workers import torch in the forkserver beside our imports
+        from .cluster.connect import preload_forkserver
+
+        preload_forkserver()
     import torch
     from transformers import AutoTokenizer, TextStreamer
 

@@ -10,30 +10,12 @@ import threading
 import time
 from pathlib import Path
 
-import dask
 import pytest
 import torch
 import transformers as tf
 
 import bloombee_nb as bb
 
-
-def pytest_configure(config):
-    """Worker processes of the tests' LocalClusters start from a forkserver that has imported torch,
-    transformers and our stage code once, as Dask's own test suite starts its workers: a spawned
-    worker spends ~6 s of this machine's 2 cores importing them before it loads its first span, and
-    the suite starts over a dozen clusters. (Embedded clusters outside the tests still spawn.)"""
-    import multiprocessing
-
-    from distributed.utils import get_mp_context
-
-    dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
-    get_mp_context()  # Dask sets its own preload list once; ours replaces it before the server starts
-    multiprocessing.get_context("forkserver").set_forkserver_preload(
-        ["distributed", "torch", "transformers", "blosc2", "bloombee_nb.cluster.stage"])
-    from multiprocessing import forkserver
-
-    forkserver.ensure_running()  # it imports them while pytest collects
 
 N_LAYERS = 5
 VOCAB = 128

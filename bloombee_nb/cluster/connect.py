@@ -5,13 +5,18 @@ from __future__ import annotations
 import html
 import importlib.util
 import logging
+import multiprocessing
+import os
 import socket
 import time
 import weakref
 from urllib.parse import urlsplit
 
 import dask
+from multiprocessing import forkserver
+
 from distributed import Client, LocalCluster
+from distributed.utils import get_mp_context
 
 from ..errors import NotEnoughWorkersError
 
@@ -27,6 +32,13 @@ STAGE_WORKER_CONFIG = {
     "distributed.worker.profile.enabled": False,
     "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 16 << 20,
 }
+
+#: What an embedded cluster's worker processes find imported: they start from a forkserver that imported
+#: these once, as Dask's own test suite starts its workers. Spawned (Dask's default), each worker imports
+#: torch and transformers itself before it loads a span: the README's first command took 17.0 s on the
+#: build machine's 2 cores, 9.4 s so (benchmarks/bench_first_run.py); and the workers share those
+#: modules' memory with the server.
+FORKSERVER_PRELOAD = ["distributed", "torch", "transformers", "blosc2", "bloombee_nb.cluster.stage"]
 
 EMBEDDED_LOST_WORKER_TIMEOUT = "120s"  # how long an embedded cluster waits for a restarted worker
 
@@ -136,6 +148,26 @@ def _events_html(events) -> str:
     return f"<div class='bloombee-recoveries'><b>recoveries</b><ul>{lines}</ul></div>"
 
 
+def preload_forkserver() -> None:
+    """Make ``forkserver`` the default start method of Dask's worker processes in this process and
+    start the server now, importing :data:`FORKSERVER_PRELOAD` while this process goes on (a server
+    already running keeps what it has). It gets the environment Dask's nanny sets before it starts a
+    stage worker (``distributed.nanny.pre-spawn-environ`` with :data:`STAGE_WORKER_CONFIG`'s, set here
+    in ``os.environ`` as the nanny does). ``bloombee-nb generate`` calls it before its own imports.
+    A start method the user configured still wins; a platform without forkserver keeps spawning."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return
+    dask.config.update_defaults({"distributed": {"worker": {"multiprocessing-method": "forkserver"}}})
+    if dask.config.get("distributed.worker.multiprocessing-method") != "forkserver":
+        return
+    get_mp_context()  # Dask sets its own preload list once; ours replaces it
+    multiprocessing.get_context("forkserver").set_forkserver_preload(FORKSERVER_PRELOAD)
+    with dask.config.set(STAGE_WORKER_CONFIG):
+        env = dask.config.get("distributed.nanny.pre-spawn-environ", {})
+    os.environ.update({k: os.environ.get(k, str(v)) for k, v in env.items() if v is not None})
+    forkserver.ensure_running()
+
+
 def connect(address: str | None = None, *, n_workers: int = DEFAULT_WORKERS, threads_per_worker: int = 1,
             direct_to_workers: bool = True, security=None, **local_kwargs) -> BloombeeCluster:
     """Start an embedded ``LocalCluster`` (``address=None``) or join a running Dask scheduler.
@@ -159,6 +191,7 @@ def connect(address: str | None = None, *, n_workers: int = DEFAULT_WORKERS, thr
         # lost a worker so). As a default, so a value the user configured still wins.
         dask.config.update_defaults({"distributed": {"deploy": {"lost-worker-timeout": EMBEDDED_LOST_WORKER_TIMEOUT}}})
         with dask.config.set(STAGE_WORKER_CONFIG):  # the nannies keep the config they were made with
+            preload_forkserver()  # a default too: a nanny reads it again when it restarts a killed worker
             local = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
                                  security=security, **local_kwargs)
         client = Client(local, direct_to_workers=direct_to_workers, security=security)
