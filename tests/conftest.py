@@ -16,7 +16,6 @@ import transformers as tf
 
 import bloombee_nb as bb
 
-
 N_LAYERS = 5
 VOCAB = 128
 

@@ -10,11 +10,10 @@ import os
 import socket
 import time
 import weakref
+from multiprocessing import forkserver
 from urllib.parse import urlsplit
 
 import dask
-from multiprocessing import forkserver
-
 from distributed import Client, LocalCluster
 from distributed.utils import get_mp_context
 

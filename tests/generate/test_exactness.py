@@ -35,7 +35,7 @@ def models(cluster, checkpoints):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 # the quick loop (-m "not slow") checks every family on 3 stages; 1 and 2 stages run in the full suite
-@pytest.mark.parametrize("n_stages", [pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow), 3])
+@pytest.mark.parametrize("n_stages", [pytest.param(n, marks=pytest.mark.slow) for n in (1, 2)] + [3])
 def test_greedy_equals_transformers(models, reference, family, n_stages):
     model, ref = models[family, n_stages], reference[family]
     assert [(s.start, s.end) for s in model.placement.stages] == SPANS[n_stages]
