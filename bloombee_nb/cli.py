@@ -63,9 +63,15 @@ def _worker(args) -> int:
                   f"address: listen on it with --listen {model}", file=sys.stderr)
             return 2
 
+    import importlib
+
     import dask
 
     from .cluster.connect import STAGE_WORKER_CONFIG
+
+    # the stage code (torch, transformers) before joining: a lender that joins is ready to load its span
+    # (imported after joining, the churn soak's rejoined lenders hosted ~30 s after joining instead of ~1 s)
+    importlib.import_module("bloombee_nb.cluster.stage")
 
     # this process is the worker (no nanny): glibc's trim threshold is the environment's; the profiler is off
     dask.config.set({"distributed.worker.profile.enabled": STAGE_WORKER_CONFIG["distributed.worker.profile.enabled"]})
