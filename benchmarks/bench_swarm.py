@@ -265,7 +265,8 @@ def petals_rows(model: str, users: list[int], new_tokens: int, logs: Path, link:
         for n in users:
             before = swarm.link_bytes()
             row = users_row(swarm, model, n, new_tokens)
-            time.sleep(1.2 if link else 0)  # the delay line writes its counters every second
+            if link:
+                time.sleep(1.2)  # the delay line writes its counters every second
             crossed = {k: {d: v[d] - before.get(k, {}).get(d, 0) for d in v} for k, v in swarm.link_bytes().items()}
             mem = row.get("server_memory") or {}
             rows.append({**row, "mode": "Petals 2.2, 3 servers", "stage_weight_bytes": None,

@@ -3,10 +3,12 @@
 - :func:`positions` — the position ids transformers gives a left-padded prompt.
 - :func:`wait_for` — poll a condition with a deadline (never a fixed sleep).
 - :func:`distributed` — a ``DistributedModelForCausalLM`` that is closed when the block ends.
+- :func:`free_port` — a TCP port on 127.0.0.1 nothing listens on now.
 """
 
 from __future__ import annotations
 
+import socket
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -48,3 +50,9 @@ def distributed(path, cluster, **kwargs) -> Iterator[bb.DistributedModelForCausa
         yield model
     finally:
         model.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -5,11 +5,12 @@ in order, never earlier than the link's half round trip plus their time on the w
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from tests.helpers import free_port
 
 DELAYLINE = Path(__file__).parents[1] / "benchmarks" / "_delayline.py"
 
@@ -27,9 +28,7 @@ def test_the_delay_line_holds_each_direction_and_paces_at_the_rate(tmp_path):
     async def run():
         server = await asyncio.start_server(echo, "127.0.0.1", 0)
         target = server.sockets[0].getsockname()[1]
-        with socket.socket() as probe:  # a free port for the line to listen on
-            probe.bind(("127.0.0.1", 0))
-            listen = probe.getsockname()[1]
+        listen = free_port()
         line = subprocess.Popen([sys.executable, str(DELAYLINE), "--rtt-ms", str(rtt_ms), "--mbit", str(mbit),
                                  "--stats", str(stats), f"{listen}:{target}"], stdout=subprocess.PIPE, text=True)
         try:

@@ -16,7 +16,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import wait_for
+from tests.helpers import free_port, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -121,12 +120,6 @@ def _ensure_python_packages(frontend: Frontend) -> None:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", *missing], check=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _write_settings(root: Path) -> Path:
     """User settings (read by both front-ends): render every cell (no windowing), no news or update checks."""
     settings = root / "settings"
@@ -158,7 +151,7 @@ def server(request, tmp_path_factory):
     _ensure_python_packages(frontend)
     root = tmp_path_factory.mktemp(frontend.name)
     _write_notebook(root / NOTEBOOK)
-    port, token = _free_port(), secrets.token_hex(16)
+    port, token = free_port(), secrets.token_hex(16)
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(root / "cfg"), "JUPYTER_RUNTIME_DIR": str(root / "run"),
            "IPYTHONDIR": str(root / "ipython"), "JUPYTERLAB_SETTINGS_DIR": str(_write_settings(root)),
            "JUPYTERLAB_WORKSPACES_DIR": str(root / "workspaces"), "PYTHONPATH": str(Path(__file__).parents[2])}
