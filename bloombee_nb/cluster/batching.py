@@ -72,6 +72,7 @@ class StageQueue:
         self._pump: asyncio.Task | None = None     # the coroutine running batches
         self._after_long = False                   # the last batch was a long step: decode steps go next
         self.steps = self.forwards = 0             # counters (info): steps run, forwards they took
+        self.at_once = 0                           # steps that ran without queueing (take_now)
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -99,13 +100,29 @@ class StageQueue:
                 results = await self.run_batch(batch)
             except BaseException as exc:  # noqa: BLE001 — the thread itself failed: every step of the batch fails
                 results = [exc] * len(batch)
-            self.forwards += 1
-            self.steps += len(batch)
+            self.ran(batch)
             for j, res in zip(batch, results):
-                if j.seq is not None and j.session_id in self.next_seq:
-                    self.next_seq[j.session_id] = max(self.next_seq[j.session_id], j.seq + 1)
                 if not j.done.done():
                     j.done.set_exception(res) if isinstance(res, BaseException) else j.done.set_result(res)
+
+    def take_now(self, job: Job) -> bool:
+        """Whether ``job`` may run at once, without queueing: nothing waits or runs and its turn in
+        its session has come (the caller runs it, then calls :meth:`ran`). A lone decode step skips
+        the queue's task hops this way (``stage.py``: latency)."""
+        if self.jobs or (self._pump is not None and not self._pump.done()) or not self._ready(job):
+            return False
+        self._after_long = job.tokens > 1
+        self.fair.charge(job.owner, max(job.rows, 1) * max(job.tokens, 1))
+        self.at_once += 1
+        return True
+
+    def ran(self, batch: list[Job]) -> None:
+        """``batch`` ran (one forward): count it and move its sessions' order on."""
+        self.forwards += 1
+        self.steps += len(batch)
+        for j in batch:
+            if j.seq is not None and j.session_id in self.next_seq:
+                self.next_seq[j.session_id] = max(self.next_seq[j.session_id], j.seq + 1)
 
     def _ready(self, j: Job) -> bool:
         want = self.next_seq.get(j.session_id)

@@ -38,7 +38,7 @@ from .liveness import Watchdog, awaitable, ping_stages
 from .loading import gather_actors, release_now, submit_stages, unavailable
 from .placement import Placement
 from .protocol import Entry, StageRef, StageSessions, speculation_frames
-from .relay import Relay
+from .relay import Relay, on_loop
 from .trace import StepTrace, merge_traces
 
 #: Seconds an actor call may take before its worker counts as gone. Dask never resolves a call
@@ -211,7 +211,7 @@ class RemoteChain(LinkCodecs):
         T = hidden.shape[1]
         t0 = time.perf_counter()
         try:
-            results = self.client.sync(self._watched, _all(relays))
+            results = on_loop(self.client, self._watched, _all(relays) if len(relays) > 1 else _one(relays[0]))
         except StageUnavailableError:
             raise  # the chain is being left behind (recovery): nothing to put right on it
         except BaseException:
@@ -426,6 +426,11 @@ class RemoteChain(LinkCodecs):
         if self.released:
             raise StageUnavailableError("this chain of stages was released (the model was closed, or its spans "
                                         "were re-placed after a failure); sessions move to the model's current chain")
+
+
+async def _one(relay) -> list:
+    """One call, as :func:`_all` returns it (no gather: a decode step is one relay)."""
+    return [await relay]
 
 
 async def _all(relays: list) -> list:

@@ -41,23 +41,26 @@ class Relay:
         """``entries`` along ``hops``; returns the delivery (whose entries carry their own errors),
         or raises the error that stopped the whole step (a stage gone, or silent past ``timeout_s``)."""
         workers = frozenset(h.worker for h in hops)
-        await asyncio.gather(*(self._attach(w, hops) for w in workers))
+        if not workers <= self._streams.keys():
+            await asyncio.gather(*(self._attach(w, hops) for w in workers))
         step = Step(next(self._ids), self.owner, self.reply_to, hops, entries)
-        done = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
         self._pending[step.id] = (done, workers)
+        timer = None
         try:
             await hold(step.nbytes())  # emulated client link (benchmarks only)
             try:
                 await self.client.rpc(hops[0].worker).bloombee_step(step=step.to_msg(), reply=False)
             except (OSError, CommClosedError) as exc:
                 raise _gone(hops[0], exc) from exc
-            try:
-                delivery = await asyncio.wait_for(done, timeout_s)
-            except asyncio.TimeoutError:
-                raise StageHungError(f"step {step.id} did not come back from {_describe(hops)} within "
-                                     f"{timeout_s:.0f}s; a stage is overloaded or gone",
-                                     workers=tuple(sorted(workers))) from None
+            timer = loop.call_later(timeout_s, _expire, done, lambda: StageHungError(
+                f"step {step.id} did not come back from {_describe(hops)} within {timeout_s:.0f}s; a stage is "
+                "overloaded or gone", workers=tuple(sorted(workers))))
+            delivery = await done  # (a timer, not asyncio.wait_for: no task per step)
         finally:
+            if timer is not None:
+                timer.cancel()
             self._pending.pop(step.id, None)
         if delivery.error is not None:
             raise delivery.error
@@ -112,6 +115,35 @@ class Relay:
                 pass
         for task in list(self._readers):
             task.cancel()
+
+
+def on_loop(client, func, *args):
+    """``await func(*args)`` on the Dask client's event loop, waited for in the caller's thread: what
+    ``client.sync`` does, in fewer event-loop turns (``asyncio.run_coroutine_threadsafe``: one
+    thread-safe call and one task, where ``sync`` adds a Tornado coroutine, a ``gen.moment`` and a
+    callback). The hand-off every decode step makes (issue 18); an asynchronous client, or a call
+    from the loop's own thread, goes through ``client.sync`` as before."""
+    loop = client.loop.asyncio_loop
+    if client.asynchronous or _running_loop() is loop:
+        return client.sync(func, *args)
+    future = asyncio.run_coroutine_threadsafe(func(*args), loop)
+    try:
+        return future.result()
+    except KeyboardInterrupt:
+        future.cancel()  # as client.sync does: the step's coroutine is cancelled on the loop
+        raise
+
+
+def _running_loop():
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _expire(done: asyncio.Future, error) -> None:
+    if not done.done():
+        done.set_exception(error())
 
 
 def _describe(hops) -> str:

@@ -14,7 +14,9 @@ workers in opposite orders cannot deadlock. One exception, for latency: a decode
 (one new position per row, at most ``INLINE_ROWS`` rows, weights resident) found with the thread
 idle runs on the event loop itself — the hand-off to a thread and back costs more than the
 difference to a one-user decode step (benchmarks/results/latency_*.md), and the loop is held no
-longer than one decode step.
+longer than one decode step. On a stage holding one session, such a step that finds the queue
+empty does not even queue: it runs as it arrives and leaves from the handler that received it
+(:meth:`StageActor.accept`).
 
 Speculative decoding: an entry may carry a token tree (``tree``: its parents ``[T]`` as a frame)
 and the accepted path of the previous tree step (``keep``: ``(past_len, frame of [B, K] node
@@ -208,13 +210,47 @@ class StageActor:
         await self.queue.submit(skip(session_id, seq))
 
     # ---- steps ---------------------------------------------------------------------------------
-    def accept(self, step: Step, reply=None) -> None:
+    def accept(self, step: Step, reply=None):
         """The one entry point of a step (module doc): its entries join the queue; once they ran,
         the step goes on to its next hop, or is delivered to its client at the end of its route
-        (``reply``: a callable taking the step as it leaves, instead — :meth:`forward`)."""
+        (``reply``: a callable taking the step as it leaves, instead — :meth:`forward`).
+
+        The one session's decode step on a stage that holds one session, finding the queue empty
+        and the thread idle, runs here and now on the event loop (module doc: latency), and what is
+        returned is the coroutine that sends it on: the caller (the worker's ``bloombee_step``
+        handler, which Dask awaits in the connection's own task) awaits it, so the step leaves
+        without a task or a loop turn of its own. Anything else — several entries or sessions (their
+        steps arriving together merge in the queue), a replayed or failed entry, a prompt, a busy
+        stage — takes the queue, and ``None`` is returned."""
+        if reply is None:
+            onward = self._take_now(step)
+            if onward is not None:
+                return self._pass_on(step, onward)
         task = asyncio.ensure_future(self._take(step, reply))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return None
+
+    def _take_now(self, step: Step) -> Step | None:
+        """``step`` run on this stage now (:meth:`accept`), as it leaves; ``None`` if it must queue."""
+        if len(step.entries) != 1 or len(self.runner.sessions) > 1:
+            return None
+        e = step.entries[0]
+        if e.failed or e.from_log is not None or self._admit(step.owner, e).failed:
+            return None
+        j = self._job(step.owner, e)
+        if not (self._inline([j]) and self.queue.take_now(j)):
+            return None
+        (r,) = self._compute_jobs([j])
+        self.queue.ran([j])
+        return step.onwards((e.failing(r) if isinstance(r, BaseException) else e.done_by(*r),))
+
+    async def _pass_on(self, step: Step, onward: Step) -> None:
+        """``onward`` (``step`` after this stage) to its next hop, or delivered to its client."""
+        if onward.hops:
+            await self.wire.send(onward)
+        else:
+            await self.wire.deliver(step, Delivery(step.id, onward.entries))
 
     async def _take(self, step: Step, reply) -> None:
         entries = [self._admit(step.owner, e) for e in step.entries]
@@ -226,10 +262,8 @@ class StageActor:
         onward = step.onwards(done)
         if reply is not None:
             reply(onward)
-        elif onward.hops:
-            await self.wire.send(onward)
         else:
-            await self.wire.deliver(step, Delivery(step.id, done))
+            await self._pass_on(step, onward)
 
     def _admit(self, owner: str, e: Entry) -> Entry:
         """``e`` as it may run here: refused (another client's session: its order does not move),
@@ -361,7 +395,7 @@ class StageActor:
     async def info(self) -> dict:
         info = await self._run(self.runner.info)
         return {**info, "micro_batch": self.micro_batch, "merge": self.merge, "queued": len(self.queue),
-                "steps": self.queue.steps, "forwards": self.queue.forwards}
+                "steps": self.queue.steps, "forwards": self.queue.forwards, "at_once": self.queue.at_once}
 
 
 def _this_worker():

@@ -49,8 +49,8 @@ class StageWire:
         return wire
 
     # ---- handlers ------------------------------------------------------------------------------
-    def on_step(self, step: dict) -> None:
-        self.dispatch(Step.from_msg(step))
+    def on_step(self, step: dict):
+        return self.dispatch(Step.from_msg(step))
 
     async def on_attach(self, comm, reply_to: str):
         """Keep ``comm`` as ``reply_to``'s delivery stream until it closes (the client left)."""
@@ -66,22 +66,26 @@ class StageWire:
         return Status.dont_reply
 
     # ---- what stages call ----------------------------------------------------------------------
-    def dispatch(self, step: Step) -> None:
-        """Hand ``step`` to its first hop's stage, here; a stage that is not here fails the step."""
+    def dispatch(self, step: Step):
+        """Hand ``step`` to its first hop's stage, here; a stage that is not here fails the step.
+        Returns what the stage returns: ``None``, or a coroutine sending the step on that the caller
+        awaits (``StageActor.accept``: a decode step that ran at once)."""
         stage = self.worker.state.actors.get(step.here.key)
         if stage is None or not hasattr(stage, "accept"):
             error = StageUnavailableError(f"{step.here.describe()} is not hosted there any more (the span was "
                                           "unhosted or its model closed); route through live stages",
                                           workers=(step.here.worker,))
             self.worker.loop.add_callback(self.deliver, step, Delivery(step.id, error=error))
-            return
-        stage.accept(step)
+            return None
+        return stage.accept(step)
 
     async def send(self, step: Step) -> None:
         """``step`` on to its next hop (a stage on this worker or another)."""
         await hold(step.nbytes())  # emulated link out of this worker (benchmarks only)
         if step.here.worker == self.worker.address:
-            self.dispatch(step)
+            onward = self.dispatch(step)
+            if onward is not None:
+                await onward
             return
         try:
             await self.worker.rpc(step.here.worker).bloombee_step(step=step.to_msg(), reply=False)

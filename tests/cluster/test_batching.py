@@ -70,6 +70,19 @@ def test_concurrent_decode_steps_merge_on_the_stages_and_stay_exact(cluster, che
         assert all(i["sessions"] == 0 and i["queued"] == 0 for i in info)
 
 
+def test_a_lone_sessions_decode_steps_skip_the_queue_and_stay_exact(cluster, checkpoints, reference):
+    """One user: each stage runs a decode step as it arrives and sends it on from the handler
+    (issue 18's latency path); its prompt still queues. The output is transformers'."""
+    ids, m = padded_batch([7], seed=2)
+    want = reference["llama"].generate(ids, attention_mask=m, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with distributed(checkpoints["llama"], cluster, spans=SPANS) as model:
+        got = model.generate(ids, attention_mask=m, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        info = model.chain.info()
+    assert torch.equal(got, want)
+    assert [i["at_once"] for i in info] == [5] * len(SPANS), info  # 5 decode steps after the prompt
+    assert [i["steps"] for i in info] == [6] * len(SPANS), info
+
+
 @pytest.mark.parametrize("micro_batch", [1, 2, 3])
 def test_micro_batches_give_the_same_tokens(cluster, checkpoints, reference, micro_batch):
     ids, m = padded_batch([4, 11, 7, 9, 2], seed=3)
