@@ -17,7 +17,10 @@ Parts (medians over many repetitions, this process unless said):
   layers) against the same 8 layers of the transformers model in this process, and the mask +
   rotary construction alone;
 - end to end: decode ms/token of single-process transformers and of the pipeline (chain relay) on
-  1, 2 and 3 stages, and from the traces the client-observed chain time minus the stages' compute.
+  1, 2 and 3 stages, and from the traces the client-observed chain time minus the stages' compute;
+- timeline: one decode step cut into segments by stamps in the client and the stages
+  (``_timeline.py``) — hand-offs, each Dask message, the layers — on 1 and 3 stages, measured last
+  (its wrappers stay installed).
 
 Writes benchmarks/results/latency[_<name>].json and .md (a table) beside the other results; with
 ``--profile``, py-spy's collapsed stacks of the client and of the single stage's worker during a
@@ -48,7 +51,8 @@ from bloombee_nb import transport
 from bloombee_nb.model.span import SpanRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_pipeline import bench_distributed, bench_local, synthetic_checkpoint  # noqa: E402
+import _timeline  # noqa: E402
+from bench_pipeline import bench_distributed, bench_local, greedy_steps, synthetic_checkpoint  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -137,6 +141,28 @@ def dask_parts(cluster, model) -> dict:
     return out
 
 
+def timeline(cluster, path: str, ids, n_new: int, repeats: int) -> dict:
+    """Each segment of a decode step between stamps (``_timeline.py``), on 1 and 3 chained stages."""
+    _timeline.install_client()
+    cluster.client.run(_timeline.install_stage)
+    out = {}
+    for n in (1, 3):
+        workers = cluster.worker_addresses()[:n]
+        model = bb.DistributedModelForCausalLM.from_pretrained(path, cluster=cluster, workers=workers, relay="chain")
+        for r in range(repeats + 1):
+            if r == 1:  # after a warm-up
+                _timeline.clear()
+                cluster.client.run(_timeline.stage_stamps, clear=True)
+            with model.inference_session(max_length=ids.shape[1] + n_new) as s:
+                greedy_steps(lambda x: model(x, cache=s, logits_to_keep=1).logits, ids, n_new)
+        stamps = _timeline.collected() + [st for got in cluster.client.run(_timeline.stage_stamps, clear=True).values()
+                                          for st in got]
+        model.close()
+        out[f"{n}-chain"] = [{"segment": k, "ms_median": ms, "steps": c} for k, ms, c in
+                             _timeline.segments(stamps, [s.worker for s in model.placement.stages])]
+    return out
+
+
 def profile(cluster, path: str, ids, out: Path, seconds: float = 8.0) -> dict:
     """py-spy (collapsed stacks, idle included) of this client and of the stage's worker while a
     1-stage chain decodes; returns where the samples fall, by the frames they are in."""
@@ -221,6 +247,11 @@ def table(r: dict) -> str:
                      f"{added / n:+.2f} |")
     lines += ["", "| part (one decode step) | ms (median) |", "|---|---|"]
     lines += [f"| {k.removesuffix('_ms').replace('_', ' ')} | {v:.3f} |" for k, v in parts.items()]
+    for key, segs in r.get("timeline", {}).items():
+        lines += ["", f"One decode step, {key}, stamp by stamp (`benchmarks/_timeline.py`; medians over the steps; "
+                  "a segment seen in fewer steps than the others is an order that happened only sometimes):", "",
+                  "| segment | ms (median) | steps |", "|---|---|---|"]
+        lines += [f"| {s['segment']} | {s['ms_median']:.3f} | {s['steps']} |" for s in segs]
     for who, prof in r.get("profile", {}).items():
         lines += ["", f"py-spy, {who} process, 1-stage decode: {prof['busy_samples']} busy samples of {prof['samples']} "
                   "(every thread at 500 Hz; a thread blocked in a wait is idle and left out):", "",
@@ -263,6 +294,7 @@ def main():
                                                                             args.repeats, "chain")
         if args.profile:
             r["profile"] = profile(cluster, path, ids, out)
+        r["timeline"] = timeline(cluster, path, ids, args.new_tokens, args.repeats)  # last: it wraps functions
     r["load_average_after"] = os.getloadavg()
     stem = f"latency_{r['model']}"
     (out / f"{stem}.json").write_text(json.dumps(r, indent=2))
