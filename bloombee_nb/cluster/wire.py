@@ -3,7 +3,10 @@
 - ``bloombee_step`` (one-way, ``reply=False``): a :class:`~.protocol.Step` for a stage of this
   worker, from a client or from the stage before it. It is handed to the stage named by its first
   hop (the worker's Dask actor of that key) and the handler returns at once: the connection is
-  free for the next step while this one queues and runs.
+  free for the next step while this one queues and runs. One exception, for one user's latency: a
+  decode step that a one-session stage runs as it arrives is sent on from the handler itself
+  (``StageActor.accept`` returns the coroutine, which Dask awaits in the connection's task), so the
+  connection is busy for that one decode step's layers.
 - ``bloombee_attach``: a client's stream for :class:`~.protocol.Delivery` values — the client
   opens one connection per worker it routes through, and deliveries for it are written on it as
   steps finish here. A client that disconnects is forgotten; a connection that closes tells the
