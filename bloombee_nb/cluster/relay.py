@@ -18,6 +18,8 @@ import asyncio
 import itertools
 import uuid
 
+import dask.config
+from dask.utils import parse_timedelta
 from distributed.comm import connect
 from distributed.comm.core import CommClosedError
 
@@ -81,6 +83,13 @@ class Relay:
     async def _open(self, worker: str) -> None:
         comm = await connect(worker, **self.client.connection_args)
         await comm.write({"op": "bloombee_attach", "reply_to": self.reply_to, "reply": False})
+        # the worker answers once the stream is registered: a step sent before that (on another
+        # connection) could finish first and find nowhere to deliver — a decode step that runs as it
+        # arrives (stage.py) finishes in milliseconds, while a new connection's handshake can take longer
+        timeout = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), "s")
+        answer = await asyncio.wait_for(comm.read(), timeout)
+        if answer != "attached":
+            raise CommClosedError(f"the worker answered the delivery stream with {answer!r}")
         self._streams[worker] = comm
         self._attaching.pop(worker, None)
         task = asyncio.ensure_future(self._read(worker, comm))

@@ -8,8 +8,8 @@
   (``StageActor.accept`` returns the coroutine, which Dask awaits in the connection's task), so the
   connection is busy for that one decode step's layers.
 - ``bloombee_attach``: a client's stream for :class:`~.protocol.Delivery` values — the client
-  opens one connection per worker it routes through, and deliveries for it are written on it as
-  steps finish here. A client that disconnects is forgotten; a connection that closes tells the
+  opens one connection per worker it routes through, waits for the worker's ``"attached"`` on it,
+  and deliveries for it are written on it as steps finish here. A client that disconnects is forgotten; a connection that closes tells the
   client at once that the worker is gone (``relay.py``).
 
 Steps go from stage to stage over the worker's own Dask connection pool (``worker.rpc``):
@@ -59,6 +59,7 @@ class StageWire:
         """Keep ``comm`` as ``reply_to``'s delivery stream until it closes (the client left)."""
         self.streams[reply_to] = comm
         try:
+            await comm.write("attached")  # the client sends steps once its stream is known here (relay.py)
             while True:
                 await comm.read()  # the client writes nothing here; a read ends when it disconnects
         except (CommClosedError, OSError):

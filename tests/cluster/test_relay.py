@@ -62,3 +62,36 @@ def test_compressed_links_are_lossless(cluster, checkpoints, reference, family, 
     assert torch.equal(got, want)
     assert prefill.bytes_received < prefill.hidden_bytes  # the last stage's output arrived compressed
     assert prefill.wire_bytes < prefill.raw_bytes and len(prefill.hop_wire_bytes) == (3 if relay == "chain" else 4)
+
+
+def _late_attach(dask_worker, delay_s):
+    """This worker registers delivery streams ``delay_s`` late (as after a slow handshake); 0 undoes it."""
+    import asyncio
+
+    from bloombee_nb.cluster.wire import StageWire
+
+    wire = StageWire.of(dask_worker)
+
+    async def late(comm, reply_to):
+        await asyncio.sleep(delay_s)
+        return await wire.on_attach(comm, reply_to)
+
+    dask_worker.handlers["bloombee_attach"] = late if delay_s else wire.on_attach
+
+
+@pytest.mark.parametrize("relay", ["chain", "star"])
+def test_no_step_is_sent_before_the_worker_knows_where_to_deliver_it(cluster, checkpoints, reference, relay):
+    """A client's delivery stream opens on a new connection, its steps go on pooled ones: a step
+    that finishes before the worker registered the stream would be dropped and the call would wait
+    for its timeout. The client waits for the worker's "attached" first."""
+    ids, mask = padded_batch([1], seed=4)  # a one-token prompt: its first step runs as it arrives
+    want = reference["llama"].generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    model = bb.DistributedModelForCausalLM.from_pretrained(checkpoints["llama"], cluster=cluster, spans=SPANS,
+                                                           relay=relay, call_timeout_s=3, recover=False)
+    cluster.client.run(_late_attach, delay_s=0.5)
+    try:  # a dropped delivery would raise StageHungError after 3 s (no recovery to hide it)
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    finally:
+        cluster.client.run(_late_attach, delay_s=0)
+        model.close()
+    assert torch.equal(got, want)
