@@ -96,8 +96,12 @@ def segments(stamps: list[tuple[str, float]], workers: list[str], last: int = 20
     """(segment, median ms, steps seen) over the last ``last`` steps, in the order of a typical step;
     a stage's stamps are named by its place in ``workers`` (stage 0, 1, …)."""
     names = {w: f"stage {i}" for i, w in enumerate(workers)}
-    events = sorted((t, tag.split("|")[0] in names and f"{names[tag.split('|')[0]]}: {tag.split('|')[1]}" or tag)
-                    for tag, t in stamps)
+
+    def named(tag: str) -> str:  # "<worker address>|what" -> "stage i: what"; the client's tags as they are
+        at, _, what = tag.partition("|")
+        return f"{names[at]}: {what}" if at in names else tag
+
+    events = sorted((t, named(tag)) for tag, t in stamps)
     steps, current = [], None
     for t, tag in events:
         if tag == "client: caller hands the step over":

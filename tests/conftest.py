@@ -93,7 +93,8 @@ def pytest_collection_modifyitems(config, items):
         name = getattr(item, "originalname", item.name)
         later = name in QUICK_FIRST and name in seen
         seen.add(name)
-        if name in FULL_SUITE_ONLY or later or params.get("family", QUICK_FAMILIES[0]) not in QUICK_FAMILIES:
+        other_family = params.get("family") is not None and params["family"] not in QUICK_FAMILIES
+        if name in FULL_SUITE_ONLY or later or other_family:
             item.add_marker(pytest.mark.slow)
 
 

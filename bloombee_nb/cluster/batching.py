@@ -111,10 +111,15 @@ class StageQueue:
         the queue's task hops this way (``stage.py``: latency)."""
         if self.jobs or (self._pump is not None and not self._pump.done()) or not self._ready(job):
             return False
-        self._after_long = job.tokens > 1
-        self.fair.charge(job.owner, max(job.rows, 1) * max(job.tokens, 1))
+        self._taking([job])
         self.at_once += 1
         return True
+
+    def _taking(self, batch: list[Job]) -> None:
+        """``batch`` runs next: whether decode steps go first after it, and its clients' charge."""
+        self._after_long = batch[0].tokens > 1
+        for j in batch:
+            self.fair.charge(j.owner, max(j.rows, 1) * max(j.tokens, 1))
 
     def ran(self, batch: list[Job]) -> None:
         """``batch`` ran (one forward): count it and move its sessions' order on."""
@@ -148,9 +153,7 @@ class StageQueue:
                     sessions.add(j.session_id)
         else:
             batch = [first]
-        self._after_long = batch[0].tokens > 1
-        for j in batch:
-            self.fair.charge(j.owner, max(j.rows, 1) * max(j.tokens, 1))
+        self._taking(batch)
         taken = set(map(id, batch))
         self.jobs = [j for j in self.jobs if id(j) not in taken]
         return batch
